@@ -1,0 +1,27 @@
+# `make test` is the project's test command (CI calls it through .ci/run).
+# It creates .venv when missing, installs the package with its three backends
+# under the CPU constraints, then runs the whole suite once per backend.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+CONSTRAINTS := requirements/constraints-cpu.txt
+BACKENDS := jax tensorflow torch
+
+.PHONY: install test test-jax test-tensorflow test-torch clean
+
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[all,test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	@$(PY) tools/run_suite.py $(BACKENDS)
+
+test-%: install
+	@$(PY) tools/run_suite.py $*
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache

@@ -1,0 +1,7 @@
+"""Converters from foreign checkpoints to keras_vmoe models."""
+
+from keras_vmoe.convert.vmoe_checkpoint import backbone_from_vmoe_config
+from keras_vmoe.convert.vmoe_checkpoint import load_vmoe_checkpoint
+from keras_vmoe.convert.vmoe_checkpoint import vmoe_name_table
+from keras_vmoe.convert.vmoe_checkpoint_reader import CheckpointError
+from keras_vmoe.convert.vmoe_checkpoint_reader import read_vmoe_checkpoint

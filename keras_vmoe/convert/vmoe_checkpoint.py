@@ -1,0 +1,324 @@
+"""Converts google-research/vmoe checkpoints into keras_vmoe classifiers.
+
+`load_vmoe_checkpoint(prefix, model_config)` takes the keyword arguments of
+vmoe's `VisionTransformerMoe` (the `config.model` of vmoe's configs), builds
+the matching `VMoEImageClassifier` (token- or expert-choice routers) or
+`SoftMoEImageClassifier` (`SoftRouter`), and assigns every parameter of the
+checkpoint through one name table. Shapes are all checked before anything is
+assigned; a missing, extra or misshapen parameter raises an error naming it.
+"""
+
+import math
+
+import numpy as np
+
+from keras_vmoe.convert.vmoe_checkpoint_reader import CheckpointError
+from keras_vmoe.convert.vmoe_checkpoint_reader import read_vmoe_checkpoint
+
+TOKEN_CHOICE_ROUTERS = ("NoisyTopExpertsPerItemRouter",)
+EXPERT_CHOICE_ROUTERS = ("NoisyTopItemsPerExpertRouter",)
+SOFT_ROUTERS = ("SoftRouter",)
+_MODEL_KEYS = {
+    "name", "num_classes", "patch_size", "hidden_size", "encoder", "classifier",
+    "representation_size", "deterministic", "head_bias_init", "head_kernel_zero_init",
+}
+_ENCODER_KEYS = {
+    "num_layers", "mlp_dim", "num_heads", "dropout_rate", "attention_dropout_rate",
+    "attention_qk_norm", "moe", "position_emb", "deterministic",
+}
+_MOE_KEYS = {"layers", "num_experts", "group_size", "router", "dropout_rate", "split_rngs", "deterministic"}
+
+
+def _check_keys(where, mapping, known):
+    unknown = sorted(set(mapping) - known)
+    if unknown:
+        raise ValueError(
+            f"vmoe model config: {where} has keys this converter does not know: "
+            f"{unknown}. Known keys: {sorted(known)}."
+        )
+
+
+def _router_kind(router):
+    name = str(router.get("name", "NoisyTopExpertsPerItemRouter")).rsplit(".", 1)[-1]
+    for kind, names in (
+        ("token_choice", TOKEN_CHOICE_ROUTERS),
+        ("expert_choice", EXPERT_CHOICE_ROUTERS),
+        ("soft", SOFT_ROUTERS),
+    ):
+        if name in names:
+            return kind
+    raise ValueError(f"vmoe model config: unsupported router {router.get('name')!r}.")
+
+
+def _moe_arguments(moe, bfloat16_dispatch):
+    """Backbone arguments for the MoE part of a vmoe encoder config."""
+    _check_keys("encoder.moe", moe, _MOE_KEYS)
+    router = dict(moe.get("router") or {})
+    kind = _router_kind(router)
+    arguments = dict(
+        moe_layers=tuple(moe.get("layers", ())),
+        num_experts=moe["num_experts"],
+        group_size=moe.get("group_size"),
+    )
+    if "dropout_rate" in moe:
+        arguments["moe_dropout_rate"] = moe["dropout_rate"]
+    if kind == "soft":
+        num_slots = router.get("num_slots")
+        if num_slots is not None:
+            arguments.update(slots_per_expert=num_slots, capacity_factor=None)
+        else:
+            arguments.update(slots_per_expert=None, capacity_factor=router.get("capacity_factor", 1.0))
+        arguments["noise_std"] = router.get("noise_std", 0.0)
+        # vmoe's SoftRouter always wraps its dispatcher in bfloat16.
+        use_bfloat16 = True if bfloat16_dispatch is None else bfloat16_dispatch
+        arguments["dispatch_dtype"] = "bfloat16" if use_bfloat16 else None
+        return kind, arguments
+
+    dispatcher = dict(router.get("dispatcher") or {})
+    if dispatcher.get("capacity") is not None:
+        raise ValueError(
+            "vmoe model config: a fixed dispatcher 'capacity' is not supported; "
+            "give 'capacity_factor'."
+        )
+    use_bfloat16 = dispatcher.get("bfloat16", False) if bfloat16_dispatch is None else bfloat16_dispatch
+    options = dict(
+        noise_std=router.get("noise_std", 1.0),
+        capacity_rounding=dispatcher.get("capacity_ceil_or_round", "ceil"),
+        capacity_multiple_of=dispatcher.get("capacity_multiple_of", 4),
+        dispatch_dtype="bfloat16" if use_bfloat16 else None,
+    )
+    if kind == "token_choice":
+        options.update(
+            # vmoe's router class defaults.
+            importance_loss_weight=router.get("importance_loss_weight", 1.0),
+            load_loss_weight=router.get("load_loss_weight", 1.0),
+            gshard_loss_weight=router.get("gshard_loss_weight", 0.0),
+        )
+        arguments.update(
+            num_selected_experts=router.get("num_selected_experts", 1),
+            batch_priority=dispatcher.get("batch_priority", False),
+        )
+    arguments.update(
+        router=kind,
+        capacity_factor=dispatcher.get("capacity_factor", 1.0),
+        router_options=options,
+    )
+    return kind, arguments
+
+
+def backbone_from_vmoe_config(model_config, image_shape, bfloat16_dispatch=None, dtype=None):
+    """Builds the backbone that matches a vmoe `VisionTransformerMoe` config."""
+    from keras_vmoe.models import SoftMoEBackbone
+    from keras_vmoe.models import VMoEBackbone
+
+    _check_keys("the model", model_config, _MODEL_KEYS)
+    encoder = dict(model_config["encoder"])
+    _check_keys("encoder", encoder, _ENCODER_KEYS)
+    classifier = model_config.get("classifier", "token")
+    if classifier == "0":
+        classifier = "token"
+    position = (encoder.get("position_emb") or {}).get("name", "learned")
+    position = {"none": None}.get(position, position)
+    arguments = dict(
+        image_shape=image_shape,
+        patch_size=tuple(model_config["patch_size"]),
+        num_layers=encoder["num_layers"],
+        hidden_dim=model_config["hidden_size"],
+        mlp_dim=encoder["mlp_dim"],
+        num_heads=encoder["num_heads"],
+        pooling=classifier,
+        use_class_token=classifier == "token",
+        position_embedding=position,
+        attention_qk_norm=encoder.get("attention_qk_norm", False),
+        representation_size=model_config.get("representation_size"),
+        dropout_rate=encoder.get("dropout_rate", 0.0),
+        attention_dropout_rate=encoder.get("attention_dropout_rate", 0.0),
+        approximate_gelu=True,  # flax's nn.gelu default.
+        dtype=dtype,
+    )
+    moe = encoder.get("moe")
+    if not moe or not moe.get("layers"):
+        return VMoEBackbone(**arguments)
+    kind, moe_arguments = _moe_arguments(dict(moe), bfloat16_dispatch)
+    arguments.update(moe_arguments)
+    if kind == "soft":
+        return SoftMoEBackbone(**arguments)
+    return VMoEBackbone(**arguments)
+
+
+def _image_shape_from_params(params, model_config):
+    """Infers (height, width, channels) from the embedding and position table."""
+    kernel = params.get("embedding/kernel")
+    if kernel is None:
+        raise CheckpointError("The checkpoint has no 'embedding/kernel' parameter.")
+    patch = tuple(model_config["patch_size"])
+    channels = kernel.shape[2]
+    table = params.get("Encoder/posembed_input/pos_embedding")
+    if table is None:
+        raise ValueError(
+            "This checkpoint has no learned position embedding, so the image "
+            "size cannot be inferred: pass image_shape=(height, width, channels)."
+        )
+    num_patches = table.shape[1] - int("cls" in params)
+    side = math.isqrt(num_patches)
+    if side * side != num_patches:
+        raise ValueError(
+            f"The position embedding has {num_patches} patch positions, not a "
+            "square grid: pass image_shape explicitly."
+        )
+    return (side * patch[0], side * patch[1], channels)
+
+
+def _attention_table(prefix, layer):
+    table = {}
+    for name in ("query", "key", "value", "out"):
+        dense = getattr(layer, name)
+        table[f"{prefix}/{name}/kernel"] = dense.kernel
+        table[f"{prefix}/{name}/bias"] = dense.bias
+    if layer.qk_norm:
+        table[f"{prefix}/query_ln/scale"] = layer.query_norm.gamma
+        table[f"{prefix}/key_ln/scale"] = layer.key_norm.gamma
+    return table
+
+
+def _layer_norm_table(prefix, layer):
+    return {f"{prefix}/scale": layer.gamma, f"{prefix}/bias": layer.beta}
+
+
+def _mlp_table(prefix, mlp):
+    return {
+        f"{prefix}/Dense_0/kernel": mlp.dense_0.kernel,
+        f"{prefix}/Dense_0/bias": mlp.dense_0.bias,
+        f"{prefix}/Dense_1/kernel": mlp.dense_1.kernel,
+        f"{prefix}/Dense_1/bias": mlp.dense_1.bias,
+    }
+
+
+def vmoe_name_table(classifier):
+    """{vmoe parameter path: our variable} for a classifier (or backbone)."""
+    from keras_vmoe.layers import SoftMoE
+
+    backbone = getattr(classifier, "backbone", classifier)
+    table = {
+        "embedding/kernel": backbone.get_layer("patch_embedding").conv.kernel,
+        "embedding/bias": backbone.get_layer("patch_embedding").conv.bias,
+    }
+    if backbone.use_class_token:
+        table["cls"] = backbone.get_layer("class_token").token
+    if backbone.position_embedding == "learned":
+        table["Encoder/posembed_input/pos_embedding"] = backbone.get_layer(
+            "position_embedding"
+        ).embedding
+    for index, block in enumerate(backbone.encoder_blocks):
+        prefix = f"Encoder/encoderblock_{index}"
+        table.update(_layer_norm_table(f"{prefix}/LayerNorm_0", block.attention_norm))
+        table.update(_attention_table(f"{prefix}/SelfAttention", block.attention))
+        table.update(_layer_norm_table(f"{prefix}/LayerNorm_1", block.mlp_norm))
+        if index in backbone.moe_layers:
+            moe = block.mlp
+            table.update(
+                {
+                    f"{prefix}/Moe/Mlp/Dense_0/kernel": moe.kernel_0,
+                    f"{prefix}/Moe/Mlp/Dense_0/bias": moe.bias_0,
+                    f"{prefix}/Moe/Mlp/Dense_1/kernel": moe.kernel_1,
+                    f"{prefix}/Moe/Mlp/Dense_1/bias": moe.bias_1,
+                }
+            )
+            if isinstance(moe, SoftMoE):
+                table[f"{prefix}/Moe/Router/mu"] = moe.router.mu
+                table[f"{prefix}/Moe/Router/scale"] = moe.router.scale
+            else:
+                table[f"{prefix}/Moe/Router/dense/kernel"] = moe.router.kernel
+        else:
+            table.update(_mlp_table(f"{prefix}/Mlp", block.mlp))
+    table.update(_layer_norm_table("Encoder/encoder_norm", backbone.get_layer("encoder_norm")))
+    if backbone.pooling == "map":
+        pooling = backbone.get_layer("map_pooling")
+        table["MapHead/probe"] = pooling.probe
+        table.update(_attention_table("MapHead/MultiHeadDotProductAttention", pooling.attention))
+        table.update(_layer_norm_table("MapHead/LayerNorm", pooling.norm))
+        table.update(_mlp_table("MapHead/Mlp", pooling.mlp))
+    if backbone.representation_size is not None:
+        pre_logits = backbone.get_layer("pre_logits")
+        table["pre_logits/kernel"] = pre_logits.kernel
+        table["pre_logits/bias"] = pre_logits.bias
+    if backbone is not classifier:
+        table["head/kernel"] = classifier.head.kernel
+        table["head/bias"] = classifier.head.bias
+    return table
+
+
+def assign_parameters(table, params, source):
+    """Assigns `params` to the variables of `table`, all or nothing.
+
+    Every parameter must have a variable and every variable a parameter, with
+    equal shapes; otherwise nothing is assigned and the error names them.
+    """
+    missing = sorted(set(table) - set(params))
+    extra = sorted(set(params) - set(table))
+    if missing or extra:
+        raise CheckpointError(
+            f"{source} does not fit the model config: "
+            + (f"parameters missing from the checkpoint: {missing}. " if missing else "")
+            + (f"checkpoint parameters the model does not have: {extra}." if extra else "")
+        )
+    for path, variable in table.items():
+        if tuple(params[path].shape) != tuple(variable.shape):
+            raise CheckpointError(
+                f"{source}: parameter {path!r} has shape {tuple(params[path].shape)} "
+                f"but the model built from the config expects {tuple(variable.shape)}."
+            )
+    for path, variable in table.items():
+        variable.assign(np.asarray(params[path], dtype="float32").astype(variable.dtype))
+
+
+def load_vmoe_checkpoint(
+    prefix, model_config, image_shape=None, bfloat16_dispatch=None, dtype=None
+):
+    """Loads a google-research/vmoe checkpoint as a keras_vmoe classifier.
+
+    Args:
+        prefix: checkpoint path without `.index` / `.data-*` (a local path;
+            download `gs://vmoe_checkpoints/<name>.*` first).
+        model_config: the vmoe model config dict (`config.model` in vmoe's
+            configs: `num_classes`, `patch_size`, `hidden_size`, `classifier`,
+            `encoder: {num_layers, mlp_dim, num_heads, moe: {...}}`).
+        image_shape: (height, width, channels). Default: inferred from the
+            checkpoint's position embedding (square images).
+        bfloat16_dispatch: None (as vmoe: the config's dispatcher `bfloat16`
+            flag; always for Soft MoE), True or False.
+        dtype: dtype policy of the model (default float32).
+
+    Returns:
+        A `VMoEImageClassifier` or `SoftMoEImageClassifier` (the backbone alone
+        when `num_classes` is empty), without a preprocessor: vmoe models take
+        pixels in [-1, 1].
+
+    Example:
+    ```python
+    config = json.load(open("fixtures/vmoe/vmoe_tiny_token_choice/config.json"))
+    model = load_vmoe_checkpoint("fixtures/vmoe/vmoe_tiny_token_choice/ckpt", config)
+    logits = model.predict(images)
+    ```
+    """
+    from keras_vmoe.models import SoftMoEBackbone
+    from keras_vmoe.models import SoftMoEImageClassifier
+    from keras_vmoe.models import VMoEImageClassifier
+
+    params = read_vmoe_checkpoint(prefix)
+    if image_shape is None:
+        image_shape = _image_shape_from_params(params, model_config)
+    backbone = backbone_from_vmoe_config(model_config, image_shape, bfloat16_dispatch, dtype)
+    num_classes = model_config.get("num_classes")
+    if num_classes:
+        task = SoftMoEImageClassifier if isinstance(backbone, SoftMoEBackbone) else VMoEImageClassifier
+        model = task(
+            backbone,
+            num_classes,
+            head_bias_init=model_config.get("head_bias_init", 0.0),
+            head_kernel_zero_init=model_config.get("head_kernel_zero_init", True),
+        )
+    else:
+        model = backbone
+    assign_parameters(vmoe_name_table(model), params, f"Checkpoint {prefix}")
+    return model

@@ -1,0 +1,420 @@
+"""The pieces of the one Vision Transformer encoder.
+
+They follow google-research/vmoe's `VisionTransformerMoe` one to one, so that
+vmoe and big_vision checkpoints map onto them parameter by parameter:
+
+    images -> PatchEmbedding -> [ClassToken] -> PositionEmbedding -> dropout
+           -> EncoderBlock x num_layers -> LayerNorm -> pooling -> [pre-logits]
+
+Each `EncoderBlock` takes its MLP as a layer: a dense `Mlp`, a `SparseMoE` or
+a `SoftMoE`.
+"""
+
+import math
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_vmoe.layers.mlp import Mlp
+from keras_vmoe.validation import as_pair
+from keras_vmoe.validation import check_choice
+from keras_vmoe.validation import check_float
+from keras_vmoe.validation import check_int
+
+POSITION_EMBEDDINGS = ("learned", "sincos2d", None)
+POOLINGS = ("token", "gap", "map", None)
+
+
+@keras.saving.register_keras_serializable(package="keras_vmoe")
+class PatchEmbedding(keras.layers.Layer):
+    """Cuts images into patches and embeds each with one strided convolution.
+
+    (batch, height, width, channels) -> (batch, num_patches, hidden_dim), the
+    patches in row-major order.
+    """
+
+    def __init__(self, hidden_dim, patch_size, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden_dim = check_int("hidden_dim", hidden_dim, minimum=1, owner="PatchEmbedding")
+        self.patch_size = as_pair("patch_size", patch_size, owner="PatchEmbedding")
+        self.conv = keras.layers.Conv2D(
+            hidden_dim,
+            kernel_size=self.patch_size,
+            strides=self.patch_size,
+            padding="valid",
+            data_format="channels_last",
+            dtype=self.dtype_policy,
+            name="conv",
+        )
+
+    def build(self, input_shape):
+        self.conv.build(input_shape)
+
+    def call(self, images):
+        x = self.conv(images)
+        return ops.reshape(x, (ops.shape(x)[0], -1, self.hidden_dim))
+
+    def compute_output_shape(self, input_shape):
+        _, height, width, _ = input_shape
+        num_patches = (height // self.patch_size[0]) * (width // self.patch_size[1])
+        return (input_shape[0], num_patches, self.hidden_dim)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(hidden_dim=self.hidden_dim, patch_size=self.patch_size)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="keras_vmoe")
+class ClassToken(keras.layers.Layer):
+    """Prepends one learned token (vmoe's `cls`, zero-initialised)."""
+
+    def build(self, input_shape):
+        self.token = self.add_weight(
+            shape=(1, 1, input_shape[-1]), initializer="zeros", name="token"
+        )
+
+    def call(self, tokens):
+        token = ops.cast(self.token, tokens.dtype)
+        token = ops.tile(token, (ops.shape(tokens)[0], 1, 1))
+        return ops.concatenate([token, tokens], axis=1)
+
+    def compute_output_shape(self, input_shape):
+        length = None if input_shape[1] is None else input_shape[1] + 1
+        return (input_shape[0], length, input_shape[2])
+
+
+def sincos2d_position_embedding(grid_size, dim, temperature=10_000.0):
+    """vmoe's fixed 2-D sin-cos embedding (MoCo v3): (grid_h * grid_w, dim)."""
+    if dim % 4 != 0 or dim < 8:
+        raise ValueError(
+            f"A 'sincos2d' position embedding needs hidden_dim to be a multiple "
+            f"of 4 and >= 8, got {dim}."
+        )
+    y, x = np.mgrid[: grid_size[0], : grid_size[1]].astype("float32")
+    y, x = y.ravel(), x.ravel()
+    omega = np.arange(dim // 4, dtype="float32") / (dim // 4 - 1)
+    omega = 1.0 / (temperature**omega)
+    x = np.einsum("n,d->nd", x, omega)
+    y = np.einsum("n,d->nd", y, omega)
+    return np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
+
+
+@keras.saving.register_keras_serializable(package="keras_vmoe")
+class PositionEmbedding(keras.layers.Layer):
+    """Adds a position embedding to the tokens.
+
+    Args:
+        kind: `"learned"` (one vector per position, prefix tokens included, as
+            vmoe and keras-hub's ViT do), `"sincos2d"` (fixed; prefix tokens get
+            none, as in vmoe) or `None` (nothing added).
+        grid_size: (rows, columns) of the patch grid.
+        num_prefix_tokens: tokens before the patches (1 with a class token).
+    """
+
+    def __init__(self, kind, grid_size, num_prefix_tokens=0, **kwargs):
+        super().__init__(**kwargs)
+        self.kind = check_choice("position_embedding", kind, POSITION_EMBEDDINGS)
+        self.grid_size = as_pair("grid_size", grid_size)
+        self.num_prefix_tokens = check_int("num_prefix_tokens", num_prefix_tokens, minimum=0)
+
+    def build(self, input_shape):
+        dim = input_shape[-1]
+        num_patches = self.grid_size[0] * self.grid_size[1]
+        if self.kind == "learned":
+            self.embedding = self.add_weight(
+                shape=(1, num_patches + self.num_prefix_tokens, dim),
+                initializer=keras.initializers.RandomNormal(stddev=0.02),
+                name="embedding",
+            )
+        elif self.kind == "sincos2d":
+            self.fixed_embedding = sincos2d_position_embedding(self.grid_size, dim)[None]
+
+    def call(self, tokens):
+        if self.kind == "learned":
+            return tokens + ops.cast(self.embedding, tokens.dtype)
+        if self.kind == "sincos2d":
+            embedding = ops.cast(self.fixed_embedding, tokens.dtype)
+            prefix = tokens[:, : self.num_prefix_tokens]
+            patches = tokens[:, self.num_prefix_tokens :] + embedding
+            return ops.concatenate([prefix, patches], axis=1)
+        return tokens
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            kind=self.kind, grid_size=self.grid_size, num_prefix_tokens=self.num_prefix_tokens
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package="keras_vmoe")
+class MultiHeadDotProductAttention(keras.layers.Layer):
+    """Multi-head attention laid out like flax's `MultiHeadDotProductAttention`.
+
+    Query, key and value kernels are (dim, heads, head_dim) and the output
+    kernel (heads, head_dim, dim). With `qk_norm`, query and key are
+    LayerNorm-ed over head_dim with a scale and no bias (ViT-22B, Soft MoE).
+    Without attention dropout it runs `keras.ops.dot_product_attention`, so
+    each backend may use its fused kernel.
+
+    Call with `(query_tokens)` for self-attention or `(query_tokens, kv_tokens)`.
+    """
+
+    def __init__(
+        self,
+        num_heads,
+        qk_norm=False,
+        dropout_rate=0.0,
+        layer_norm_epsilon=1e-6,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.num_heads = check_int("num_heads", num_heads, minimum=1, owner="attention")
+        self.qk_norm = bool(qk_norm)
+        self.dropout_rate = check_float("attention_dropout_rate", dropout_rate, 0.0, 1.0)
+        self.layer_norm_epsilon = layer_norm_epsilon
+
+    def build(self, query_shape, value_shape=None):
+        dim = query_shape[-1]
+        if dim % self.num_heads:
+            raise ValueError(
+                f"hidden_dim={dim} must be divisible by num_heads={self.num_heads}."
+            )
+        head_dim = dim // self.num_heads
+        self.head_dim = head_dim
+
+        def projection(name):
+            layer = keras.layers.EinsumDense(
+                "btd,dhk->bthk",
+                output_shape=(None, self.num_heads, head_dim),
+                bias_axes="hk",
+                kernel_initializer="glorot_uniform",
+                dtype=self.dtype_policy,
+                name=name,
+            )
+            layer.build((None, None, dim))
+            return layer
+
+        self.query = projection("query")
+        self.key = projection("key")
+        self.value = projection("value")
+        self.out = keras.layers.EinsumDense(
+            "bthk,hkd->btd",
+            output_shape=(None, dim),
+            bias_axes="d",
+            kernel_initializer="glorot_uniform",
+            dtype=self.dtype_policy,
+            name="out",
+        )
+        self.out.build((None, None, self.num_heads, head_dim))
+        if self.qk_norm:
+            self.query_norm = keras.layers.LayerNormalization(
+                epsilon=self.layer_norm_epsilon, center=False, dtype=self.dtype_policy,
+                name="query_norm",
+            )
+            self.query_norm.build((None, None, self.num_heads, head_dim))
+            self.key_norm = keras.layers.LayerNormalization(
+                epsilon=self.layer_norm_epsilon, center=False, dtype=self.dtype_policy,
+                name="key_norm",
+            )
+            self.key_norm.build((None, None, self.num_heads, head_dim))
+        self.dropout = keras.layers.Dropout(self.dropout_rate, dtype=self.dtype_policy)
+
+    def call(self, query, value=None, training=None):
+        value = query if value is None else value
+        q, k, v = self.query(query), self.key(value), self.value(value)
+        if self.qk_norm:
+            q, k = self.query_norm(q), self.key_norm(k)
+        if self.dropout_rate > 0 and training:
+            # (batch, heads, queries, keys); softmax in float32.
+            logits = ops.einsum("bqhk,bshk->bhqs", q, k) / math.sqrt(self.head_dim)
+            weights = ops.softmax(ops.cast(logits, "float32"), axis=-1)
+            weights = self.dropout(ops.cast(weights, v.dtype), training=training)
+            x = ops.einsum("bhqs,bshk->bqhk", weights, v)
+        else:
+            x = ops.dot_product_attention(q, k, v)
+        return self.out(x)
+
+    def compute_output_shape(self, query_shape, value_shape=None):
+        return query_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            num_heads=self.num_heads,
+            qk_norm=self.qk_norm,
+            dropout_rate=self.dropout_rate,
+            layer_norm_epsilon=self.layer_norm_epsilon,
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package="keras_vmoe")
+class EncoderBlock(keras.layers.Layer):
+    """Pre-LayerNorm Transformer block whose MLP is a pluggable layer.
+
+        x = x + dropout(attention(norm(x)))
+        x = x + mlp(norm(x))
+
+    Args:
+        num_heads: int. Attention heads.
+        mlp: the MLP layer: `Mlp`, `SparseMoE`, `SoftMoE` (or any layer mapping
+            (batch, tokens, dim) to the same shape). MoE layers add their
+            auxiliary losses themselves.
+        attention_qk_norm: bool. LayerNorm on queries and keys.
+        dropout_rate: float. Dropout after attention.
+        attention_dropout_rate: float. Dropout on the attention weights.
+        layer_norm_epsilon: float.
+    """
+
+    def __init__(
+        self,
+        num_heads,
+        mlp,
+        attention_qk_norm=False,
+        dropout_rate=0.0,
+        attention_dropout_rate=0.0,
+        layer_norm_epsilon=1e-6,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if isinstance(mlp, dict):
+            mlp = keras.saving.deserialize_keras_object(mlp)
+        if not isinstance(mlp, keras.layers.Layer):
+            raise ValueError(f"EncoderBlock: `mlp` must be a Keras layer, got {mlp!r}.")
+        self.num_heads = num_heads
+        self.attention_qk_norm = bool(attention_qk_norm)
+        self.dropout_rate = check_float("dropout_rate", dropout_rate, 0.0, 1.0)
+        self.attention_dropout_rate = attention_dropout_rate
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.attention_norm = keras.layers.LayerNormalization(
+            epsilon=layer_norm_epsilon, dtype=self.dtype_policy, name="attention_norm"
+        )
+        self.attention = MultiHeadDotProductAttention(
+            num_heads,
+            qk_norm=attention_qk_norm,
+            dropout_rate=attention_dropout_rate,
+            layer_norm_epsilon=layer_norm_epsilon,
+            dtype=self.dtype_policy,
+            name="attention",
+        )
+        self.dropout = keras.layers.Dropout(self.dropout_rate, dtype=self.dtype_policy)
+        self.mlp_norm = keras.layers.LayerNormalization(
+            epsilon=layer_norm_epsilon, dtype=self.dtype_policy, name="mlp_norm"
+        )
+        self.mlp = mlp
+
+    def build(self, input_shape):
+        self.attention_norm.build(input_shape)
+        self.attention.build(input_shape)
+        self.mlp_norm.build(input_shape)
+        self.mlp.build(input_shape)
+
+    def call(self, inputs, training=None):
+        x = self.attention(self.attention_norm(inputs), training=training)
+        x = inputs + self.dropout(x, training=training)
+        return x + self.mlp(self.mlp_norm(x), training=training)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            num_heads=self.num_heads,
+            mlp=keras.saving.serialize_keras_object(self.mlp),
+            attention_qk_norm=self.attention_qk_norm,
+            dropout_rate=self.dropout_rate,
+            attention_dropout_rate=self.attention_dropout_rate,
+            layer_norm_epsilon=self.layer_norm_epsilon,
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package="keras_vmoe")
+class SequencePooling(keras.layers.Layer):
+    """`"token"`: the first token; `"gap"`: the mean of the patch tokens.
+
+    With `"gap"`, prefix tokens (a class token) are left out of the mean.
+    """
+
+    def __init__(self, mode, num_prefix_tokens=0, **kwargs):
+        super().__init__(**kwargs)
+        self.mode = check_choice("pooling", mode, ("token", "gap"))
+        self.num_prefix_tokens = num_prefix_tokens
+
+    def call(self, tokens):
+        if self.mode == "token":
+            return tokens[:, 0]
+        return ops.mean(tokens[:, self.num_prefix_tokens :], axis=1)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], input_shape[-1])
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(mode=self.mode, num_prefix_tokens=self.num_prefix_tokens)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="keras_vmoe")
+class MultiHeadAttentionPooling(keras.layers.Layer):
+    """Multi-head attention pooling (vmoe's `MapHead`): a learned probe attends
+    to all tokens, then a residual MLP: `(x + mlp(norm(x)))[:, 0]`."""
+
+    def __init__(
+        self,
+        num_heads,
+        mlp_dim,
+        qk_norm=False,
+        approximate_gelu=True,
+        layer_norm_epsilon=1e-6,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.num_heads = num_heads
+        self.mlp_dim = mlp_dim
+        self.qk_norm = bool(qk_norm)
+        self.approximate_gelu = bool(approximate_gelu)
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.attention = MultiHeadDotProductAttention(
+            num_heads, qk_norm=qk_norm, layer_norm_epsilon=layer_norm_epsilon,
+            dtype=self.dtype_policy, name="attention",
+        )
+        self.norm = keras.layers.LayerNormalization(
+            epsilon=layer_norm_epsilon, dtype=self.dtype_policy, name="norm"
+        )
+        self.mlp = Mlp(mlp_dim, approximate_gelu, dtype=self.dtype_policy, name="mlp")
+
+    def build(self, input_shape):
+        dim = input_shape[-1]
+        self.probe = self.add_weight(
+            shape=(1, 1, dim), initializer="glorot_uniform", name="probe"
+        )
+        self.attention.build((None, 1, dim), input_shape)
+        self.norm.build((None, 1, dim))
+        self.mlp.build((None, 1, dim))
+
+    def call(self, tokens):
+        probe = ops.tile(ops.cast(self.probe, tokens.dtype), (ops.shape(tokens)[0], 1, 1))
+        x = self.attention(probe, tokens)
+        return (x + self.mlp(self.norm(x)))[:, 0]
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], input_shape[-1])
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            num_heads=self.num_heads,
+            mlp_dim=self.mlp_dim,
+            qk_norm=self.qk_norm,
+            approximate_gelu=self.approximate_gelu,
+            layer_norm_epsilon=self.layer_norm_epsilon,
+        )
+        return config

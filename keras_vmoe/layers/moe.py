@@ -1,0 +1,372 @@
+"""Mixture-of-Experts MLPs: drop-in replacements for a block's dense `Mlp`.
+
+Both layers map (batch, tokens, hidden_dim) to the same shape. They reshape
+the tokens into routing groups, (G, group_size, D), over the whole batch as
+vmoe does (`group_size=None`: one group per image), let a router make a plan,
+and run dispatch -> experts -> combine through `keras_vmoe.ops`.
+"""
+
+import keras
+from keras import ops
+
+from keras_vmoe import ops as moe_ops
+from keras_vmoe.layers.routing import ROUTERS
+from keras_vmoe.layers.routing import Router
+from keras_vmoe.layers.routing import SoftRouter
+from keras_vmoe.layers.routing import compute_capacity
+from keras_vmoe.validation import check_float
+from keras_vmoe.validation import check_int
+
+
+class MoELayer(keras.layers.Layer):
+    """Expert weight banks, grouping and metric bookkeeping shared by MoE layers.
+
+    Expert banks follow vmoe's layout: `kernel_0` (E, D, H), `bias_0` (E, H),
+    `kernel_1` (E, H, D), `bias_1` (E, D).
+
+    After each call, `router_metrics` holds that call's router metrics
+    (scalars, averaged over groups); tasks report them during `fit`.
+    """
+
+    def __init__(
+        self,
+        num_experts,
+        mlp_dim,
+        group_size=None,
+        approximate_gelu=True,
+        dropout_rate=0.0,
+        dispatch_dtype=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        owner = type(self).__name__
+        if dispatch_dtype not in (None, "bfloat16", "float16", "float32"):
+            raise ValueError(
+                f"{owner}: dispatch_dtype must be None, 'bfloat16', 'float16' or "
+                f"'float32', got {dispatch_dtype!r}."
+            )
+        self.dispatch_dtype = dispatch_dtype
+        self.num_experts = check_int("num_experts", num_experts, minimum=1, owner=owner)
+        self.mlp_dim = check_int("mlp_dim", mlp_dim, minimum=1, owner=owner)
+        if group_size is not None:
+            group_size = check_int("group_size", group_size, minimum=1, owner=owner)
+        self.group_size = group_size
+        self.approximate_gelu = bool(approximate_gelu)
+        self.dropout_rate = check_float("dropout_rate", dropout_rate, 0.0, 1.0, owner=owner)
+        self.dropout = keras.layers.Dropout(self.dropout_rate, dtype=self.dtype_policy)
+        self.router_metrics = {}
+
+    def build_experts(self, dim):
+        num_experts, hidden = self.num_experts, self.mlp_dim
+        # Glorot-uniform per expert: VarianceScaling sees fans E times larger
+        # on a (E, fan_in, fan_out) bank, so scale by E.
+        initializer = keras.initializers.VarianceScaling(
+            scale=float(num_experts), mode="fan_avg", distribution="uniform"
+        )
+        self.kernel_0 = self.add_weight(shape=(num_experts, dim, hidden), initializer=initializer, name="kernel_0")
+        self.bias_0 = self.add_weight(shape=(num_experts, hidden), initializer="zeros", name="bias_0")
+        self.kernel_1 = self.add_weight(shape=(num_experts, hidden, dim), initializer=initializer, name="kernel_1")
+        self.bias_1 = self.add_weight(shape=(num_experts, dim), initializer="zeros", name="bias_1")
+
+    def resolve_group_size(self, input_shape):
+        """The routing group size for inputs of `input_shape` (B, T, D)."""
+        batch, tokens = input_shape[0], input_shape[1]
+        group_size = self.group_size or tokens
+        if group_size is None:
+            raise ValueError(
+                f"{type(self).__name__} needs a known number of tokens per image "
+                "(or an explicit group_size)."
+            )
+        if isinstance(batch, int) and isinstance(tokens, int) and (batch * tokens) % group_size:
+            raise ValueError(
+                f"{self.name}: {batch} images x {tokens} tokens = {batch * tokens} "
+                f"tokens do not split into routing groups of group_size="
+                f"{group_size}. Use a batch size whose token count is a multiple "
+                f"of {group_size}, or group_size=None to route each image on its own."
+            )
+        return group_size
+
+    def round_to_dispatch_dtype(self, x):
+        """Rounds x through `dispatch_dtype` (vmoe's bfloat16 dispatcher casts
+        tokens before the dispatch and expert outputs before the combine)."""
+        if self.dispatch_dtype is None:
+            return x
+        return ops.cast(ops.cast(x, self.dispatch_dtype), x.dtype)
+
+    def run_experts(self, expert_inputs, training=None):
+        """(E, N, D) -> (E, N, D): each expert's MLP on its own slots."""
+        dtype = expert_inputs.dtype
+        h = moe_ops.expert_dense(
+            expert_inputs, ops.cast(self.kernel_0, dtype), ops.cast(self.bias_0, dtype)
+        )
+        h = ops.gelu(h, approximate=self.approximate_gelu)
+        h = self.dropout(h, training=training)
+        y = moe_ops.expert_dense(h, ops.cast(self.kernel_1, dtype), ops.cast(self.bias_1, dtype))
+        return self.dropout(y, training=training)
+
+    def record(self, metrics, training):
+        """Keeps the call's metrics and, in training, adds the auxiliary loss."""
+        scalars = {name: ops.mean(value) for name, value in metrics.items()}
+        if training:
+            self.add_loss(scalars["auxiliary_loss"])
+        self.router_metrics = scalars
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            num_experts=self.num_experts,
+            mlp_dim=self.mlp_dim,
+            group_size=self.group_size,
+            approximate_gelu=self.approximate_gelu,
+            dropout_rate=self.dropout_rate,
+            dispatch_dtype=self.dispatch_dtype,
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package="keras_vmoe")
+class SparseMoE(MoELayer):
+    """Sparse Mixture of MLP experts (V-MoE, arXiv:2106.05974).
+
+    Args:
+        num_experts: int. E.
+        mlp_dim: int. Hidden width of each expert's MLP.
+        router: `"token_choice"` (each token picks its top K experts),
+            `"expert_choice"` (each expert picks its top C tokens), or a
+            `keras_vmoe.layers.Router` instance. The arguments below that
+            configure a router apply to the named ones.
+        num_selected_experts: int. K, for token choice.
+        capacity_factor: float. Slots per expert relative to an even split.
+        group_size: int or None. Tokens routed together; groups are formed
+            over the whole batch (B * T must be a multiple). None: per image.
+        batch_priority: bool. Batch Priority Routing (token choice).
+        noise_std: float. Routing noise in training is N(0, noise_std / E).
+        importance_loss_weight, load_loss_weight, gshard_loss_weight,
+        z_loss_weight: floats. Auxiliary loss weights (token choice).
+        capacity_rounding: `"ceil"` or `"round"`; capacity_multiple_of: int
+            or None. How the capacity is rounded (vmoe: ceil, multiple of 4).
+        approximate_gelu: bool. tanh-approximate GELU in the experts (vmoe).
+        dropout_rate: float. Dropout inside the experts.
+        dispatch_dtype: None or `"bfloat16"`. Round tokens before the dispatch
+            and expert outputs before the combine (vmoe's `bfloat16` dispatcher
+            option, on in its paper configs).
+        seed: int or None. Seed of the routing noise.
+
+    In training the layer adds its auxiliary loss with `add_loss`. A token
+    whose every choice was dropped gets zeros (the block's residual carries it).
+
+    Example:
+    >>> moe = SparseMoE(num_experts=4, mlp_dim=32, num_selected_experts=2)
+    >>> moe(keras.ops.ones((2, 16, 8))).shape
+    (2, 16, 8)
+    """
+
+    def __init__(
+        self,
+        num_experts,
+        mlp_dim,
+        router="token_choice",
+        num_selected_experts=1,
+        capacity_factor=1.0,
+        group_size=None,
+        batch_priority=False,
+        noise_std=1.0,
+        importance_loss_weight=0.005,
+        load_loss_weight=0.005,
+        gshard_loss_weight=0.0,
+        z_loss_weight=0.0,
+        capacity_rounding="ceil",
+        capacity_multiple_of=4,
+        approximate_gelu=True,
+        dropout_rate=0.0,
+        dispatch_dtype=None,
+        seed=None,
+        **kwargs,
+    ):
+        super().__init__(
+            num_experts, mlp_dim, group_size, approximate_gelu, dropout_rate,
+            dispatch_dtype, **kwargs
+        )
+        if isinstance(router, dict):
+            router = keras.saving.deserialize_keras_object(router)
+        if isinstance(router, str):
+            if router not in ROUTERS:
+                raise ValueError(
+                    f"SparseMoE: unknown router {router!r}; expected one of "
+                    f"{sorted(ROUTERS)} or a keras_vmoe.layers.Router instance."
+                )
+            options = dict(
+                num_experts=num_experts,
+                capacity_factor=capacity_factor,
+                noise_std=noise_std,
+                capacity_rounding=capacity_rounding,
+                capacity_multiple_of=capacity_multiple_of,
+                seed=seed,
+                name="router",
+            )
+            if router == "token_choice":
+                options.update(
+                    num_selected_experts=num_selected_experts,
+                    batch_priority=batch_priority,
+                    importance_loss_weight=importance_loss_weight,
+                    load_loss_weight=load_loss_weight,
+                    gshard_loss_weight=gshard_loss_weight,
+                    z_loss_weight=z_loss_weight,
+                )
+            router = ROUTERS[router](**options)
+        if not isinstance(router, Router):
+            raise ValueError(
+                f"SparseMoE: `router` must be 'token_choice', 'expert_choice' or a "
+                f"Router instance, got {router!r}."
+            )
+        if router.num_experts != self.num_experts:
+            raise ValueError(
+                f"SparseMoE: the router has {router.num_experts} experts but the "
+                f"layer has num_experts={self.num_experts}."
+            )
+        self.router = router
+
+    def build(self, input_shape):
+        dim = input_shape[-1]
+        self.router.build((None, None, dim))
+        self.build_experts(dim)
+
+    def call(self, inputs, training=None):
+        group_size = self.resolve_group_size(inputs.shape)
+        shape = ops.shape(inputs)
+        tokens = ops.reshape(inputs, (-1, group_size, shape[-1]))  # (G, S, D)
+        plan, metrics = self.router(tokens, training=training)
+        expert_inputs = moe_ops.dispatch(
+            self.round_to_dispatch_dtype(tokens), plan.dispatch_index
+        )  # (E, G*C, D)
+        expert_outputs = self.round_to_dispatch_dtype(
+            self.run_experts(expert_inputs, training=training)
+        )
+        outputs = moe_ops.combine(expert_outputs, plan.combine_index, plan.combine_weights)
+        self.record(metrics, training)
+        return ops.reshape(outputs, shape)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(router=keras.saving.serialize_keras_object(self.router))
+        return config
+
+
+@keras.saving.register_keras_serializable(package="keras_vmoe")
+class SoftMoE(MoELayer):
+    """Soft Mixture of Experts (arXiv:2308.00951).
+
+    Every slot is a weighted average of all tokens of its group, every expert
+    processes its slots, and every token is a weighted average of all slot
+    outputs. Nothing is dropped; all weights come from one set of logits.
+
+    Args:
+        num_experts: int. E.
+        mlp_dim: int. Hidden width of each expert's MLP.
+        slots_per_expert: int >= 1. P, the slots of each expert per group.
+        capacity_factor: float or None. If given instead of
+            `slots_per_expert`, P = round(group_size * capacity_factor / E).
+        group_size: int or None. None (default): one group per image, so an
+            image's output never depends on the other images.
+        noise_std: float. Gaussian noise on the logits in training.
+        dispatch_dtype: None or `"bfloat16"`. Round the tokens before the
+            dispatch and the expert outputs before the combine to this dtype,
+            which is what vmoe always does (bfloat16).
+        approximate_gelu, dropout_rate, seed: as `SparseMoE`.
+
+    Example:
+    >>> moe = SoftMoE(num_experts=4, mlp_dim=32, slots_per_expert=2)
+    >>> moe(keras.ops.ones((2, 16, 8))).shape
+    (2, 16, 8)
+    """
+
+    def __init__(
+        self,
+        num_experts,
+        mlp_dim,
+        slots_per_expert=1,
+        capacity_factor=None,
+        group_size=None,
+        noise_std=0.0,
+        dispatch_dtype=None,
+        approximate_gelu=True,
+        dropout_rate=0.0,
+        seed=None,
+        **kwargs,
+    ):
+        super().__init__(
+            num_experts, mlp_dim, group_size, approximate_gelu, dropout_rate,
+            dispatch_dtype, **kwargs
+        )
+        if slots_per_expert is None and capacity_factor is None:
+            raise ValueError(
+                "SoftMoE: give either `slots_per_expert` or `capacity_factor` "
+                "(slots per expert = round(group_size * capacity_factor / num_experts))."
+            )
+        if capacity_factor is not None:
+            if slots_per_expert not in (None, 1):
+                raise ValueError(
+                    "SoftMoE: give `slots_per_expert` or `capacity_factor`, not both "
+                    f"(got slots_per_expert={slots_per_expert}, "
+                    f"capacity_factor={capacity_factor})."
+                )
+            slots_per_expert = None
+            capacity_factor = check_float(
+                "capacity_factor", capacity_factor, exclusive_minimum=0.0, owner="SoftMoE"
+            )
+        else:
+            slots_per_expert = check_int(
+                "slots_per_expert", slots_per_expert, minimum=1, owner="SoftMoE"
+            )
+        self.slots_per_expert = slots_per_expert
+        self.capacity_factor = capacity_factor
+        self.noise_std = noise_std
+        self.seed = seed
+        self.router = None
+
+    def num_slots(self, group_size):
+        """Slots per expert for groups of `group_size` tokens."""
+        if self.slots_per_expert is not None:
+            return self.slots_per_expert
+        return compute_capacity(
+            group_size, self.num_experts, self.capacity_factor, "round", multiple_of=None
+        )
+
+    def build(self, input_shape):
+        dim = input_shape[-1]
+        group_size = self.group_size or input_shape[1]
+        if group_size is None:
+            raise ValueError("SoftMoE needs a known number of tokens per image.")
+        self.router = SoftRouter(
+            self.num_experts,
+            self.num_slots(group_size),
+            noise_std=self.noise_std,
+            seed=self.seed,
+            name="router",
+        )
+        self.router.build((None, None, dim))
+        self.build_experts(dim)
+
+    def call(self, inputs, training=None):
+        group_size = self.resolve_group_size(inputs.shape)
+        shape = ops.shape(inputs)
+        tokens = ops.reshape(inputs, (-1, group_size, shape[-1]))  # (G, S, D)
+        dispatch_weights, combine_weights, metrics = self.router(tokens, training=training)
+        slots = moe_ops.soft_dispatch(self.round_to_dispatch_dtype(tokens), dispatch_weights)  # (E, G*P, D)
+        expert_outputs = self.round_to_dispatch_dtype(self.run_experts(slots, training=training))
+        outputs = moe_ops.soft_combine(expert_outputs, combine_weights)
+        self.record(metrics, training)
+        return ops.reshape(outputs, shape)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            slots_per_expert=self.slots_per_expert,
+            capacity_factor=self.capacity_factor,
+            noise_std=self.noise_std,
+            seed=self.seed,
+        )
+        return config

@@ -1,0 +1,16 @@
+"""Model families: backbones, tasks, image converters and preprocessors."""
+
+from keras_vmoe.models.image_classifier import VisionTransformerImageClassifier
+from keras_vmoe.models.soft_moe import SOFT_MOE_ARCHITECTURES
+from keras_vmoe.models.soft_moe import SoftMoEBackbone
+from keras_vmoe.models.soft_moe import SoftMoEImageClassifier
+from keras_vmoe.models.soft_moe import SoftMoEImageClassifierPreprocessor
+from keras_vmoe.models.soft_moe import SoftMoEImageConverter
+from keras_vmoe.models.vision_transformer import VisionTransformerBackbone
+from keras_vmoe.models.vision_transformer import every_n
+from keras_vmoe.models.vision_transformer import last_n
+from keras_vmoe.models.vmoe import VMOE_ARCHITECTURES
+from keras_vmoe.models.vmoe import VMoEBackbone
+from keras_vmoe.models.vmoe import VMoEImageClassifier
+from keras_vmoe.models.vmoe import VMoEImageClassifierPreprocessor
+from keras_vmoe.models.vmoe import VMoEImageConverter

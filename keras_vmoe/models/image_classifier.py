@@ -1,0 +1,81 @@
+"""Image classification on top of a pooled `VisionTransformerBackbone`."""
+
+import keras
+from keras_hub.models import ImageClassifier
+from keras_hub.models import Task
+
+from keras_vmoe.models.router_metrics import RouterMetricsMixin
+
+
+@keras.saving.register_keras_serializable(package="keras_vmoe")
+class VisionTransformerImageClassifier(RouterMetricsMixin, ImageClassifier):
+    """A linear head (vmoe's `head`) on the pooled features of a backbone.
+
+    The task outputs logits. Calling the model on pixels applies no
+    preprocessing; `predict`, `fit` and `evaluate` on raw images go through
+    the preprocessor, as in keras-hub. During `fit` and `evaluate` the logs
+    show `moe_auxiliary_loss` and `moe_dropped_tokens` when the backbone has
+    MoE layers.
+
+    Args:
+        backbone: a backbone with `pooling` set (its output is one vector per
+            image).
+        num_classes: int.
+        preprocessor: None or an `ImageClassifierPreprocessor`.
+        dropout: float. Dropout before the head.
+        head_bias_init: float. Initial bias of the head (vmoe's paper configs
+            use -log(num_classes)).
+        head_kernel_zero_init: bool. Zero-initialise the head kernel (vmoe's
+            default for fine-tuning).
+    """
+
+    def __init__(
+        self,
+        backbone,
+        num_classes,
+        preprocessor=None,
+        dropout=0.0,
+        head_bias_init=0.0,
+        head_kernel_zero_init=False,
+        head_dtype=None,
+        **kwargs,
+    ):
+        if getattr(backbone, "pooling", "token") is None:
+            raise ValueError(
+                f"{type(self).__name__} needs a backbone that pools its tokens "
+                "(pooling='token', 'gap' or 'map'); this one has pooling=None."
+            )
+        head_dtype = head_dtype or backbone.dtype_policy
+        # === Layers ===
+        self.backbone = backbone
+        self.preprocessor = preprocessor
+        self.output_dropout = keras.layers.Dropout(dropout, dtype=head_dtype, name="output_dropout")
+        self.head = keras.layers.Dense(
+            num_classes,
+            kernel_initializer="zeros" if head_kernel_zero_init else "glorot_uniform",
+            bias_initializer=keras.initializers.Constant(head_bias_init),
+            dtype=head_dtype,
+            name="head",
+        )
+        # === Functional model ===
+        inputs = self.backbone.input
+        x = self.backbone(inputs)
+        outputs = self.head(self.output_dropout(x))
+        Task.__init__(self, inputs=inputs, outputs=outputs, **kwargs)
+        # === Config ===
+        self.num_classes = num_classes
+        self.dropout = dropout
+        self.head_bias_init = head_bias_init
+        self.head_kernel_zero_init = head_kernel_zero_init
+        self.activation = None
+        self.track_router_metrics()
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            num_classes=self.num_classes,
+            dropout=self.dropout,
+            head_bias_init=self.head_bias_init,
+            head_kernel_zero_init=self.head_kernel_zero_init,
+        )
+        return config

@@ -1,0 +1,43 @@
+"""Router metrics in `fit` / `evaluate` logs for tasks whose backbone has MoE layers.
+
+Each MoE layer keeps the metrics of its latest call in `router_metrics`. A
+task's `compute_loss` runs in the same trace as the forward pass on every
+backend, so it can read them there and update `Mean` trackers, which Keras
+then shows beside the loss: `moe_auxiliary_loss` (the summed auxiliary losses
+of all MoE layers, the term added to the training loss) and
+`moe_dropped_tokens` (the mean fraction of tokens no expert processed).
+"""
+
+import keras
+from keras import ops
+
+from keras_vmoe.models.vision_transformer import collect_moe_layers
+
+
+class RouterMetricsMixin:
+    """Mix into a `keras.Model` before it; call `track_router_metrics()` at
+    the end of `__init__`."""
+
+    def track_router_metrics(self):
+        self._moe_layers = collect_moe_layers(self)
+        if self._moe_layers:
+            self.moe_auxiliary_loss_tracker = keras.metrics.Mean(name="moe_auxiliary_loss")
+            self.moe_dropped_tokens_tracker = keras.metrics.Mean(name="moe_dropped_tokens")
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        loss = super().compute_loss(
+            x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training
+        )
+        recorded = [layer.router_metrics for layer in getattr(self, "_moe_layers", ())]
+        recorded = [metrics for metrics in recorded if metrics]
+        if recorded:
+            auxiliary = sum(ops.cast(m["auxiliary_loss"], "float32") for m in recorded)
+            self.moe_auxiliary_loss_tracker.update_state(auxiliary)
+            dropped = [m["dropped_tokens"] for m in recorded if "dropped_tokens" in m]
+            if dropped:
+                self.moe_dropped_tokens_tracker.update_state(
+                    ops.mean(ops.stack([ops.cast(d, "float32") for d in dropped]))
+                )
+            for layer in self._moe_layers:
+                layer.router_metrics = {}
+        return loss

@@ -1,0 +1,7 @@
+from keras_vmoe.models.soft_moe.soft_moe_architectures import SOFT_MOE_ARCHITECTURES
+from keras_vmoe.models.soft_moe.soft_moe_backbone import SoftMoEBackbone
+from keras_vmoe.models.soft_moe.soft_moe_image_classifier import SoftMoEImageClassifier
+from keras_vmoe.models.soft_moe.soft_moe_image_classifier_preprocessor import (
+    SoftMoEImageClassifierPreprocessor,
+)
+from keras_vmoe.models.soft_moe.soft_moe_image_converter import SoftMoEImageConverter

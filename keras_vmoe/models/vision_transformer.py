@@ -1,0 +1,241 @@
+"""The one Vision Transformer backbone every family configures.
+
+`VisionTransformerBackbone` builds the functional graph of vmoe's
+`VisionTransformerMoe`; a family (V-MoE, Soft MoE) only says which MLP layer
+goes into the blocks listed in `moe_layers`.
+"""
+
+import keras
+from keras_hub.models import Backbone
+
+from keras_vmoe.layers.encoder import POOLINGS
+from keras_vmoe.layers.encoder import POSITION_EMBEDDINGS
+from keras_vmoe.layers.encoder import ClassToken
+from keras_vmoe.layers.encoder import EncoderBlock
+from keras_vmoe.layers.encoder import MultiHeadAttentionPooling
+from keras_vmoe.layers.encoder import PatchEmbedding
+from keras_vmoe.layers.encoder import PositionEmbedding
+from keras_vmoe.layers.encoder import SequencePooling
+from keras_vmoe.layers.mlp import Mlp
+from keras_vmoe.layers.moe import MoELayer
+from keras_vmoe.validation import as_pair
+from keras_vmoe.validation import check_choice
+from keras_vmoe.validation import check_float
+from keras_vmoe.validation import check_int
+
+
+def every_n(n, num_layers):
+    """V-MoE's "Every-n" placement: blocks n-1, 2n-1, ... (vmoe configs)."""
+    return tuple(range(n - 1, num_layers, n))
+
+
+def last_n(n, num_layers):
+    """V-MoE's "Last-n" placement: the last n odd blocks (vmoe configs)."""
+    return tuple(range(1, num_layers, 2))[-n:]
+
+
+def check_moe_layers(moe_layers, num_layers, owner):
+    moe_layers = tuple(moe_layers or ())
+    for index in moe_layers:
+        check_int("moe_layers index", index, owner=owner)
+        if not 0 <= index < num_layers:
+            raise ValueError(
+                f"{owner}: moe_layers has block index {index}, but the encoder has "
+                f"blocks 0 to {num_layers - 1} (num_layers={num_layers})."
+            )
+    if len(set(moe_layers)) != len(moe_layers):
+        raise ValueError(f"{owner}: moe_layers repeats a block index: {moe_layers}.")
+    return tuple(sorted(int(i) for i in moe_layers))
+
+
+@keras.saving.register_keras_serializable(package="keras_vmoe")
+class VisionTransformerBackbone(Backbone):
+    """Vision Transformer encoder whose blocks take their MLP as a layer.
+
+    Subclasses pass `moe_mlp`, a function `(block_index) -> layer` used for the
+    blocks in `moe_layers`; other blocks get a dense `Mlp`.
+
+    Args:
+        image_shape: (height, width, channels).
+        patch_size: int or (int, int); must divide the image size.
+        num_layers, hidden_dim, mlp_dim, num_heads: the Transformer's size.
+        pooling: `"token"`, `"gap"`, `"map"` or None. With None the backbone
+            returns all tokens, (batch, tokens, hidden_dim); otherwise one
+            vector per image.
+        use_class_token: bool or None. Prepend a class token. None: only with
+            `pooling="token"`.
+        position_embedding: `"learned"`, `"sincos2d"` or None.
+        attention_qk_norm: bool. LayerNorm on queries and keys.
+        representation_size: int or None. A Dense + tanh "pre-logits" layer
+            after pooling (vmoe's `representation_size`).
+        dropout_rate, attention_dropout_rate: floats.
+        approximate_gelu: bool. tanh-approximate GELU (vmoe) or exact (keras-hub).
+        layer_norm_epsilon: float.
+        moe_layers: indices of the blocks whose MLP is a MoE layer.
+        dtype: a dtype or `keras.DTypePolicy` (e.g. `"mixed_bfloat16"`).
+    """
+
+    def __init__(
+        self,
+        image_shape,
+        patch_size,
+        num_layers,
+        hidden_dim,
+        mlp_dim,
+        num_heads,
+        pooling="token",
+        use_class_token=None,
+        position_embedding="learned",
+        attention_qk_norm=False,
+        representation_size=None,
+        dropout_rate=0.0,
+        attention_dropout_rate=0.0,
+        approximate_gelu=True,
+        layer_norm_epsilon=1e-6,
+        moe_layers=(),
+        moe_mlp=None,
+        dtype=None,
+        **kwargs,
+    ):
+        owner = type(self).__name__
+        image_shape = tuple(image_shape)
+        if len(image_shape) != 3:
+            raise ValueError(
+                f"{owner}: image_shape must be (height, width, channels), got {image_shape}."
+            )
+        patch_size = as_pair("patch_size", patch_size, owner=owner)
+        for axis, name in ((0, "height"), (1, "width")):
+            size = check_int(f"image {name}", image_shape[axis], minimum=1, owner=owner)
+            if size % patch_size[axis]:
+                raise ValueError(
+                    f"{owner}: patch_size {patch_size} does not divide the image "
+                    f"{name} {size} (image_shape={image_shape})."
+                )
+        num_layers = check_int("num_layers", num_layers, minimum=1, owner=owner)
+        hidden_dim = check_int("hidden_dim", hidden_dim, minimum=1, owner=owner)
+        mlp_dim = check_int("mlp_dim", mlp_dim, minimum=1, owner=owner)
+        num_heads = check_int("num_heads", num_heads, minimum=1, owner=owner)
+        if hidden_dim % num_heads:
+            raise ValueError(
+                f"{owner}: hidden_dim={hidden_dim} must be divisible by num_heads={num_heads}."
+            )
+        check_choice("pooling", pooling, POOLINGS, owner=owner)
+        check_choice("position_embedding", position_embedding, POSITION_EMBEDDINGS, owner=owner)
+        if use_class_token is None:
+            use_class_token = pooling == "token"
+        if pooling == "token" and not use_class_token:
+            raise ValueError(f"{owner}: pooling='token' needs use_class_token=True.")
+        if representation_size is not None:
+            check_int("representation_size", representation_size, minimum=1, owner=owner)
+            if pooling is None:
+                raise ValueError(f"{owner}: representation_size needs a pooling.")
+        check_float("dropout_rate", dropout_rate, 0.0, 1.0, owner=owner)
+        check_float("attention_dropout_rate", attention_dropout_rate, 0.0, 1.0, owner=owner)
+        moe_layers = check_moe_layers(moe_layers, num_layers, owner)
+        if moe_layers and moe_mlp is None:
+            raise ValueError(f"{owner}: moe_layers given but this backbone has no MoE layer type.")
+        grid_size = (image_shape[0] // patch_size[0], image_shape[1] // patch_size[1])
+        num_prefix_tokens = int(bool(use_class_token))
+
+        # === Functional model ===
+        images = keras.Input(shape=image_shape, name="images")
+        x = PatchEmbedding(hidden_dim, patch_size, dtype=dtype, name="patch_embedding")(images)
+        if use_class_token:
+            x = ClassToken(dtype=dtype, name="class_token")(x)
+        x = PositionEmbedding(
+            position_embedding, grid_size, num_prefix_tokens, dtype=dtype,
+            name="position_embedding",
+        )(x)
+        x = keras.layers.Dropout(dropout_rate, dtype=dtype, name="embedding_dropout")(x)
+        for index in range(num_layers):
+            if index in moe_layers:
+                mlp = moe_mlp(index)
+            else:
+                mlp = Mlp(mlp_dim, approximate_gelu, dropout_rate, dtype=dtype, name="mlp")
+            x = EncoderBlock(
+                num_heads,
+                mlp,
+                attention_qk_norm=attention_qk_norm,
+                dropout_rate=dropout_rate,
+                attention_dropout_rate=attention_dropout_rate,
+                layer_norm_epsilon=layer_norm_epsilon,
+                dtype=dtype,
+                name=f"encoder_block_{index}",
+            )(x)
+        x = keras.layers.LayerNormalization(
+            epsilon=layer_norm_epsilon, dtype=dtype, name="encoder_norm"
+        )(x)
+        if pooling == "map":
+            x = MultiHeadAttentionPooling(
+                num_heads, mlp_dim, attention_qk_norm, approximate_gelu, layer_norm_epsilon,
+                dtype=dtype, name="map_pooling",
+            )(x)
+        elif pooling is not None:
+            x = SequencePooling(pooling, num_prefix_tokens, dtype=dtype, name="pooling")(x)
+        if representation_size is not None:
+            x = keras.layers.Dense(
+                representation_size, activation="tanh", dtype=dtype, name="pre_logits"
+            )(x)
+        super().__init__(inputs=images, outputs=x, dtype=dtype, **kwargs)
+
+        # === Config ===
+        self.image_shape = image_shape
+        self.patch_size = patch_size
+        self.num_layers = num_layers
+        self.hidden_dim = hidden_dim
+        self.mlp_dim = mlp_dim
+        self.num_heads = num_heads
+        self.pooling = pooling
+        self.use_class_token = bool(use_class_token)
+        self.position_embedding = position_embedding
+        self.attention_qk_norm = bool(attention_qk_norm)
+        self.representation_size = representation_size
+        self.dropout_rate = dropout_rate
+        self.attention_dropout_rate = attention_dropout_rate
+        self.approximate_gelu = bool(approximate_gelu)
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.moe_layers = moe_layers
+
+    @property
+    def encoder_blocks(self):
+        return [self.get_layer(f"encoder_block_{i}") for i in range(self.num_layers)]
+
+    @property
+    def moe_blocks(self):
+        """The MoE layers of the blocks in `moe_layers`, in block order."""
+        return [self.get_layer(f"encoder_block_{i}").mlp for i in self.moe_layers]
+
+    @property
+    def num_prefix_tokens(self):
+        return int(self.use_class_token)
+
+    @property
+    def output_dim(self):
+        return self.representation_size or self.hidden_dim
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            image_shape=self.image_shape,
+            patch_size=self.patch_size,
+            num_layers=self.num_layers,
+            hidden_dim=self.hidden_dim,
+            mlp_dim=self.mlp_dim,
+            num_heads=self.num_heads,
+            pooling=self.pooling,
+            use_class_token=self.use_class_token,
+            position_embedding=self.position_embedding,
+            attention_qk_norm=self.attention_qk_norm,
+            representation_size=self.representation_size,
+            dropout_rate=self.dropout_rate,
+            attention_dropout_rate=self.attention_dropout_rate,
+            approximate_gelu=self.approximate_gelu,
+            layer_norm_epsilon=self.layer_norm_epsilon,
+            moe_layers=self.moe_layers,
+        )
+        return config
+
+
+def collect_moe_layers(model):
+    """Every MoE layer inside `model`, in the order Keras tracks them."""
+    return [layer for layer in model._flatten_layers(include_self=False) if isinstance(layer, MoELayer)]

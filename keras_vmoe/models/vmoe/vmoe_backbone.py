@@ -1,0 +1,136 @@
+"""The V-MoE backbone: a ViT whose `moe_layers` blocks hold a `SparseMoE`."""
+
+import keras
+
+from keras_vmoe.layers.moe import SparseMoE
+from keras_vmoe.models.vision_transformer import VisionTransformerBackbone
+from keras_vmoe.models.vmoe.vmoe_architectures import VMOE_ARCHITECTURES
+from keras_vmoe.models.vmoe.vmoe_architectures import architecture_config
+
+
+@keras.saving.register_keras_serializable(package="keras_vmoe")
+class VMoEBackbone(VisionTransformerBackbone):
+    """V-MoE backbone ("Scaling Vision with Sparse Mixture of Experts").
+
+    A Vision Transformer whose blocks listed in `moe_layers` replace their MLP
+    by a `keras_vmoe.layers.SparseMoE`. With `moe_layers=()` it is a dense ViT.
+
+    Args:
+        image_shape, patch_size, num_layers, hidden_dim, mlp_dim, num_heads,
+        pooling, use_class_token, position_embedding, attention_qk_norm,
+        representation_size, dropout_rate, attention_dropout_rate,
+        approximate_gelu, layer_norm_epsilon, dtype: see
+            `VisionTransformerBackbone`.
+        moe_layers: block indices with a MoE MLP; see `every_n` / `last_n`.
+        num_experts: int. E.
+        num_selected_experts: int. K (token choice).
+        capacity_factor: float.
+        group_size: int or None. Tokens routed together, over the whole batch.
+        router: `"token_choice"` or `"expert_choice"`.
+        batch_priority: bool. Batch Priority Routing.
+        router_options: dict of further `SparseMoE` arguments (`noise_std`,
+            `importance_loss_weight`, `load_loss_weight`, `gshard_loss_weight`,
+            `z_loss_weight`, `capacity_rounding`, `capacity_multiple_of`,
+            `dispatch_dtype`, `seed`).
+        moe_dropout_rate: float or None. Dropout in the experts (default:
+            `dropout_rate`).
+
+    Example:
+    >>> backbone = VMoEBackbone(
+    ...     image_shape=(32, 32, 3), patch_size=8, num_layers=4, hidden_dim=32,
+    ...     mlp_dim=64, num_heads=2, moe_layers=(1, 3), num_experts=4,
+    ...     num_selected_experts=2)
+    >>> backbone(np.zeros((2, 32, 32, 3))).shape
+    (2, 32)
+    """
+
+    def __init__(
+        self,
+        image_shape,
+        patch_size,
+        num_layers,
+        hidden_dim,
+        mlp_dim,
+        num_heads,
+        moe_layers=(),
+        num_experts=8,
+        num_selected_experts=1,
+        capacity_factor=1.0,
+        group_size=None,
+        router="token_choice",
+        batch_priority=False,
+        router_options=None,
+        moe_dropout_rate=None,
+        **kwargs,
+    ):
+        router_options = dict(router_options or {})
+        dropout_rate = kwargs.get("dropout_rate", 0.0)
+        moe_dropout = dropout_rate if moe_dropout_rate is None else moe_dropout_rate
+
+        def moe_mlp(index):
+            return SparseMoE(
+                num_experts,
+                mlp_dim,
+                router=router,
+                num_selected_experts=num_selected_experts,
+                capacity_factor=capacity_factor,
+                group_size=group_size,
+                batch_priority=batch_priority,
+                approximate_gelu=kwargs.get("approximate_gelu", True),
+                dropout_rate=moe_dropout,
+                dtype=kwargs.get("dtype"),
+                name="moe",
+                **router_options,
+            )
+
+        if moe_layers:
+            # Fail on bad MoE arguments before building anything.
+            moe_mlp(-1)
+        super().__init__(
+            image_shape,
+            patch_size,
+            num_layers,
+            hidden_dim,
+            mlp_dim,
+            num_heads,
+            moe_layers=moe_layers,
+            moe_mlp=moe_mlp,
+            **kwargs,
+        )
+        self.num_experts = num_experts
+        self.num_selected_experts = num_selected_experts
+        self.capacity_factor = capacity_factor
+        self.group_size = group_size
+        self.router = router
+        self.batch_priority = batch_priority
+        self.router_options = router_options
+        self.moe_dropout_rate = moe_dropout_rate
+
+    @classmethod
+    def from_architecture(cls, name, image_shape=(224, 224, 3), **overrides):
+        """Builds a named V-MoE architecture with random weights.
+
+        `name` is one of `VMOE_ARCHITECTURES` (e.g. `"vmoe_s32_last2_e8_k2"`,
+        `"vmoe_b16_every2_e32_k2"`, `"vit_b16"`); `overrides` replace any
+        argument.
+        """
+        config = architecture_config(name, image_shape)
+        config.update(overrides)
+        return cls(**config)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            num_experts=self.num_experts,
+            num_selected_experts=self.num_selected_experts,
+            capacity_factor=self.capacity_factor,
+            group_size=self.group_size,
+            router=self.router,
+            batch_priority=self.batch_priority,
+            router_options=self.router_options,
+            moe_dropout_rate=self.moe_dropout_rate,
+        )
+        return config
+
+
+VMoEBackbone.architectures = tuple(VMOE_ARCHITECTURES)
