@@ -71,7 +71,9 @@ class VisionTransformerImageClassifier(RouterMetricsMixin, ImageClassifier):
         self.track_router_metrics()
 
     def get_config(self):
-        config = super().get_config()
+        # keras-hub's ImageClassifier config names its own pooling head; ours
+        # lives in the backbone, so start from the Task config.
+        config = Task.get_config(self)
         config.update(
             num_classes=self.num_classes,
             dropout=self.dropout,

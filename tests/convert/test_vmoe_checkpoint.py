@@ -1,0 +1,190 @@
+"""vmoe checkpoints: parity with the official implementation and checked loading."""
+
+import json
+import os
+import shutil
+
+import keras
+import numpy as np
+import pytest
+
+from keras_vmoe.convert import CheckpointError
+from keras_vmoe.convert import load_vmoe_checkpoint
+from keras_vmoe.convert import read_vmoe_checkpoint
+from keras_vmoe.convert import vmoe_name_table
+from keras_vmoe.models import SoftMoEImageClassifier
+from keras_vmoe.models import VMoEImageClassifier
+from tests.convert.vmoe_checkpoint_writer import write_vmoe_checkpoint
+from tests.helpers import FIXTURES
+from tests.helpers import random_images
+from tests.helpers import requires_fixtures
+from tests.helpers import to_numpy
+
+TOKEN_CHOICE = FIXTURES / "vmoe_tiny_token_choice"
+SOFT = FIXTURES / "soft_moe_tiny"
+
+
+def load_fixture(folder, **kwargs):
+    config = json.loads((folder / "config.json").read_text())
+    io = np.load(folder / "io.npz")
+    model = load_vmoe_checkpoint(str(folder / "ckpt"), config, **kwargs)
+    return model, config, io
+
+
+def relative_error(got, expected):
+    return np.abs(got - expected).max() / max(1.0, np.abs(expected).max())
+
+
+def moe_router_metrics(model, images, block_index):
+    """Eval-mode per-group router metrics of one MoE block, from its real inputs."""
+    backbone = model.backbone
+    block = backbone.get_layer(f"encoder_block_{block_index}")
+    upstream = keras.Model(backbone.input, backbone.get_layer(f"encoder_block_{block_index - 1}").output)
+    x = upstream(images)
+    x = x + block.attention(block.attention_norm(x))
+    tokens = block.mlp_norm(x)
+    group_size = block.mlp.group_size or tokens.shape[1]
+    tokens = keras.ops.reshape(tokens, (-1, group_size, tokens.shape[-1]))
+    outputs = block.mlp.router(tokens, training=False)
+    return outputs[-1]
+
+
+@requires_fixtures
+def test_token_choice_fixture_logits_and_losses():
+    model, config, io = load_fixture(TOKEN_CHOICE)
+    assert isinstance(model, VMoEImageClassifier)
+    logits = to_numpy(model(io["images"], training=False))
+    assert relative_error(logits, io["logits"]) <= 1e-4
+    for block in config["encoder"]["moe"]["layers"]:
+        metrics = moe_router_metrics(model, io["images"], block)
+        for name in ("importance_loss", "gshard_loss", "auxiliary_loss"):
+            expected = io[f"metrics/encoderblock_{block}/{name}"]
+            np.testing.assert_allclose(to_numpy(metrics[name]), expected, rtol=1e-4, atol=1e-6)
+
+
+@requires_fixtures
+def test_token_choice_fixture_capacity_follows_vmoe_rounding():
+    model, _, _ = load_fixture(TOKEN_CHOICE)
+    router = model.backbone.moe_blocks[0].router
+    # ceil(34 * 2 * 1.05 / 4) = 18, rounded up to a multiple of 4.
+    assert router.capacity(34) == 20
+
+
+@requires_fixtures
+def test_soft_moe_fixture_logits_with_and_without_bfloat16_casts():
+    model, config, io = load_fixture(SOFT)
+    assert isinstance(model, SoftMoEImageClassifier)
+    logits = to_numpy(model(io["images"], training=False))
+    assert relative_error(logits, io["logits"]) <= 1e-5  # vmoe's casts reproduced
+    float32_model, _, _ = load_fixture(SOFT, bfloat16_dispatch=False)
+    float32_logits = to_numpy(float32_model(io["images"], training=False))
+    assert relative_error(float32_logits, io["logits"]) <= 3e-3
+    for block in config["encoder"]["moe"]["layers"]:
+        metrics = moe_router_metrics(model, io["images"], block)
+        for name in ("combine_weights_min_mean", "combine_weights_max_mean",
+                     "dispatch_weights_min_mean", "dispatch_weights_max_mean"):
+            expected = io[f"metrics/encoderblock_{block}/{name}"]
+            np.testing.assert_allclose(to_numpy(metrics[name]), expected, rtol=1e-4)
+
+
+@requires_fixtures
+def test_reader_returns_every_parameter_once():
+    params = read_vmoe_checkpoint(str(TOKEN_CHOICE / "ckpt"))
+    assert params["Encoder/encoderblock_1/Moe/Mlp/Dense_0/kernel"].shape == (4, 32, 64)
+    assert params["Encoder/posembed_input/pos_embedding"].shape == (1, 17, 32)
+    assert len(params) == 74  # 8 shared, 2 x 16 dense-block, 2 x 17 MoE-block
+
+
+ROUND_TRIP_CONFIGS = {
+    "bpr_k1_prelogits_map": {
+        "num_classes": 5, "patch_size": [8, 8], "hidden_size": 32, "classifier": "map",
+        "representation_size": 16,
+        "encoder": {"num_layers": 2, "mlp_dim": 64, "num_heads": 2, "attention_qk_norm": True,
+                    "moe": {"layers": [1], "num_experts": 4, "group_size": 32,
+                            "router": {"num_selected_experts": 1, "noise_std": 1.0,
+                                       "dispatcher": {"name": "einsum", "capacity_factor": 0.5,
+                                                      "batch_priority": True, "bfloat16": False}}}},
+    },
+    "expert_choice_sincos": {
+        "num_classes": 3, "patch_size": [8, 8], "hidden_size": 32, "classifier": "gap",
+        "encoder": {"num_layers": 2, "mlp_dim": 64, "num_heads": 2,
+                    "position_emb": {"name": "sincos2d"},
+                    "moe": {"layers": [0, 1], "num_experts": 4, "group_size": 16,
+                            "router": {"name": "NoisyTopItemsPerExpertRouter", "noise_std": 1.0,
+                                       "dispatcher": {"name": "einsum", "capacity_factor": 1.0}}}},
+    },
+}
+
+
+@pytest.mark.parametrize("name", sorted(ROUND_TRIP_CONFIGS))
+@pytest.mark.parametrize("shard_count,split", [(1, False), (3, True)])
+def test_checkpoint_round_trip_other_configs_and_shard_counts(tmp_path, name, shard_count, split):
+    config = ROUND_TRIP_CONFIGS[name]
+    image_shape = (32, 32, 3)
+    source = load_or_build(config, image_shape, tmp_path)
+    params = {path: to_numpy(variable) for path, variable in vmoe_name_table(source).items()}
+    prefix = str(tmp_path / "ckpt")
+    write_vmoe_checkpoint(prefix, params, shard_count=shard_count, split_first_axis=split)
+    loaded = load_vmoe_checkpoint(prefix, config, image_shape=image_shape)
+    images = random_images(4)
+    np.testing.assert_array_equal(to_numpy(loaded(images)), to_numpy(source(images)))
+
+
+def load_or_build(config, image_shape, tmp_path):
+    """A model of `config` with random weights (built through the converter's own
+    config mapping, then perturbed so that no parameter sits at its init value)."""
+    from keras_vmoe.convert import backbone_from_vmoe_config
+
+    backbone = backbone_from_vmoe_config(config, image_shape)
+    task = SoftMoEImageClassifier if "Soft" in type(backbone).__name__ else VMoEImageClassifier
+    model = task(backbone, config["num_classes"])
+    rng = np.random.RandomState(0)
+    for variable in vmoe_name_table(model).values():
+        variable.assign(to_numpy(variable) + 0.1 * rng.randn(*variable.shape).astype("float32"))
+    return model
+
+
+@requires_fixtures
+def test_missing_index_and_missing_shard_name_the_file(tmp_path):
+    config = json.loads((TOKEN_CHOICE / "config.json").read_text())
+    with pytest.raises(CheckpointError, match="nothere.index"):
+        load_vmoe_checkpoint(str(tmp_path / "nothere"), config)
+    shutil.copy(TOKEN_CHOICE / "ckpt.index", tmp_path / "ckpt.index")
+    shutil.copy(TOKEN_CHOICE / "ckpt.data-00000-of-00002", tmp_path / "ckpt.data-00000-of-00002")
+    with pytest.raises(CheckpointError, match="ckpt.data-00001-of-00002"):
+        load_vmoe_checkpoint(str(tmp_path / "ckpt"), config)
+
+
+@requires_fixtures
+def test_truncated_shard_is_reported(tmp_path):
+    config = json.loads((TOKEN_CHOICE / "config.json").read_text())
+    for name in os.listdir(TOKEN_CHOICE):
+        shutil.copy(TOKEN_CHOICE / name, tmp_path / name)
+    data = (tmp_path / "ckpt.data-00001-of-00002").read_bytes()
+    (tmp_path / "ckpt.data-00001-of-00002").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_vmoe_checkpoint(str(tmp_path / "ckpt"), config)
+
+
+@requires_fixtures
+def test_config_that_does_not_fit_names_the_parameter():
+    config = json.loads((TOKEN_CHOICE / "config.json").read_text())
+    config["encoder"]["moe"]["num_experts"] = 8
+    with pytest.raises(CheckpointError, match="Moe/Mlp/Dense_0"):
+        load_vmoe_checkpoint(str(TOKEN_CHOICE / "ckpt"), config)
+    config = json.loads((TOKEN_CHOICE / "config.json").read_text())
+    config["encoder"]["moe"]["layers"] = [1]
+    with pytest.raises(CheckpointError, match="encoderblock_3/Moe"):
+        load_vmoe_checkpoint(str(TOKEN_CHOICE / "ckpt"), config)
+
+
+@requires_fixtures
+def test_unknown_config_key_and_router_are_rejected():
+    config = json.loads((TOKEN_CHOICE / "config.json").read_text())
+    config["encoder"]["unexpected"] = 1
+    with pytest.raises(ValueError, match="unexpected"):
+        load_vmoe_checkpoint(str(TOKEN_CHOICE / "ckpt"), config)
+    config = json.loads((TOKEN_CHOICE / "config.json").read_text())
+    config["encoder"]["moe"]["router"]["name"] = "MysteryRouter"
+    with pytest.raises(ValueError, match="MysteryRouter"):
+        load_vmoe_checkpoint(str(TOKEN_CHOICE / "ckpt"), config)
