@@ -27,6 +27,8 @@ try:
 except ImportError:  # pragma: no cover - the helper module is optional
     to_numpy = ops.convert_to_numpy
 
+# One expert makes Keras warn about a softmax over an axis of size 1.
+pytestmark = pytest.mark.filterwarnings("ignore:You are using a softmax over axis")
 
 # --------------------------------------------------------------------------
 # helpers
@@ -150,23 +152,34 @@ def test_router_capacity_uses_k_and_rounding():
 # 2. token-choice invariants (property tests)
 
 
+# Shapes come from small sets: under JAX every new shape costs compilations.
+GROUPS = st.sampled_from([1, 2])
+GROUP_SIZES = st.sampled_from([5, 8])
+EXPERTS = st.sampled_from([1, 2, 4])
+SEEDS = st.integers(0, 2**31 - 1)
+
+
 @settings(max_examples=25, deadline=None)
 @given(
-    num_groups=st.integers(1, 3),
-    group_size=st.integers(1, 12),
-    dim=st.integers(1, 5),
-    num_experts=st.integers(1, 6),
-    k_fraction=st.floats(0.0, 1.0),
-    capacity_factor=st.sampled_from([0.1, 0.25, 0.5, 0.8, 1.0, 1.25, 2.0]),
-    multiple_of=st.sampled_from([None, 1, 4]),
+    num_groups=GROUPS,
+    group_size=GROUP_SIZES,
+    num_experts=EXPERTS,
+    k_choice=st.sampled_from(["1", "2", "E"]),
+    capacity_factor=st.sampled_from([0.25, 0.5, 1.0, "full"]),
+    multiple_of=st.sampled_from([None, 4]),
     batch_priority=st.booleans(),
-    seed=st.integers(0, 2**31 - 1),
+    seed=SEEDS,
 )
 def test_token_choice_plan_invariants(
-    num_groups, group_size, dim, num_experts, k_fraction, capacity_factor,
+    num_groups, group_size, num_experts, k_choice, capacity_factor,
     multiple_of, batch_priority, seed,
 ):
-    k = 1 + int(k_fraction * (num_experts - 1) + 0.5)
+    k = min(num_experts, int(k_choice)) if k_choice != "E" else num_experts
+    # "full": capacity_factor = E / K gives every expert room for every token.
+    full = capacity_factor == "full"
+    if full:
+        capacity_factor = num_experts / k
+    dim = 4
     rng = np.random.RandomState(seed)
     tokens = rng.randn(num_groups, group_size, dim).astype("float32")
     kernel = rng.randn(dim, num_experts).astype("float32")
@@ -237,48 +250,26 @@ def test_token_choice_plan_invariants(
                     else:
                         assert kept_tokens.max() < dropped_tokens.min()
 
-    # The whole plan equals the numpy reference.
-    np.testing.assert_array_equal(plan.combine_index, ref_combine)
-    np.testing.assert_array_equal(plan.dispatch_index, ref_dispatch)
+    # The whole plan equals the numpy reference (unless batch priority meets
+    # equal top-1 gates, e.g. with one expert, where any order is right).
+    top1 = np.take_along_axis(gates_f32, top[..., :1], axis=-1)[..., 0]
+    if not batch_priority or all(len(np.unique(t)) == S for t in top1):
+        np.testing.assert_array_equal(plan.combine_index, ref_combine)
+        np.testing.assert_array_equal(plan.dispatch_index, ref_dispatch)
     # Metrics agree with the plan.
     np.testing.assert_allclose(metrics["dropped_choices"], 1.0 - kept.mean(axis=(1, 2)), atol=1e-6)
     np.testing.assert_allclose(
         metrics["dropped_tokens"], (~kept.any(axis=-1)).mean(axis=1), atol=1e-6
     )
+    if full:
+        # Nothing is dropped; every token sits once in each of its K experts.
+        assert C >= S
+        assert kept.all()
+        np.testing.assert_array_equal(metrics["dropped_choices"], 0.0)
+        for g in range(G):
+            counts = np.bincount(plan.dispatch_index[g].ravel(), minlength=S + 1)
+            np.testing.assert_array_equal(counts[:S], k)
 
-
-@settings(max_examples=25, deadline=None)
-@given(
-    num_groups=st.integers(1, 2),
-    group_size=st.integers(1, 10),
-    num_experts=st.integers(1, 6),
-    k_fraction=st.floats(0.0, 1.0),
-    extra=st.sampled_from([1.0, 1.5, 3.0]),
-    multiple_of=st.sampled_from([None, 4]),
-    batch_priority=st.booleans(),
-    seed=st.integers(0, 2**31 - 1),
-)
-def test_token_choice_nothing_dropped_with_enough_capacity(
-    num_groups, group_size, num_experts, k_fraction, extra, multiple_of, batch_priority, seed
-):
-    k = 1 + int(k_fraction * (num_experts - 1) + 0.5)
-    rng = np.random.RandomState(seed)
-    dim = 3
-    tokens = rng.randn(num_groups, group_size, dim).astype("float32")
-    router = make_router(
-        TokenChoiceRouter, dim, kernel_seed=seed % 1000, num_experts=num_experts,
-        num_selected_experts=k, capacity_factor=extra * num_experts / k,
-        capacity_multiple_of=multiple_of, batch_priority=batch_priority,
-    )
-    plan, metrics = route(router, tokens)
-    assert plan.dispatch_index.shape[-1] >= group_size
-    assert np.all(plan.combine_index < num_experts * plan.dispatch_index.shape[-1])
-    np.testing.assert_array_equal(metrics["dropped_tokens"], 0.0)
-    np.testing.assert_array_equal(metrics["dropped_choices"], 0.0)
-    # Every token appears once in each of its K experts' tables.
-    for g in range(num_groups):
-        counts = np.bincount(plan.dispatch_index[g].ravel(), minlength=group_size + 1)
-        np.testing.assert_array_equal(counts[:group_size], k)
 
 
 def test_token_choice_tiny_capacity_drops():
@@ -552,17 +543,15 @@ def test_expert_choice_capacity_above_group_size_raises():
 
 @settings(max_examples=25, deadline=None)
 @given(
-    num_groups=st.integers(1, 3),
-    group_size=st.integers(1, 12),
-    dim=st.integers(1, 5),
-    num_experts=st.integers(1, 5),
-    capacity_factor=st.sampled_from([0.25, 0.5, 1.0, 1.5, 2.0]),
-    multiple_of=st.sampled_from([None, 1, 4]),
-    seed=st.integers(0, 2**31 - 1),
+    num_groups=GROUPS,
+    group_size=GROUP_SIZES,
+    num_experts=EXPERTS,
+    capacity_factor=st.sampled_from([0.25, 0.5, 1.0, 2.0]),
+    multiple_of=st.sampled_from([None, 4]),
+    seed=SEEDS,
 )
-def test_expert_choice_plan(
-    num_groups, group_size, dim, num_experts, capacity_factor, multiple_of, seed
-):
+def test_expert_choice_plan(num_groups, group_size, num_experts, capacity_factor, multiple_of, seed):
+    dim = 4
     capacity = expected_capacity(group_size, num_experts, capacity_factor, multiple_of)
     rng = np.random.RandomState(seed)
     tokens = rng.randn(num_groups, group_size, dim).astype("float32")
@@ -587,10 +576,15 @@ def test_expert_choice_plan(
     for g in range(G):
         for e in range(E):
             # Each expert's row: its top-C tokens by gate, best first.
-            best = np.argsort(-gates_f32[g, :, e], kind="stable")[:C]
-            np.testing.assert_array_equal(plan.dispatch_index[g, e], best)
-            chosen[g, best, e] = True
-            for c, s in enumerate(best):
+            column = gates_f32[g, :, e]
+            best = np.argsort(-column, kind="stable")[:C]
+            row = plan.dispatch_index[g, e]
+            assert len(np.unique(row)) == C and row.min() >= 0 and row.max() < S
+            np.testing.assert_array_equal(column[row], column[best])
+            if len(np.unique(column)) == S:  # no ties (one expert: all gates 1)
+                np.testing.assert_array_equal(row, best)
+            chosen[g, row, e] = True
+            for c, s in enumerate(row):
                 assert plan.combine_index[g, s, e] == e * C + c
     np.testing.assert_array_equal(plan.combine_index[~chosen], E * C)
     np.testing.assert_allclose(
