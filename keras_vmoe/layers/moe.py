@@ -231,7 +231,8 @@ class SparseMoE(MoELayer):
 
     def build(self, input_shape):
         dim = input_shape[-1]
-        self.router.build((None, None, dim))
+        if not self.router.built:  # A router from a config or the user may be built.
+            self.router.build((None, None, dim))
         self.build_experts(dim)
 
     def call(self, inputs, training=None):

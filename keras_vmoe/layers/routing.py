@@ -265,8 +265,6 @@ class TokenChoiceRouter(Router):
 
         top_gates, top_experts = ops.top_k(routing_gates, k)  # (G, S, K)
         top_experts = ops.cast(top_experts, "int32")
-        if self.renormalize_combine_weights:
-            top_gates = top_gates / ops.sum(top_gates, axis=-1, keepdims=True)
         if self.batch_priority:
             # Serve tokens in decreasing order of their top-1 gate.
             order = ops.cast(ops.argsort(-top_gates[..., 0], axis=-1), "int32")
@@ -286,6 +284,9 @@ class TokenChoiceRouter(Router):
             position = ops.take_along_axis(
                 position, ops.repeat(inverse[..., None], k, axis=-1), axis=1
             )
+        if self.renormalize_combine_weights:
+            # After BPR's ordering, which ranks tokens by their raw top-1 gate.
+            top_gates = top_gates / ops.sum(top_gates, axis=-1, keepdims=True)
         kept = position < capacity
         dropped_slot = num_experts * capacity
         combine_index = ops.where(kept, top_experts * capacity + position, dropped_slot)
