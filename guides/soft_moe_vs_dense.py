@@ -228,12 +228,12 @@ soft_moe_results = train_and_evaluate("Soft MoE", build_soft_moe)
 dense_results = train_and_evaluate("Dense ViT", build_dense)
 
 """
-The Soft MoE logs show `moe_auxiliary_loss` and `moe_dropped_tokens`, the
-router metrics every `keras_vmoe` classifier with MoE layers reports. For Soft
-MoE both are zero by construction: it has no auxiliary loss and every token
-contributes to every slot, so none is ever dropped. (For a sparse V-MoE they
-are the load-balancing loss and the fraction of tokens that found no free
-expert slot; see the V-MoE fine-tuning guide.)
+The Soft MoE logs show `moe_auxiliary_loss`, the router metric every
+`keras_vmoe` classifier with MoE layers reports. For Soft MoE it is zero by
+construction: Soft MoE needs no load-balancing loss. Nor does it log
+`moe_dropped_tokens`: every token contributes to every slot, so none can be
+dropped. (A sparse V-MoE logs both: its load-balancing loss and the fraction
+of tokens that found no free expert slot; see the V-MoE fine-tuning guide.)
 
 ## Results
 """

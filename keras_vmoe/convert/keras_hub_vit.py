@@ -6,7 +6,7 @@ embedding over all positions; its backbone returns every token after the
 final LayerNorm, so the result has `pooling=None` unless you ask otherwise.
 """
 
-import numpy as np
+import keras
 
 from keras_vmoe.convert.vmoe_checkpoint_reader import CheckpointError
 
@@ -98,7 +98,6 @@ def from_keras_hub_vit(vit, pooling=None, dtype=None):
     if missing:
         raise CheckpointError(f"The keras-hub ViT lacks weights {missing}.")
     for path, variable in table.items():
-        value = np.asarray(theirs[path].numpy() if hasattr(theirs[path], "numpy") else theirs[path])
-        value = value.reshape(variable.shape)  # position table: (N, D) -> (1, N, D)
+        value = keras.ops.convert_to_numpy(theirs[path]).reshape(variable.shape)  # position table: (N, D) -> (1, N, D)
         variable.assign(value.astype(variable.dtype))
     return backbone

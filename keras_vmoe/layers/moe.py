@@ -26,7 +26,10 @@ class MoELayer(keras.layers.Layer):
 
     After each call, `router_metrics` holds that call's router metrics
     (scalars, averaged over groups); tasks report them during `fit`.
+    Layers that can drop tokens (`drops_tokens`) report `dropped_tokens`.
     """
+
+    drops_tokens = False
 
     def __init__(
         self,
@@ -163,6 +166,8 @@ class SparseMoE(MoELayer):
     >>> moe(keras.ops.ones((2, 16, 8))).shape
     (2, 16, 8)
     """
+
+    drops_tokens = True
 
     def __init__(
         self,

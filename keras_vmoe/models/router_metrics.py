@@ -5,7 +5,8 @@ task's `compute_loss` runs in the same trace as the forward pass on every
 backend, so it can read them there and update `Mean` trackers, which Keras
 then shows beside the loss: `moe_auxiliary_loss` (the summed auxiliary losses
 of all MoE layers, the term added to the training loss) and
-`moe_dropped_tokens` (the mean fraction of tokens no expert processed).
+`moe_dropped_tokens` (the mean fraction of tokens no expert processed; only
+when a layer can drop tokens, i.e. not for Soft MoE).
 """
 
 import keras
@@ -22,6 +23,7 @@ class RouterMetricsMixin:
         self._moe_layers = collect_moe_layers(self)
         if self._moe_layers:
             self.moe_auxiliary_loss_tracker = keras.metrics.Mean(name="moe_auxiliary_loss")
+        if any(layer.drops_tokens for layer in self._moe_layers):
             self.moe_dropped_tokens_tracker = keras.metrics.Mean(name="moe_dropped_tokens")
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):

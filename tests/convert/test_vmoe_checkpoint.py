@@ -121,7 +121,7 @@ ROUND_TRIP_CONFIGS = {
 def test_checkpoint_round_trip_other_configs_and_shard_counts(tmp_path, name, shard_count, split):
     config = ROUND_TRIP_CONFIGS[name]
     image_shape = (32, 32, 3)
-    source = load_or_build(config, image_shape, tmp_path)
+    source = perturbed_model(config, image_shape)
     params = {path: to_numpy(variable) for path, variable in vmoe_name_table(source).items()}
     prefix = str(tmp_path / "ckpt")
     write_vmoe_checkpoint(prefix, params, shard_count=shard_count, split_first_axis=split)
@@ -130,7 +130,7 @@ def test_checkpoint_round_trip_other_configs_and_shard_counts(tmp_path, name, sh
     np.testing.assert_array_equal(to_numpy(loaded(images)), to_numpy(source(images)))
 
 
-def load_or_build(config, image_shape, tmp_path):
+def perturbed_model(config, image_shape):
     """A model of `config` with random weights (built through the converter's own
     config mapping, then perturbed so that no parameter sits at its init value)."""
     from keras_vmoe.convert import backbone_from_vmoe_config

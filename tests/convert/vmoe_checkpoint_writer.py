@@ -19,8 +19,12 @@ def _ndarray(array):
     return _ext(1, (list(array.shape), array.dtype.name, array.tobytes("C")))
 
 
-def _slice_nd(slices):
-    return _ext(6, tuple(msgpack.packb((s.start, s.stop, None), use_bin_type=True) for s in slices))
+def _slice_nd_bytes(slices):
+    """vmoe's SliceNd encoding: a packed tuple of packed (start, stop, step)."""
+    return msgpack.packb(
+        tuple(msgpack.packb((s.start, s.stop, None), use_bin_type=True) for s in slices),
+        use_bin_type=True,
+    )
 
 
 def _nest(flat):
@@ -40,9 +44,8 @@ def write_vmoe_checkpoint(prefix, params, shard_count=2, split_first_axis=False)
     Leaves are spread round-robin over the shards; with `split_first_axis`
     arrays with a first axis > 1 are cut in two chunks on different shards.
     """
-    paths = sorted(params, key=lambda p: p.split("/"))
     # Number leaves in JAX's flattening order of the nested index tree.
-    order = [p for p, _ in sorted(((p, p.split("/")) for p in paths), key=lambda t: t[1])]
+    order = sorted(params, key=lambda path: path.split("/"))
     shards = [dict({MAGIC: True}) for _ in range(shard_count)]
     index = {}
     for number, path in enumerate(order):
@@ -58,11 +61,9 @@ def write_vmoe_checkpoint(prefix, params, shard_count=2, split_first_axis=False)
             shard = (number + part) % shard_count
             chunk = array[tuple(region)] if region else array
             shards[shard].setdefault(str(number), []).append(
-                [[_ndarray(chunk.ravel())], _slice_nd(region)]
+                [[_ndarray(chunk.ravel())], msgpack.ExtType(6, _slice_nd_bytes(region))]
             )
-            slices.append(msgpack.packb(tuple(
-                msgpack.packb((s.start, s.stop, None), use_bin_type=True) for s in region
-            ), use_bin_type=True))
+            slices.append(_slice_nd_bytes(region))
             owners.append(shard)
         shaped = msgpack.packb((list(array.shape), array.dtype.name, False, {}), use_bin_type=True)
         index[path] = _ext(8, (shaped, tuple(slices), tuple(owners)))

@@ -52,6 +52,8 @@ def test_fit_lowers_the_loss(family):
     if family == "vmoe":
         assert {"moe_auxiliary_loss", "moe_dropped_tokens"} <= set(history)
         assert all(value > 0 for value in history["moe_auxiliary_loss"])
+    if family == "soft_moe":
+        assert "moe_auxiliary_loss" in history and "moe_dropped_tokens" not in history
     if family == "dense":
         assert "moe_auxiliary_loss" not in history
 
