@@ -105,6 +105,13 @@ ROUND_TRIP_CONFIGS = {
                                        "dispatcher": {"name": "einsum", "capacity_factor": 0.5,
                                                       "batch_priority": True, "bfloat16": False}}}},
     },
+    "soft_map_one_slot_8_experts": {
+        "num_classes": 3, "patch_size": [8, 8], "hidden_size": 32, "classifier": "map",
+        "encoder": {"num_layers": 2, "mlp_dim": 64, "num_heads": 2, "attention_qk_norm": True,
+                    "moe": {"layers": [1], "num_experts": 8, "group_size": 16,
+                            "router": {"name": "vmoe.projects.soft_moe.router.SoftRouter",
+                                       "num_slots": 1, "capacity_factor": None}}},
+    },
     "expert_choice_sincos": {
         "num_classes": 3, "patch_size": [8, 8], "hidden_size": 32, "classifier": "gap",
         "encoder": {"num_layers": 2, "mlp_dim": 64, "num_heads": 2,
@@ -140,7 +147,7 @@ def perturbed_model(config, image_shape):
     model = task(backbone, config["num_classes"])
     rng = np.random.RandomState(0)
     for variable in vmoe_name_table(model).values():
-        variable.assign(to_numpy(variable) + 0.1 * rng.randn(*variable.shape).astype("float32"))
+        variable.assign(to_numpy(variable) + 0.1 * np.asarray(rng.randn(*variable.shape), "float32"))
     return model
 
 
@@ -188,3 +195,11 @@ def test_unknown_config_key_and_router_are_rejected():
     config["encoder"]["moe"]["router"]["name"] = "MysteryRouter"
     with pytest.raises(ValueError, match="MysteryRouter"):
         load_vmoe_checkpoint(str(TOKEN_CHOICE / "ckpt"), config)
+
+
+@requires_fixtures
+def test_soft_moe_checkpoint_whose_mu_does_not_fit_names_it():
+    config = json.loads((SOFT / "config.json").read_text())
+    config["encoder"]["moe"]["router"]["num_slots"] = 1
+    with pytest.raises(CheckpointError, match="Moe/Router/mu"):
+        load_vmoe_checkpoint(str(SOFT / "ckpt"), config)
