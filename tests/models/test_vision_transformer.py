@@ -117,3 +117,27 @@ def test_images_of_the_wrong_size_are_rejected():
     backbone = VMoEBackbone(**tiny_vit_arguments())
     with pytest.raises(Exception, match="32, 32, 3|shape"):
         backbone(np.zeros((1, 64, 64, 3), "float32"))
+
+
+def test_soft_moe_architectures_follow_the_paper():
+    from keras_vmoe.models.soft_moe.soft_moe_architectures import architecture_config
+
+    expected = {  # (num_layers, hidden, experts, MoE blocks)
+        "soft_moe_s16": (12, 384, 128, tuple(range(6, 12))),
+        "soft_moe_b16": (12, 768, 128, tuple(range(6, 12))),
+        "soft_moe_l16": (24, 1024, 128, tuple(range(12, 24))),
+        "soft_moe_s14": (12, 384, 256, tuple(range(6, 12))),
+        "soft_moe_h14": (32, 1280, 256, tuple(range(16, 32))),
+    }
+    for name, (layers, hidden, experts, moe_layers) in expected.items():
+        config = architecture_config(name)
+        assert (config["num_layers"], config["hidden_dim"], config["num_experts"]) == (layers, hidden, experts)
+        assert config["moe_layers"] == moe_layers and config["slots_per_expert"] == 1
+        assert config["pooling"] == "gap" and config["attention_qk_norm"]
+    small = SoftMoEBackbone.from_architecture(
+        "soft_moe_s16", image_shape=(32, 32, 3), num_layers=2, hidden_dim=32, mlp_dim=64,
+        num_heads=2, moe_layers=(1,), num_experts=4,
+    )
+    assert tuple(small(random_images(1)).shape) == (1, 32)
+    with pytest.raises(ValueError, match="Unknown Soft MoE architecture"):
+        SoftMoEBackbone.from_architecture("soft_moe_x1")
