@@ -26,7 +26,7 @@ In this guide you will:
 
 1. load a vmoe checkpoint with `keras_vmoe.convert.load_vmoe_checkpoint`,
 2. check that the converted model reproduces the reference logits,
-3. see how a released checkpoint from `gs://vmoe_checkpoints/` is loaded,
+3. load a released checkpoint from `gs://vmoe_checkpoints/` by name,
 4. attach a preprocessor so the model takes raw `uint8` images,
 5. fine-tune it on CIFAR-10 with `model.fit`, and read the router metrics
    (`moe_auxiliary_loss`, `moe_dropped_tokens`) that show up in the logs.
@@ -52,9 +52,9 @@ what the test suite does).
 
 import io
 import json
-import math
 import os
 import pathlib
+import pprint
 import time
 
 import keras
@@ -157,77 +157,56 @@ of 2 images.
 """
 ## Loading a released checkpoint
 
-The released checkpoints are listed in the
-[vmoe README](https://github.com/google-research/vmoe#checkpoints), for
-example `gs://vmoe_checkpoints/vmoe_s32_last2_ilsvrc2012_randaug_light1`
-(V-MoE S/32, 8 experts in the last two odd blocks, K=2, trained on ILSVRC2012
-at 224x224). `load_vmoe_checkpoint` reads local files only, so first download
-the index and all the data shards, e.g. with `gsutil`:
+The checkpoints listed in the
+[vmoe README](https://github.com/google-research/vmoe#checkpoints) are
+built-in presets of `keras_vmoe`: their names are the names under
+`gs://vmoe_checkpoints/`. The first `from_preset` downloads the checkpoint
+(with a progress bar), converts it and caches the result as a keras-hub preset
+under `~/.keras/keras_vmoe/` (or `$KERAS_VMOE_HOME`); later calls load the
+cache. The preset comes with a preprocessor, so `predict` takes raw `uint8`
+images of any size.
+
+```python
+classifier = VMoEImageClassifier.from_preset("vmoe_s32_last2_ilsvrc2012_randaug_light1")
+classifier.predict(images)
+```
+"""
+
+for name, description in keras_vmoe.presets.list_presets().items():
+    print(f"{name}: {description}")
+
+"""
+Without network, `from_preset` stops with an error that says which files to
+fetch. Download them where you can, e.g. with `gsutil`:
 
 ```shell
 mkdir -p ~/vmoe_checkpoints
 gsutil -m cp "gs://vmoe_checkpoints/vmoe_s32_last2_ilsvrc2012_randaug_light1.*" ~/vmoe_checkpoints/
 ```
 
-Then pass the local prefix (the path without `.index` / `.data-*`) together
-with the model config of that checkpoint. The config is the `config.model` of
-the matching file in vmoe's `vmoe/configs/vmoe_paper/`; written out as a plain
-dict it reads:
+then either set `KERAS_VMOE_CHECKPOINT_MIRROR=~/vmoe_checkpoints` (the preset
+is then converted from that folder), or call `load_vmoe_checkpoint` yourself
+with the vmoe model config of the checkpoint. The configs of the released
+checkpoints are in `keras_vmoe.presets.VMOE_CHECKPOINT_PRESETS`; they are the
+`config.model` of vmoe's `vmoe/configs/vmoe_paper/` files as plain dicts:
 """
 
-s32_last2_config = {
-    "name": "VisionTransformerMoe",
-    "num_classes": 1000,
-    "patch_size": (32, 32),
-    "hidden_size": 512,
-    "classifier": "token",
-    "representation_size": 512,
-    "head_bias_init": -math.log(1000),
-    "encoder": {
-        "num_layers": 8,
-        "mlp_dim": 2048,
-        "num_heads": 8,
-        "dropout_rate": 0.0,
-        "attention_dropout_rate": 0.0,
-        "moe": {
-            "layers": (5, 7),
-            "num_experts": 8,
-            "group_size": 8 * (7 * 7 + 1),  # 8 images of 7x7 patches + 1 class token.
-            "dropout_rate": 0.2,
-            "split_rngs": False,
-            "router": {
-                "num_selected_experts": 2,
-                "noise_std": 1.0,
-                "importance_loss_weight": 0.005,
-                "load_loss_weight": 0.005,
-                "dispatcher": {
-                    "name": "einsum",
-                    "bfloat16": True,
-                    "capacity_factor": 1.05,
-                    "batch_priority": False,
-                },
-            },
-        },
-    },
-}
+released_name = "vmoe_s32_last2_ilsvrc2012_randaug_light1"
+released_config = keras_vmoe.presets.VMOE_CHECKPOINT_PRESETS[released_name].model_config
+pprint.pprint(released_config, width=100, compact=True)
 
 """
-```python
-model = load_vmoe_checkpoint(
-    os.path.expanduser("~/vmoe_checkpoints/vmoe_s32_last2_ilsvrc2012_randaug_light1"),
-    s32_last2_config,
-)
-```
-
-Set the environment variable `VMOE_RELEASED_CHECKPOINT` to such a local prefix
-and the cell below loads it. A few things to keep in mind with real
-checkpoints:
+Set the environment variable `VMOE_RELEASED_CHECKPOINT` to the local prefix
+(the path without `.index` / `.data-*`) and the cell below loads it. A few
+things to keep in mind with real checkpoints:
 
 - The config must describe the checkpoint exactly. A wrong size, a missing
   `representation_size` or a different MoE placement is reported as an error
   naming the offending parameter; nothing is half-loaded.
-- `group_size` is 8 images there, so use batch sizes that are multiples of 8,
-  or rebuild the backbone with another `group_size` (routing depends on it).
+- vmoe trained with `group_size` = 8 images. The preset configs route each
+  image on its own (`group_size: None`) so any batch size works, and use the
+  capacity factor vmoe evaluated with (4.0 for the S/32 ILSVRC-2012 runs: no
+  token is dropped, so grouping does not change the outputs).
 - The `*_ft_ilsvrc2012` checkpoints were fine-tuned at 384x384 and have
   `representation_size=None` and `capacity_factor=1.5` in their configs.
 - To fine-tune on a new label set, build a new classifier on `model.backbone`
@@ -236,7 +215,7 @@ checkpoints:
 
 released_prefix = os.environ.get("VMOE_RELEASED_CHECKPOINT")
 if released_prefix:
-    released = load_vmoe_checkpoint(released_prefix, s32_last2_config)
+    released = load_vmoe_checkpoint(released_prefix, released_config)
     print("Loaded", released_prefix, "-", released.count_params(), "parameters")
 else:
     print("VMOE_RELEASED_CHECKPOINT is not set: skipping the released checkpoint.")

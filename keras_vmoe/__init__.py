@@ -8,4 +8,5 @@ from keras_vmoe import convert
 from keras_vmoe import layers
 from keras_vmoe import models
 from keras_vmoe import ops
+from keras_vmoe import presets
 from keras_vmoe.version import __version__

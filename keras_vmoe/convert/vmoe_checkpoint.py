@@ -273,7 +273,7 @@ def assign_parameters(table, params, source):
 
 
 def load_vmoe_checkpoint(
-    prefix, model_config, image_shape=None, bfloat16_dispatch=None, dtype=None
+    prefix, model_config, image_shape=None, bfloat16_dispatch=None, dtype=None, preprocessor=None
 ):
     """Loads a google-research/vmoe checkpoint as a keras_vmoe classifier.
 
@@ -288,11 +288,13 @@ def load_vmoe_checkpoint(
         bfloat16_dispatch: None (as vmoe: the config's dispatcher `bfloat16`
             flag; always for Soft MoE), True or False.
         dtype: dtype policy of the model (default float32).
+        preprocessor: optional preprocessor of the classifier (e.g. a
+            `VMoEImageClassifierPreprocessor` that scales uint8 pixels to
+            [-1, 1]); `predict` / `fit` on raw images then go through it.
 
     Returns:
         A `VMoEImageClassifier` or `SoftMoEImageClassifier` (the backbone alone
-        when `num_classes` is empty), without a preprocessor: vmoe models take
-        pixels in [-1, 1].
+        when `num_classes` is empty). vmoe models take pixels in [-1, 1].
 
     Example:
     ```python
@@ -317,6 +319,7 @@ def load_vmoe_checkpoint(
             num_classes,
             head_bias_init=model_config.get("head_bias_init", 0.0),
             head_kernel_zero_init=model_config.get("head_kernel_zero_init", True),
+            preprocessor=preprocessor,
         )
     else:
         model = backbone

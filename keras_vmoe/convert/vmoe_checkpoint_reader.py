@@ -92,6 +92,26 @@ def _flatten(tree, prefix=""):
         yield prefix, tree
 
 
+def _read_index(prefix):
+    """(leaves, data files) of `prefix.index`: [(path, IndexInfo)], [file names]."""
+    index_file = prefix + ".index"
+    index = _unpack_file(index_file)
+    if not isinstance(index, dict) or "index" not in index or "shard_count" not in index:
+        raise CheckpointError(f"{index_file} is not a vmoe checkpoint index.")
+    leaves = list(_flatten(index["index"]))
+    for path, info in leaves:
+        if not isinstance(info, dict) or "global_shape" not in info:
+            raise CheckpointError(f"{index_file}: entry {path!r} is not an array description.")
+    shard_count = int(index["shard_count"])
+    shards = sorted({shard for _, info in leaves for shard in info["shards"]})
+    return leaves, [f"{prefix}.data-{shard:05d}-of-{shard_count:05d}" for shard in shards]
+
+
+def checkpoint_data_files(prefix):
+    """The data files `prefix.index` says hold the parameters."""
+    return _read_index(os.fspath(prefix))[1]
+
+
 def read_vmoe_checkpoint(prefix):
     """Reads a vmoe checkpoint into `{"Encoder/encoder_norm/scale": array, ...}`.
 
@@ -102,23 +122,13 @@ def read_vmoe_checkpoint(prefix):
         CheckpointError: naming the file that is missing or truncated, or the
             parameter whose chunks do not cover it.
     """
-    prefix = os.fspath(prefix)
-    index_file = prefix + ".index"
-    index = _unpack_file(index_file)
-    if not isinstance(index, dict) or "index" not in index or "shard_count" not in index:
-        raise CheckpointError(f"{index_file} is not a vmoe checkpoint index.")
-    shard_count = int(index["shard_count"])
-    leaves = list(_flatten(index["index"]))
+    leaves, data_files = _read_index(os.fspath(prefix))
     arrays, filled = [], []
-    for path, info in leaves:
-        if not isinstance(info, dict) or "global_shape" not in info:
-            raise CheckpointError(f"{index_file}: entry {path!r} is not an array description.")
+    for _, info in leaves:
         shape, dtype = info["global_shape"]["shape"], info["global_shape"]["dtype"]
         arrays.append(np.zeros(shape, dtype))
         filled.append(np.zeros(shape, bool))
-    shards = sorted({shard for _, info in leaves for shard in info["shards"]})
-    for shard in shards:
-        data_file = f"{prefix}.data-{shard:05d}-of-{shard_count:05d}"
+    for data_file in data_files:
         content = _unpack_file(data_file)
         if not isinstance(content, dict) or _ARRAY_CHUNKS_MAGIC_KEY not in content:
             raise CheckpointError(f"{data_file} is not a vmoe checkpoint data file.")

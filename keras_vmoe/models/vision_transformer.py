@@ -18,6 +18,7 @@ from keras_vmoe.layers.encoder import PositionEmbedding
 from keras_vmoe.layers.encoder import SequencePooling
 from keras_vmoe.layers.mlp import Mlp
 from keras_vmoe.layers.moe import MoELayer
+from keras_vmoe.presets import BuiltinPresetMixin
 from keras_vmoe.validation import as_pair
 from keras_vmoe.validation import check_choice
 from keras_vmoe.validation import check_float
@@ -49,7 +50,7 @@ def check_moe_layers(moe_layers, num_layers, owner):
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
-class VisionTransformerBackbone(Backbone):
+class VisionTransformerBackbone(BuiltinPresetMixin, Backbone):
     """Vision Transformer encoder whose blocks take their MLP as a layer.
 
     Subclasses pass `moe_mlp`, a function `(block_index) -> layer` used for the

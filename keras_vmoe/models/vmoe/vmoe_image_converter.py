@@ -1,11 +1,12 @@
-from keras_hub.layers import ImageConverter
 import keras
+from keras_hub.layers import ImageConverter
 
 from keras_vmoe.models.vmoe.vmoe_backbone import VMoEBackbone
+from keras_vmoe.presets import BuiltinPresetMixin
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
-class VMoEImageConverter(ImageConverter):
+class VMoEImageConverter(BuiltinPresetMixin, ImageConverter):
     """Resizes images and scales pixels for V-MoE models.
 
     vmoe feeds pixels in [-1, 1]: for uint8 images use
