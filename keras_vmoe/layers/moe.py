@@ -18,6 +18,10 @@ from keras_vmoe.validation import check_float
 from keras_vmoe.validation import check_int
 
 
+def _dense(x, kernel, bias):
+    return ops.matmul(x, kernel) + bias
+
+
 class MoELayer(keras.layers.Layer):
     """Expert weight banks, grouping and metric bookkeeping shared by MoE layers.
 
@@ -97,15 +101,39 @@ class MoELayer(keras.layers.Layer):
         return ops.cast(ops.cast(x, self.dispatch_dtype), x.dtype)
 
     def run_experts(self, expert_inputs, training=None):
-        """(E, N, D) -> (E, N, D): each expert's MLP on its own slots."""
-        dtype = expert_inputs.dtype
-        h = moe_ops.expert_dense(
-            expert_inputs, ops.cast(self.kernel_0, dtype), ops.cast(self.bias_0, dtype)
-        )
-        h = ops.gelu(h, approximate=self.approximate_gelu)
+        """(E, N, D) -> (E, N, D): each expert's MLP on its own slots.
+
+        Also takes a list of E (N_e, D) inputs, one per expert (backends that
+        skip empty slots pass that), and returns the list of their outputs.
+        """
+        is_list = isinstance(expert_inputs, (list, tuple))
+        dtype = (expert_inputs[0] if is_list else expert_inputs).dtype
+        weights = [ops.cast(w, dtype) for w in (self.kernel_0, self.bias_0, self.kernel_1, self.bias_1)]
+        if not is_list:
+            return self._expert_mlp(expert_inputs, moe_ops.expert_dense, *weights, training)
+        # Unstacked once: the gradient of E slices would be E full-size kernels.
+        per_expert = zip(*(ops.unstack(w) for w in weights))
+        return [
+            self._expert_mlp(x, _dense, *expert_weights, training)
+            for x, expert_weights in zip(expert_inputs, per_expert)
+        ]
+
+    def rounded_experts(self, training):
+        """`run_experts` with its outputs rounded through `dispatch_dtype`, as
+        the ops' `experts` argument."""
+
+        def experts(inputs):
+            outputs = self.run_experts(inputs, training=training)
+            if isinstance(outputs, list):
+                return [self.round_to_dispatch_dtype(y) for y in outputs]
+            return self.round_to_dispatch_dtype(outputs)
+
+        return experts
+
+    def _expert_mlp(self, x, dense, kernel_0, bias_0, kernel_1, bias_1, training):
+        h = ops.gelu(dense(x, kernel_0, bias_0), approximate=self.approximate_gelu)
         h = self.dropout(h, training=training)
-        y = moe_ops.expert_dense(h, ops.cast(self.kernel_1, dtype), ops.cast(self.bias_1, dtype))
-        return self.dropout(y, training=training)
+        return self.dropout(dense(h, kernel_1, bias_1), training=training)
 
     def record(self, metrics, training):
         """Keeps the call's metrics and, in training, adds the auxiliary loss."""
@@ -245,13 +273,9 @@ class SparseMoE(MoELayer):
         shape = ops.shape(inputs)
         tokens = ops.reshape(inputs, (-1, group_size, shape[-1]))  # (G, S, D)
         plan, metrics = self.router(tokens, training=training)
-        expert_inputs = moe_ops.dispatch(
-            self.round_to_dispatch_dtype(tokens), plan.dispatch_index
-        )  # (E, G*C, D)
-        expert_outputs = self.round_to_dispatch_dtype(
-            self.run_experts(expert_inputs, training=training)
+        outputs = moe_ops.sparse_moe(
+            self.round_to_dispatch_dtype(tokens), plan, self.rounded_experts(training)
         )
-        outputs = moe_ops.combine(expert_outputs, plan.combine_index, plan.combine_weights)
         self.record(metrics, training)
         return ops.reshape(outputs, shape)
 
@@ -361,9 +385,10 @@ class SoftMoE(MoELayer):
         shape = ops.shape(inputs)
         tokens = ops.reshape(inputs, (-1, group_size, shape[-1]))  # (G, S, D)
         dispatch_weights, combine_weights, metrics = self.router(tokens, training=training)
-        slots = moe_ops.soft_dispatch(self.round_to_dispatch_dtype(tokens), dispatch_weights)  # (E, G*P, D)
-        expert_outputs = self.round_to_dispatch_dtype(self.run_experts(slots, training=training))
-        outputs = moe_ops.soft_combine(expert_outputs, combine_weights)
+        outputs = moe_ops.soft_moe(
+            self.round_to_dispatch_dtype(tokens), dispatch_weights, combine_weights,
+            self.rounded_experts(training),
+        )
         self.record(metrics, training)
         return ops.reshape(outputs, shape)
 

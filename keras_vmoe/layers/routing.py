@@ -104,15 +104,16 @@ def _scatter_table(destinations, values, num_groups, table_size):
     """Writes `values` at `destinations` of a (G, table_size) table, -1 elsewhere.
 
     destinations: (G, N) int in [0, table_size]; table_size itself is a
-    scratch entry that collects whatever is written there and is cut off.
+    scratch entry that takes whatever is written there and is cut off.
     values: (G, N) int >= 0; no two (group, destination < table_size) repeat.
     """
+    # An update, not `ops.scatter`: that one adds duplicates, and on torch it
+    # is a Python loop over the updates.
     offsets = ops.arange(num_groups, dtype="int32")[:, None] * (table_size + 1)
     flat = ops.reshape(destinations + offsets, (-1, 1))
-    table = ops.scatter(
-        flat, ops.reshape(values + 1, (-1,)), (num_groups * (table_size + 1),)
-    )
-    return ops.reshape(table, (num_groups, table_size + 1))[:, :table_size] - 1
+    table = ops.full((num_groups * (table_size + 1),), -1, dtype="int32")
+    table = ops.scatter_update(table, flat, ops.reshape(ops.cast(values, "int32"), (-1,)))
+    return ops.reshape(table, (num_groups, table_size + 1))[:, :table_size]
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
@@ -464,7 +465,9 @@ class SoftRouter(keras.layers.Layer):
             x = x * scale
         else:
             mu = mu * scale
-        logits = ops.einsum("gsd,dep->gsep", x, mu)
+        # One (G*S, D) @ (D, E*P) matmul: einsum lowers to transposes on some backends.
+        logits = ops.matmul(x, ops.reshape(mu, (dim, -1)))
+        logits = ops.reshape(logits, (num_groups, group_size, self.num_experts, self.slots_per_expert))
         if training and self.noise_std > 0:
             noise = keras.random.normal(ops.shape(logits), seed=self.seed_generator)
             logits = logits + self.noise_std * noise

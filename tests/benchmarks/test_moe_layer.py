@@ -1,0 +1,32 @@
+"""The MoE layer benchmark runs (tiny shapes) on the current backend, so it does not rot."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import keras
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_quick_benchmark_times_every_candidate(tmp_path):
+    backend = keras.backend.backend()
+    out = tmp_path / "quick.json"
+    process = subprocess.run(
+        [sys.executable, "benchmarks/moe_layer.py", "--quick", "--backends", backend,
+         "--parts", "headline", "--out", str(out)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300,
+    )
+    assert process.returncode == 0, process.stdout[-3000:]
+    report = json.loads(out.read_text())
+    assert report["errors"] == []
+    (headline,) = report["benchmarks"]
+    for mode, phases in headline["results"].items():
+        for phase in ("forward", "train"):
+            timings = phases[phase]
+            assert set(timings) == set(headline["labels"]), (mode, phase)
+            for label, timing in timings.items():
+                assert 0 < timing["min_ms"] <= timing["median_ms"], (mode, phase, label)
