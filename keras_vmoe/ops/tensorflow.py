@@ -6,16 +6,16 @@ XLA off) and XLA (`jit_compile=True`, the default on GPUs). The ops ask which
 one they are traced in:
 
 - in a graph, shapes may depend on the routing: `sparse_moe` runs each
-  expert on its occupied slots only (`tf.split` by expert, one matmul each),
-  so empty capacity costs nothing, and the K-way combine is one batched
+  expert on its occupied slots only (`tf.split` by expert), so empty
+  capacity costs nothing, and the K-way combine is one batched
   (1 x K) @ (K x D) matmul;
-- under XLA, shapes are static: the capacity-padded reference, with the
-  multiply-and-sum over the K choices, which XLA fuses into the gather.
+- under XLA, shapes are static: every capacity slot is computed, and the
+  multiply-and-sum over the K choices fuses into the gather.
 
-Soft MoE's combine is one (S, E*P) @ (E*P, D) matmul per group in both
-modes; TensorFlow's einsum takes a slower path through transposes. In a graph,
-`soft_moe` also runs one 2-D matmul per expert, which beats the batched
-matmul on CPU (oneDNN), and keeps the hidden activations per expert.
+In both modes the experts run as one 2-D matmul each, which beats the batched
+matmul on CPU, and Soft MoE's dispatch and combine are one (E*P, S) @ (S, D)
+and one (S, E*P) @ (E*P, D) matmul per group (TensorFlow's einsum goes
+through transposes).
 """
 
 import tensorflow as tf
@@ -59,7 +59,11 @@ def combine(expert_outputs, combine_index, combine_weights):
 
 def sparse_moe(tokens, plan, experts):
     if in_xla_context():
-        return generic.sparse_moe(tokens, plan, experts, combine=combine)
+        # Static shapes: every slot; one matmul per expert still beats the batched one.
+        def per_expert(inputs):
+            return tf.stack(experts(tf.unstack(inputs)))
+
+        return generic.sparse_moe(tokens, plan, per_expert, combine=combine)
     tokens = ops.convert_to_tensor(tokens)
     num_experts = ops.shape(plan.dispatch_index)[1]
     token_rows, choice_rows, counts = generic.compact_plan(plan, ops.shape(tokens)[1])
@@ -80,8 +84,6 @@ def soft_combine(expert_outputs, combine_weights):
 
 
 def soft_moe(tokens, dispatch_weights, combine_weights, experts):
-    if in_xla_context():
-        return generic.soft_moe(tokens, dispatch_weights, combine_weights, experts, combine=soft_combine)
     tokens = ops.convert_to_tensor(tokens)
     num_groups, group_size, num_experts, slots = ops.shape(dispatch_weights)
     dim = ops.shape(tokens)[-1]
