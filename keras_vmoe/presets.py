@@ -286,9 +286,32 @@ def resolve_preset(preset):
     )
 
 
+def _unreadable_weight_files(folder):
+    import h5py
+
+    unreadable = []
+    for path in sorted(pathlib.Path(folder).glob("*.weights.h5")):
+        try:
+            h5py.File(path, "r").close()
+        except OSError as error:
+            unreadable.append(f"{path} ({error})")
+    return unreadable
+
+
 class BuiltinPresetMixin:
-    """Lets `from_preset` take the built-in names of `keras_vmoe.presets`."""
+    """Lets `from_preset` take the built-in names of `keras_vmoe.presets`, and
+    names the file when a local preset's weights are truncated or corrupt."""
 
     @classmethod
     def from_preset(cls, preset, *args, **kwargs):
-        return super().from_preset(resolve_preset(preset), *args, **kwargs)
+        path = resolve_preset(preset)
+        try:
+            return super().from_preset(path, *args, **kwargs)
+        except OSError as error:
+            unreadable = _unreadable_weight_files(path) if os.path.isdir(str(path)) else []
+            if not unreadable:
+                raise
+            raise PresetError(
+                f"Preset {preset!r}: unreadable weights file (truncated or corrupt): "
+                f"{'; '.join(unreadable)}. Save or download the preset again."
+            ) from error

@@ -42,3 +42,61 @@ def tiny_vit_arguments(**overrides):
     )
     arguments.update(overrides)
     return arguments
+
+
+def gradients(layer, inputs, seed=0, **call_kwargs):
+    """Gradients of sum(layer(inputs) * a fixed random cotangent) with respect
+    to the layer's trainable variables and to the inputs, as numpy arrays:
+    (list in `layer.trainable_variables` order, input gradient)."""
+    inputs = np.asarray(inputs, "float32")
+    outputs_shape = tuple(layer(inputs, **call_kwargs).shape)
+    cotangent = np.random.RandomState(seed).normal(size=outputs_shape).astype("float32")
+    variables = layer.trainable_variables
+    if backend() == "jax":
+        import jax
+
+        non_trainable = [v.value for v in layer.non_trainable_variables]
+
+        def loss(trainable, x):
+            outputs, _ = layer.stateless_call(trainable, non_trainable, x, **call_kwargs)
+            return (outputs.astype("float32") * cotangent).sum()
+
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1)))  # One compilation, not one per op.
+        weight_grads, input_grad = grad([v.value for v in variables], inputs)
+    elif backend() == "tensorflow":
+        import tensorflow as tf
+
+        x = tf.constant(inputs)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(tf.cast(layer(x, **call_kwargs), "float32") * cotangent)
+        *weight_grads, input_grad = tape.gradient(loss, list(variables) + [x])
+    else:
+        import torch
+
+        x = torch.tensor(inputs, requires_grad=True)
+        for variable in variables:
+            variable.value.grad = None
+        loss = (layer(x, **call_kwargs).float() * torch.from_numpy(cotangent)).sum()
+        loss.backward()
+        weight_grads, input_grad = [v.value.grad for v in variables], x.grad
+    return [None if g is None else to_numpy(g) for g in weight_grads], to_numpy(input_grad)
+
+
+def routing_decisions(backbone, images):
+    """What every MoE block of `backbone` decides on `images` in eval mode.
+
+    {block index: array}: the dispatch table (which token sits in which
+    expert slot) of a sparse MoE block, the dispatch weights of a Soft MoE one.
+    """
+    decisions = {}
+    for index in backbone.moe_layers:
+        block = backbone.get_layer(f"encoder_block_{index}")
+        x = keras.Model(backbone.input, block.input)(images)
+        x = x + block.attention(block.attention_norm(x))
+        tokens = block.mlp_norm(x)
+        group_size = block.mlp.group_size or tokens.shape[1]
+        tokens = keras.ops.reshape(tokens, (-1, group_size, tokens.shape[-1]))
+        outputs = block.mlp.router(tokens, training=False)
+        decisions[index] = to_numpy(outputs[0].dispatch_index if block.mlp.drops_tokens else outputs[0])
+    return decisions

@@ -50,6 +50,8 @@ class PatchEmbedding(keras.layers.Layer):
 
     def build(self, input_shape):
         self.conv.build(input_shape)
+        # Images with another channel count get Keras' error naming the axis.
+        self.input_spec = keras.layers.InputSpec(ndim=4, axes={-1: input_shape[-1]})
 
     def call(self, images):
         x = self.conv(images)

@@ -591,3 +591,35 @@ def test_mixed_precision(make):
     np.testing.assert_allclose(
         to_numpy(ops.cast(layer(x16), "float32")), to_numpy(reference(x16)), atol=0.05, rtol=0.05
     )
+
+
+# JAX compiles every eager op for every new shape: fewer examples there.
+@settings(max_examples=5 if keras.backend.backend() == "jax" else 15, deadline=None)
+@given(
+    num_experts=st.integers(1, 5),
+    k=st.integers(1, 3),
+    capacity_factor=st.sampled_from([0.25, 0.6, 1.0, 2.0]),
+    tokens=st.integers(3, 9),
+    batch=st.integers(1, 3),
+    router=st.sampled_from(["token_choice", "expert_choice"]),
+    batch_priority=st.booleans(),
+    seed=st.integers(0, 1000),
+)
+def test_sparse_moe_equals_its_plan_on_random_shapes(
+    num_experts, k, capacity_factor, tokens, batch, router, batch_priority, seed
+):
+    """Every backend's dispatch path (padded or occupied-slots-only) gives each
+    kept choice its gate times its expert's output, and dropped tokens zero."""
+    options = dict(num_selected_experts=min(k, num_experts), batch_priority=batch_priority)
+    if router == "expert_choice":
+        options = dict(capacity_multiple_of=None)
+        capacity_factor = min(capacity_factor, 1.0)  # at most every token per expert
+    layer = SparseMoE(num_experts, 6, router=router, capacity_factor=capacity_factor, seed=seed, **options)
+    x = np.random.RandomState(seed).randn(batch, tokens, 5).astype("float32")
+    layer(x)
+    randomize(layer, seed)
+    out = to_numpy(layer(x))
+    plan, _ = layer.router(x)
+    np.testing.assert_allclose(out, np_sparse_from_plan(layer, x, plan), rtol=1e-4, atol=1e-5)
+    dropped = np.all(to_numpy(plan.combine_weights) == 0, axis=-1)
+    np.testing.assert_array_equal(out[dropped], 0.0)

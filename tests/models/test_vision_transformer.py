@@ -113,10 +113,12 @@ def test_soft_moe_argument_errors():
         SoftMoEBackbone(**tiny_vit_arguments(moe_layers=(1,), num_experts=4, slots_per_expert=None))
 
 
-def test_images_of_the_wrong_size_are_rejected():
+def test_images_of_the_wrong_size_or_channels_are_rejected():
     backbone = VMoEBackbone(**tiny_vit_arguments())
-    with pytest.raises(Exception, match="32, 32, 3|shape"):
+    with pytest.raises(ValueError, match=r"expected shape=\(None, 32, 32, 3\)"):
         backbone(np.zeros((1, 64, 64, 3), "float32"))
+    with pytest.raises(ValueError, match="expected axis -1 of input shape to have value 3"):
+        backbone(np.zeros((1, 32, 32, 1), "float32"))
 
 
 def test_soft_moe_architectures_follow_the_paper():

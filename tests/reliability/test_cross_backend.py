@@ -1,0 +1,83 @@
+"""The same weights give the same logits and routing decisions on JAX, TensorFlow and PyTorch.
+
+Each model is saved as a preset under JAX and loaded in a TensorFlow and a
+PyTorch process; runs once, from the JAX pass of the suite.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+
+from keras_vmoe.models import SoftMoEBackbone
+from keras_vmoe.models import SoftMoEImageClassifier
+from keras_vmoe.models import VMoEBackbone
+from keras_vmoe.models import VMoEImageClassifier
+from tests.helpers import ROOT
+from tests.helpers import backend
+from tests.helpers import random_images
+from tests.helpers import routing_decisions
+from tests.helpers import tiny_vit_arguments
+from tests.helpers import to_numpy
+
+MOE = dict(moe_layers=(1, 3), num_experts=4)
+FAMILIES = {
+    "dense_vit": lambda: VMoEImageClassifier(VMoEBackbone(**tiny_vit_arguments(num_layers=4)), 5),
+    # Capacity 0.5 drops tokens, so the tables hold real routing decisions.
+    "vmoe_token_choice_bpr": lambda: VMoEImageClassifier(VMoEBackbone(**tiny_vit_arguments(
+        num_layers=4, num_selected_experts=2, capacity_factor=0.5, batch_priority=True,
+        group_size=34, **MOE)), 5),  # 2 images of 16 patches + a class token.
+    "vmoe_expert_choice": lambda: VMoEImageClassifier(VMoEBackbone(**tiny_vit_arguments(
+        num_layers=4, router="expert_choice", capacity_factor=0.5, pooling="gap",
+        use_class_token=False, **MOE)), 5),
+    "soft_moe": lambda: SoftMoEImageClassifier(SoftMoEBackbone(**tiny_vit_arguments(
+        num_layers=4, slots_per_expert=2, pooling="map", use_class_token=False, **MOE)), 5),
+}
+
+LOAD_SCRIPT = textwrap.dedent(
+    """
+    import sys, numpy as np, keras, keras_hub
+    import keras_vmoe  # registers our classes with Keras
+    from tests.helpers import routing_decisions
+    model = keras_hub.models.ImageClassifier.from_preset(sys.argv[1])
+    images = np.load(sys.argv[2])["images"]
+    logits = keras.ops.convert_to_numpy(model(images, training=False))
+    decisions = routing_decisions(model.backbone, images)
+    np.savez(sys.argv[3], logits=logits, **{f"block_{i}": d for i, d in decisions.items()})
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(backend() != "jax", reason="saves under JAX, loads in TF and torch; runs once, from the JAX pass")
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_same_logits_and_routing_on_every_backend(tmp_path, family):
+    keras.utils.set_random_seed(0)
+    model = FAMILIES[family]()
+    images = random_images(8, seed=3)
+    logits = to_numpy(model(images, training=False))
+    decisions = routing_decisions(model.backbone, images)
+    model.save_to_preset(str(tmp_path / "preset"))
+    np.savez(tmp_path / "images.npz", images=images)
+    script = tmp_path / "load.py"
+    script.write_text(LOAD_SCRIPT)
+    for other in ("tensorflow", "torch"):
+        out = tmp_path / f"{other}.npz"
+        result = subprocess.run(
+            [sys.executable, str(script), str(tmp_path / "preset"), str(tmp_path / "images.npz"), str(out)],
+            env=dict(os.environ, KERAS_BACKEND=other, PYTHONPATH=str(ROOT)), cwd=ROOT,
+            capture_output=True, text=True, timeout=300,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        theirs = np.load(out)
+        assert np.abs(theirs["logits"] - logits).max() <= 1e-5, (other, family)
+        assert sorted(theirs.files) == sorted(["logits"] + [f"block_{i}" for i in decisions])
+        for index, decision in decisions.items():
+            if decision.dtype.kind == "i":  # which token sits in which expert slot
+                np.testing.assert_array_equal(theirs[f"block_{index}"], decision, err_msg=other)
+            else:  # Soft MoE dispatch weights
+                np.testing.assert_allclose(theirs[f"block_{index}"], decision, atol=1e-5, err_msg=other)
