@@ -1,4 +1,4 @@
-"""Layers: the encoder pieces, the dense MLP, routers and MoE layers."""
+"""Layers: the encoder pieces, the dense MLP, routers, MoE layers and the PatchMerger."""
 
 from keras_vmoe.layers.encoder import ClassToken
 from keras_vmoe.layers.encoder import EncoderBlock
@@ -11,6 +11,7 @@ from keras_vmoe.layers.mlp import Mlp
 from keras_vmoe.layers.moe import MoELayer
 from keras_vmoe.layers.moe import SoftMoE
 from keras_vmoe.layers.moe import SparseMoE
+from keras_vmoe.layers.patch_merger import PatchMerger
 from keras_vmoe.layers.routing import ExpertChoiceRouter
 from keras_vmoe.layers.routing import Router
 from keras_vmoe.layers.routing import RoutingPlan

@@ -2,7 +2,8 @@
 
 `VisionTransformerBackbone` builds the functional graph of vmoe's
 `VisionTransformerMoe`; a family (V-MoE, Soft MoE) only says which MLP layer
-goes into the blocks listed in `moe_layers`.
+goes into the blocks listed in `moe_layers`. Any of them can merge its tokens
+with a `PatchMerger` between two blocks (`patch_merger=`).
 """
 
 import keras
@@ -18,6 +19,7 @@ from keras_vmoe.layers.encoder import PositionEmbedding
 from keras_vmoe.layers.encoder import SequencePooling
 from keras_vmoe.layers.mlp import Mlp
 from keras_vmoe.layers.moe import MoELayer
+from keras_vmoe.layers.patch_merger import PatchMerger
 from keras_vmoe.presets import BuiltinPresetMixin
 from keras_vmoe.validation import as_pair
 from keras_vmoe.validation import check_choice
@@ -49,12 +51,79 @@ def check_moe_layers(moe_layers, num_layers, owner):
     return tuple(sorted(int(i) for i in moe_layers))
 
 
+PATCH_MERGER_KEYS = ("after_block", "num_tokens")
+
+
+def check_patch_merger(patch_merger, num_layers, num_patches, owner):
+    """Validates `patch_merger` and returns it as a plain dict (or None)."""
+    if patch_merger is None:
+        return None
+    usage = "a dict(after_block=<block index>, num_tokens=<tokens out>)"
+    if not isinstance(patch_merger, dict):
+        raise ValueError(f"{owner}: patch_merger must be None or {usage}, got {patch_merger!r}.")
+    if set(patch_merger) != set(PATCH_MERGER_KEYS):
+        raise ValueError(
+            f"{owner}: patch_merger must be {usage}; got the keys {sorted(patch_merger)}."
+        )
+    after_block = patch_merger["after_block"]
+    check_int("patch_merger after_block", after_block, owner=owner)
+    if num_layers < 2:
+        raise ValueError(
+            f"{owner}: a patch_merger needs num_layers >= 2, since at least one block must "
+            f"follow the merger; got num_layers={num_layers}."
+        )
+    if not 0 <= after_block <= num_layers - 2:
+        raise ValueError(
+            f"{owner}: patch_merger after_block={after_block}, but the encoder has blocks 0 "
+            f"to {num_layers - 1} (num_layers={num_layers}) and at least one block must "
+            f"follow the merger, so after_block must be in 0 to {num_layers - 2}."
+        )
+    num_tokens = check_int("patch_merger num_tokens", patch_merger["num_tokens"], minimum=1, owner=owner)
+    if num_tokens > num_patches:
+        raise ValueError(
+            f"{owner}: patch_merger num_tokens={num_tokens} is more than the {num_patches} "
+            "patch tokens it would merge; a PatchMerger can only reduce the tokens."
+        )
+    return dict(after_block=int(after_block), num_tokens=num_tokens)
+
+
+def rescale_group_size(moe, tokens_before, tokens_after, owner):
+    """Makes a MoE layer behind a PatchMerger route groups of as many images
+    as the layers in front of it: `group_size` counts tokens of the unmerged
+    sequence (vmoe's configs give it as images x tokens per image)."""
+    group_size = getattr(moe, "group_size", None)
+    if group_size is None:
+        return
+    if group_size % tokens_before:
+        raise ValueError(
+            f"{owner}: with a patch_merger, group_size must be a whole number of images, "
+            f"a multiple of the {tokens_before} tokens per image before the merger (got "
+            f"group_size={group_size}); MoE layers after the merger then route as many "
+            "images per group on their merged tokens. Or use group_size=None (one image "
+            "per group)."
+        )
+    moe.group_size = group_size // tokens_before * tokens_after
+
+
 @keras.saving.register_keras_serializable(package="keras_vmoe")
 class VisionTransformerBackbone(BuiltinPresetMixin, Backbone):
     """Vision Transformer encoder whose blocks take their MLP as a layer.
 
     Subclasses pass `moe_mlp`, a function `(block_index) -> layer` used for the
     blocks in `moe_layers`; other blocks get a dense `Mlp`.
+
+    With `patch_merger=dict(after_block=b, num_tokens=M)` a
+    `keras_vmoe.layers.PatchMerger` (layer name `"patch_merger"`) follows
+    block `b`, and blocks `b + 1` onwards run on M merged tokens per image
+    (the paper: M = 8 after the middle block). The class token, if any, is
+    not merged: it passes through the merger unchanged, ahead of the M merged
+    tokens, so blocks after the merger see 1 + M tokens and every pooling
+    keeps its meaning (`"token"` reads the class token, `"gap"` averages the
+    merged tokens, `"map"` attends to all). MoE layers after the merger route
+    the merged tokens: with `group_size=None` one image per group; with a
+    `group_size` (tokens of the unmerged sequence, a whole number of images)
+    groups of the same number of images. A Soft MoE sizes its slots from the
+    tokens its group holds.
 
     Args:
         image_shape: (height, width, channels).
@@ -73,6 +142,9 @@ class VisionTransformerBackbone(BuiltinPresetMixin, Backbone):
         approximate_gelu: bool. tanh-approximate GELU (vmoe) or exact (keras-hub).
         layer_norm_epsilon: float.
         moe_layers: indices of the blocks whose MLP is a MoE layer.
+        patch_merger: None, or `dict(after_block=b, num_tokens=M)`: merge the
+            patch tokens into M after block b (0 <= b <= num_layers - 2,
+            M <= the number of patches).
         dtype: a dtype or `keras.DTypePolicy` (e.g. `"mixed_bfloat16"`).
     """
 
@@ -95,6 +167,7 @@ class VisionTransformerBackbone(BuiltinPresetMixin, Backbone):
         layer_norm_epsilon=1e-6,
         moe_layers=(),
         moe_mlp=None,
+        patch_merger=None,
         dtype=None,
         **kwargs,
     ):
@@ -137,6 +210,8 @@ class VisionTransformerBackbone(BuiltinPresetMixin, Backbone):
             raise ValueError(f"{owner}: moe_layers given but this backbone has no MoE layer type.")
         grid_size = (image_shape[0] // patch_size[0], image_shape[1] // patch_size[1])
         num_prefix_tokens = int(bool(use_class_token))
+        num_patches = grid_size[0] * grid_size[1]
+        patch_merger = check_patch_merger(patch_merger, num_layers, num_patches, owner)
 
         # === Functional model ===
         images = keras.Input(shape=image_shape, name="images")
@@ -151,6 +226,11 @@ class VisionTransformerBackbone(BuiltinPresetMixin, Backbone):
         for index in range(num_layers):
             if index in moe_layers:
                 mlp = moe_mlp(index)
+                if patch_merger and index > patch_merger["after_block"]:
+                    rescale_group_size(
+                        mlp, num_prefix_tokens + num_patches,
+                        num_prefix_tokens + patch_merger["num_tokens"], owner,
+                    )
             else:
                 mlp = Mlp(mlp_dim, approximate_gelu, dropout_rate, dtype=dtype, name="mlp")
             x = EncoderBlock(
@@ -163,6 +243,11 @@ class VisionTransformerBackbone(BuiltinPresetMixin, Backbone):
                 dtype=dtype,
                 name=f"encoder_block_{index}",
             )(x)
+            if patch_merger and index == patch_merger["after_block"]:
+                x = PatchMerger(
+                    patch_merger["num_tokens"], num_prefix_tokens, layer_norm_epsilon,
+                    dtype=dtype, name="patch_merger",
+                )(x)
         x = keras.layers.LayerNormalization(
             epsilon=layer_norm_epsilon, dtype=dtype, name="encoder_norm"
         )(x)
@@ -196,6 +281,7 @@ class VisionTransformerBackbone(BuiltinPresetMixin, Backbone):
         self.approximate_gelu = bool(approximate_gelu)
         self.layer_norm_epsilon = layer_norm_epsilon
         self.moe_layers = moe_layers
+        self.patch_merger = patch_merger
 
     @property
     def encoder_blocks(self):
@@ -205,6 +291,11 @@ class VisionTransformerBackbone(BuiltinPresetMixin, Backbone):
     def moe_blocks(self):
         """The MoE layers of the blocks in `moe_layers`, in block order."""
         return [self.get_layer(f"encoder_block_{i}").mlp for i in self.moe_layers]
+
+    @property
+    def patch_merger_layer(self):
+        """The `PatchMerger` layer, or None without `patch_merger`."""
+        return self.get_layer("patch_merger") if self.patch_merger else None
 
     @property
     def num_prefix_tokens(self):
@@ -233,6 +324,7 @@ class VisionTransformerBackbone(BuiltinPresetMixin, Backbone):
             approximate_gelu=self.approximate_gelu,
             layer_norm_epsilon=self.layer_norm_epsilon,
             moe_layers=self.moe_layers,
+            patch_merger=self.patch_merger,
         )
         return config
 

@@ -18,7 +18,10 @@ class SoftMoEBackbone(VisionTransformerBackbone):
 
     Args:
         image_shape, patch_size, num_layers, hidden_dim, mlp_dim, num_heads
-        and the other encoder arguments: see `VisionTransformerBackbone`.
+        and the other encoder arguments (`patch_merger` included): see
+        `VisionTransformerBackbone`. Soft MoE layers after a PatchMerger
+        keep `slots_per_expert` (with `capacity_factor`, their slots follow
+        the merged group size).
         moe_layers: block indices with a Soft MoE MLP.
         num_experts: int.
         slots_per_expert: int (default 1), or None with `capacity_factor`.

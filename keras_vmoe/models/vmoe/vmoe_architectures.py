@@ -5,6 +5,14 @@ Names read `vmoe_<variant><patch>_<placement>_e<E>_k<K>`, e.g.
 is vmoe's own small variant: 8 blocks of width 512, MLP 2048, 8 heads (not the
 12-block ViT-S). Paper models classify from the class token through a tanh
 pre-logits layer of the hidden width.
+
+PatchMerger ("Learning to Merge Tokens in Vision Transformers") models add
+`_pm<M>`: `vit_<variant><patch>_pm8` and `vmoe_<variant><patch>_every2_e<E>_k<K>_pm8`
+merge the patch tokens into M = 8 after the middle block (block
+num_layers / 2 - 1, e.g. after block 5 of ViT-B's 12), the paper's main
+setting; the class token passes the merger unmerged. Other token counts or
+placements: pass `patch_merger=dict(after_block=..., num_tokens=...)` to
+`from_architecture`.
 """
 
 import re
@@ -22,8 +30,13 @@ VARIANTS = {
 PATCHES = {"s": (32,), "b": (32, 16), "l": (32, 16), "h": (14,)}
 _NAME = re.compile(
     r"^(?:vmoe_(?P<variant>[sblh])(?P<patch>\d+)_(?P<where>every|last)(?P<n>\d+)"
-    r"_e(?P<experts>\d+)_k(?P<k>\d+)|vit_(?P<dense_variant>[sblh])(?P<dense_patch>\d+))$"
+    r"_e(?P<experts>\d+)_k(?P<k>\d+)|vit_(?P<dense_variant>[sblh])(?P<dense_patch>\d+))"
+    r"(?:_pm(?P<merged_tokens>\d+))?$"
 )
+
+
+# Tokens out of the PatchMerger of the `_pm` names.
+PATCH_MERGER_TOKENS = (8,)
 
 
 def _names():
@@ -31,10 +44,16 @@ def _names():
     for variant, patches in PATCHES.items():
         for patch in patches:
             names.append(f"vit_{variant}{patch}")
+            names += [f"vit_{variant}{patch}_pm{m}" for m in PATCH_MERGER_TOKENS]
             for where in ("every2", "last2", "last5"):
                 for experts in (8, 32):
                     for k in (1, 2):
                         names.append(f"vmoe_{variant}{patch}_{where}_e{experts}_k{k}")
+                        if where == "every2":
+                            names += [
+                                f"vmoe_{variant}{patch}_{where}_e{experts}_k{k}_pm{m}"
+                                for m in PATCH_MERGER_TOKENS
+                            ]
     return names
 
 
@@ -47,7 +66,7 @@ def architecture_config(name, image_shape=(224, 224, 3)):
     if not match or name not in VMOE_ARCHITECTURES:
         raise ValueError(
             f"Unknown V-MoE architecture {name!r}. Names look like "
-            "'vmoe_s32_last2_e8_k2' or 'vit_b16'; the known ones are "
+            "'vmoe_s32_last2_e8_k2', 'vit_b16' or 'vit_b16_pm8'; the known ones are "
             "keras_vmoe.models.VMoEBackbone.architectures."
         )
     variant = match["variant"] or match["dense_variant"]
@@ -75,5 +94,9 @@ def architecture_config(name, image_shape=(224, 224, 3)):
             # vmoe: 8 images per group (the smallest per-device batch).
             group_size=8 * num_patches,
             router_options=dict(importance_loss_weight=0.005, load_loss_weight=0.005),
+        )
+    if match["merged_tokens"]:
+        config["patch_merger"] = dict(
+            after_block=num_layers // 2 - 1, num_tokens=int(match["merged_tokens"])
         )
     return config

@@ -19,7 +19,7 @@ class VMoEBackbone(VisionTransformerBackbone):
         image_shape, patch_size, num_layers, hidden_dim, mlp_dim, num_heads,
         pooling, use_class_token, position_embedding, attention_qk_norm,
         representation_size, dropout_rate, attention_dropout_rate,
-        approximate_gelu, layer_norm_epsilon, dtype: see
+        approximate_gelu, layer_norm_epsilon, patch_merger, dtype: see
             `VisionTransformerBackbone`.
         moe_layers: block indices with a MoE MLP; see `every_n` / `last_n`.
         num_experts: int. E.
@@ -42,6 +42,15 @@ class VMoEBackbone(VisionTransformerBackbone):
     ...     num_selected_experts=2)
     >>> backbone(np.zeros((2, 32, 32, 3))).shape
     (2, 32)
+
+    With a PatchMerger after block 1, blocks 2 and 3 run on the class token
+    and 4 merged tokens instead of 1 + 16:
+    >>> merged = VMoEBackbone(
+    ...     image_shape=(32, 32, 3), patch_size=8, num_layers=4, hidden_dim=32,
+    ...     mlp_dim=64, num_heads=2, moe_layers=(1, 3), num_experts=4,
+    ...     num_selected_experts=2, patch_merger=dict(after_block=1, num_tokens=4))
+    >>> merged.get_layer("encoder_block_3").output.shape
+    (None, 5, 32)
     """
 
     def __init__(
@@ -111,8 +120,10 @@ class VMoEBackbone(VisionTransformerBackbone):
         """Builds a named V-MoE architecture with random weights.
 
         `name` is one of `VMOE_ARCHITECTURES` (e.g. `"vmoe_s32_last2_e8_k2"`,
-        `"vmoe_b16_every2_e32_k2"`, `"vit_b16"`); `overrides` replace any
-        argument.
+        `"vmoe_b16_every2_e32_k2"`, `"vit_b16"`, or with a PatchMerger of 8
+        tokens after the middle block, `"vit_b16_pm8"`,
+        `"vmoe_b16_every2_e8_k2_pm8"`); `overrides` replace any argument
+        (e.g. `patch_merger=dict(after_block=3, num_tokens=16)`).
         """
         config = architecture_config(name, image_shape)
         config.update(overrides)
