@@ -308,6 +308,31 @@ def worker_env(backend):
     return env
 
 
+def limit_threads(backend):
+    """One thread inside a worker: the environment asks for it, and each
+    backend's own switches too, before anything runs an op."""
+    if backend == "torch":
+        import torch
+
+        torch.set_num_threads(1)
+        torch.set_num_interop_threads(1)
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+
+
+def write_report(report, out):
+    """Prints the errors and writes the JSON report to `out` (if given)."""
+    for error in report["errors"]:
+        print(f"\nERROR {error}")
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1) + "\n")
+        print(f"\nwrote {out}")
+
+
 def run_worker(backend, task):
     """Runs `task` in a fresh process of `backend`; returns its JSON answer.
 
@@ -548,12 +573,7 @@ def main(argv=None):
     if "memory" in report:
         print(f"\n== dispatch memory, one forward call: {headline_benchmark(scale).title()}")
         print(memory_table(report["memory"]))
-    for error in report["errors"]:
-        print(f"\nERROR {error}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
-        print(f"\nwrote {args.out}")
+    write_report(report, args.out)
     return report
 
 

@@ -27,21 +27,15 @@ from moe_layer import MEMORY_CANDIDATES
 from moe_layer import MODES
 from moe_layer import Benchmark
 from moe_layer import Case
+from moe_layer import limit_threads
 
 BACKEND = keras.backend.backend()
 
-# The environment already asks for one thread; the backends' own switches too,
-# before anything runs an op.
+limit_threads(BACKEND)  # before anything runs an op
 if BACKEND == "torch":
     import torch
-
-    torch.set_num_threads(1)
-    torch.set_num_interop_threads(1)
 elif BACKEND == "tensorflow":
     import tensorflow as tf
-
-    tf.config.threading.set_intra_op_parallelism_threads(1)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
 elif BACKEND == "jax":
     import jax
 

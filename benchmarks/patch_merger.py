@@ -52,9 +52,11 @@ BENCHMARK_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCHMARK_DIR.parent
 sys.path.insert(0, str(BENCHMARK_DIR))
 
-from moe_layer import SINGLE_THREAD_ENV  # noqa: E402
 from moe_layer import format_table  # noqa: E402
+from moe_layer import limit_threads  # noqa: E402
 from moe_layer import machine_info  # noqa: E402
+from moe_layer import worker_env  # noqa: E402
+from moe_layer import write_report  # noqa: E402
 
 BACKENDS = ("jax", "tensorflow", "torch")
 MODES = {"jax": "jax-jit", "tensorflow": "tf-graph", "torch": "torch-eager"}
@@ -182,19 +184,6 @@ def torch_steps(model, images, cotangent):
 STEPS = {"jax": jax_steps, "tensorflow": tensorflow_steps, "torch": torch_steps}
 
 
-def limit_threads(backend):
-    if backend == "torch":
-        import torch
-
-        torch.set_num_threads(1)
-        torch.set_num_interop_threads(1)
-    elif backend == "tensorflow":
-        import tensorflow as tf
-
-        tf.config.threading.set_intra_op_parallelism_threads(1)
-        tf.config.threading.set_inter_op_parallelism_threads(1)
-
-
 def seconds(step):
     start = time.perf_counter()
     step()
@@ -264,14 +253,12 @@ def worker_main(task_path, result_path):
 
 def run_backend(backend, task):
     """Runs the worker for `backend` in a fresh one-thread process."""
-    env = dict(os.environ, KERAS_BACKEND=backend, **SINGLE_THREAD_ENV)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     with tempfile.TemporaryDirectory() as folder:
         task_path, result_path = Path(folder, "task.json"), Path(folder, "result.json")
         task_path.write_text(json.dumps(task))
         process = subprocess.run(
             [sys.executable, __file__, "--worker", str(task_path), str(result_path)],
-            env=env, stdout=sys.stderr, stderr=subprocess.PIPE, text=True,
+            env=worker_env(backend), stdout=sys.stderr, stderr=subprocess.PIPE, text=True,
         )
         if not result_path.exists():
             return {"error": f"{backend} worker exited with {process.returncode}:\n{process.stderr[-4000:]}"}
@@ -331,12 +318,7 @@ def main(argv=None):
         macs = report["multiply_adds_per_image"]
         print(f"multiply-adds per image: {macs['vit'] / 1e6:,.1f} M without, "
               f"{macs['vit_patch_merger'] / 1e6:,.1f} M with (ratio {report['flops_ratio']:.2f}x)")
-    for error in report["errors"]:
-        print(f"\nERROR {error}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
-        print(f"\nwrote {args.out}")
+    write_report(report, args.out)
     return report
 
 

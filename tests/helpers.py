@@ -83,6 +83,16 @@ def gradients(layer, inputs, seed=0, **call_kwargs):
     return [None if g is None else to_numpy(g) for g in weight_grads], to_numpy(input_grad)
 
 
+def moe_block_tokens(backbone, images, index):
+    """The (G, S, D) tokens the router of MoE block `index` sees on `images`."""
+    block = backbone.get_layer(f"encoder_block_{index}")
+    x = keras.Model(backbone.input, block.input)(images)
+    x = x + block.attention(block.attention_norm(x))
+    tokens = block.mlp_norm(x)
+    group_size = block.mlp.group_size or tokens.shape[1]
+    return keras.ops.reshape(tokens, (-1, group_size, tokens.shape[-1]))
+
+
 def routing_decisions(backbone, images):
     """What every MoE block of `backbone` decides on `images` in eval mode.
 
@@ -91,12 +101,7 @@ def routing_decisions(backbone, images):
     """
     decisions = {}
     for index in backbone.moe_layers:
-        block = backbone.get_layer(f"encoder_block_{index}")
-        x = keras.Model(backbone.input, block.input)(images)
-        x = x + block.attention(block.attention_norm(x))
-        tokens = block.mlp_norm(x)
-        group_size = block.mlp.group_size or tokens.shape[1]
-        tokens = keras.ops.reshape(tokens, (-1, group_size, tokens.shape[-1]))
-        outputs = block.mlp.router(tokens, training=False)
-        decisions[index] = to_numpy(outputs[0].dispatch_index if block.mlp.drops_tokens else outputs[0])
+        moe = backbone.get_layer(f"encoder_block_{index}").mlp
+        outputs = moe.router(moe_block_tokens(backbone, images, index), training=False)
+        decisions[index] = to_numpy(outputs[0].dispatch_index if moe.drops_tokens else outputs[0])
     return decisions

@@ -164,26 +164,6 @@ def soft_dispatch(tokens, dispatch_weights):
     return ops.reshape(slot_inputs, (num_experts, num_groups * slots, dim))
 
 
-def soft_moe(tokens, dispatch_weights, combine_weights, experts,
-             dispatch=None, combine=None):
-    """A Soft MoE MLP: slots average the tokens, experts run, tokens average the slots.
-
-    Args:
-        tokens: (G, S, D).
-        dispatch_weights, combine_weights: (G, S, E, P).
-        experts: as in `sparse_moe`: (E, N, D) -> (E, N, D), or a list of E
-            (N, D) inputs -> the list of their outputs.
-        dispatch, combine: the ops to compose (default: `soft_dispatch`,
-            `soft_combine`; the active ones in `keras_vmoe.ops`).
-
-    Returns:
-        (G, S, D).
-    """
-    dispatch = dispatch or soft_dispatch
-    combine = combine or soft_combine
-    return combine(experts(dispatch(tokens, dispatch_weights)), combine_weights)
-
-
 def soft_combine(expert_outputs, combine_weights):
     """Every token takes a weighted average of all slot outputs of its group.
 
@@ -199,3 +179,22 @@ def soft_combine(expert_outputs, combine_weights):
     outputs = ops.reshape(expert_outputs, (num_experts, num_groups, slots, dim))
     weights = ops.cast(combine_weights, outputs.dtype)
     return ops.einsum("gsep,egpd->gsd", weights, outputs)
+
+
+def soft_moe(
+    tokens, dispatch_weights, combine_weights, experts, dispatch=soft_dispatch, combine=soft_combine
+):
+    """A Soft MoE MLP: slots average the tokens, experts run, tokens average the slots.
+
+    Args:
+        tokens: (G, S, D).
+        dispatch_weights, combine_weights: (G, S, E, P).
+        experts: as in `sparse_moe`: (E, N, D) -> (E, N, D), or a list of E
+            (N, D) inputs -> the list of their outputs.
+        dispatch, combine: the ops to compose (the active ones by default in
+            `keras_vmoe.ops`).
+
+    Returns:
+        (G, S, D).
+    """
+    return combine(experts(dispatch(tokens, dispatch_weights)), combine_weights)

@@ -16,6 +16,7 @@ from keras_vmoe.models import SoftMoEImageClassifier
 from keras_vmoe.models import VMoEImageClassifier
 from tests.convert.vmoe_checkpoint_writer import write_vmoe_checkpoint
 from tests.helpers import FIXTURES
+from tests.helpers import moe_block_tokens
 from tests.helpers import random_images
 from tests.helpers import requires_fixtures
 from tests.helpers import to_numpy
@@ -37,16 +38,8 @@ def relative_error(got, expected):
 
 def moe_router_metrics(model, images, block_index):
     """Eval-mode per-group router metrics of one MoE block, from its real inputs."""
-    backbone = model.backbone
-    block = backbone.get_layer(f"encoder_block_{block_index}")
-    upstream = keras.Model(backbone.input, backbone.get_layer(f"encoder_block_{block_index - 1}").output)
-    x = upstream(images)
-    x = x + block.attention(block.attention_norm(x))
-    tokens = block.mlp_norm(x)
-    group_size = block.mlp.group_size or tokens.shape[1]
-    tokens = keras.ops.reshape(tokens, (-1, group_size, tokens.shape[-1]))
-    outputs = block.mlp.router(tokens, training=False)
-    return outputs[-1]
+    moe = model.backbone.get_layer(f"encoder_block_{block_index}").mlp
+    return moe.router(moe_block_tokens(model.backbone, images, block_index), training=False)[-1]
 
 
 @requires_fixtures
