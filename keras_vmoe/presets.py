@@ -2,6 +2,10 @@
 
 A built-in name resolves to a local keras-hub preset folder:
 
+- a bundled preset ships inside the package (`keras_vmoe.bundled_presets`,
+  the repository's `presets/` folder): `vit_tiny_cifar10`,
+  `vmoe_tiny_cifar10` and `soft_moe_tiny_cifar10`, trained here on CIFAR-10
+  by the `recipe.py` beside them; they load offline;
 - a released google-research/vmoe checkpoint (`gs://vmoe_checkpoints/<name>`)
   is downloaded from its https form on storage.googleapis.com on the first
   `from_preset`, with a progress bar, converted by `load_vmoe_checkpoint` and
@@ -14,15 +18,18 @@ bucket, e.g. on a machine without network.
 
 Example:
 ```python
-classifier = keras_vmoe.models.VMoEImageClassifier.from_preset(
+classifier = keras_vmoe.models.VMoEImageClassifier.from_preset("vmoe_tiny_cifar10")
+classifier.predict(images)  # uint8 images of any size; resized to 32x32.
+keras_vmoe.models.VMoEImageClassifier.from_preset(
     "vmoe_s32_last2_ilsvrc2012_randaug_light1"
-)
-classifier.predict(images)  # uint8 images of any size; resized to 224x224.
+)  # downloads and converts on first use; resized to 224x224.
 keras_vmoe.presets.list_presets()  # every built-in name with its description.
 ```
 """
 
 import dataclasses
+import importlib.resources
+import json
 import os
 import pathlib
 import shutil
@@ -150,6 +157,72 @@ VMOE_CHECKPOINT_PRESETS = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class BundledPreset:
+    """A keras-hub preset folder shipped inside the package, with what its
+    recipe measured (`metrics.json`)."""
+
+    name: str
+    folder: pathlib.Path
+    backbone_class: str
+    metrics: dict
+
+    @property
+    def description(self):
+        return self.metrics["recipe"]["description"]
+
+    @property
+    def params(self):
+        return self.metrics.get("parameters")
+
+
+BUNDLED_PRESETS_PACKAGE = "keras_vmoe.bundled_presets"
+
+
+def _find_bundled_presets():
+    """Every folder of `keras_vmoe.bundled_presets` holding a saved preset."""
+    try:
+        root = pathlib.Path(str(importlib.resources.files(BUNDLED_PRESETS_PACKAGE)))
+    except ModuleNotFoundError:  # Installed without its presets.
+        return {}
+    presets = {}
+    for folder in sorted(root.iterdir()):
+        config, metrics = folder / "config.json", folder / "metrics.json"
+        if config.is_file() and metrics.is_file():
+            presets[folder.name] = BundledPreset(
+                name=folder.name,
+                folder=folder,
+                backbone_class=json.loads(config.read_text())["class_name"],
+                metrics=json.loads(metrics.read_text()),
+            )
+    return presets
+
+
+BUNDLED_PRESETS = _find_bundled_presets()
+
+
+def register_bundled_presets():
+    """Makes the bundled names known to keras-hub's own `from_preset` loaders."""
+    from keras_vmoe.models.soft_moe.soft_moe_backbone import SoftMoEBackbone
+    from keras_vmoe.models.vmoe.vmoe_backbone import VMoEBackbone
+
+    backbones = {cls.__name__: cls for cls in (VMoEBackbone, SoftMoEBackbone)}
+    for preset in BUNDLED_PRESETS.values():
+        register_presets(
+            {
+                preset.name: {
+                    "metadata": {
+                        "description": preset.description,
+                        "params": preset.params,
+                        "path": str(preset.folder),
+                    },
+                    "kaggle_handle": str(preset.folder),
+                }
+            },
+            backbones[preset.backbone_class],
+        )
+
+
 def register_vmoe_checkpoint_preset(preset):
     """Adds a `VMoECheckpointPreset` to the built-in names (e.g. your own
     checkpoints on a mirror)."""
@@ -183,9 +256,44 @@ def cache_folder(name):
     return home() / "presets" / name
 
 
+def builtin_preset_names():
+    return sorted(set(BUNDLED_PRESETS) | set(VMOE_CHECKPOINT_PRESETS))
+
+
 def list_presets():
     """{name: description} of every built-in preset."""
-    return {name: preset.description for name, preset in sorted(VMOE_CHECKPOINT_PRESETS.items())}
+    return {
+        name: (BUNDLED_PRESETS.get(name) or VMOE_CHECKPOINT_PRESETS[name]).description
+        for name in builtin_preset_names()
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class PresetInfo:
+    """What `keras-vmoe presets` shows of a built-in preset."""
+
+    name: str
+    description: str
+    params: int
+    source: str
+    offline: bool
+    test_top1: float = None
+
+
+def preset_infos():
+    """A `PresetInfo` for every built-in preset, bundled ones first."""
+    infos = [
+        PresetInfo(preset.name, preset.description, preset.params,
+                   f"bundled in the package ({preset.folder})", True,
+                   preset.metrics.get("test_top1"))
+        for preset in BUNDLED_PRESETS.values()
+    ]
+    infos += [
+        PresetInfo(preset.name, preset.description, preset.params, preset.source,
+                   (cache_folder(preset.name) / "config.json").exists())
+        for name, preset in sorted(VMOE_CHECKPOINT_PRESETS.items())
+    ]
+    return infos
 
 
 def _checkpoint_base_url():
@@ -272,6 +380,8 @@ def resolve_preset(preset):
     """
     if not isinstance(preset, str):
         return preset
+    if preset in BUNDLED_PRESETS:
+        return str(BUNDLED_PRESETS[preset].folder)
     if preset in VMOE_CHECKPOINT_PRESETS:
         target = cache_folder(preset)
         if not (target / "config.json").exists():
@@ -281,7 +391,7 @@ def resolve_preset(preset):
         return preset
     raise PresetError(
         f"Unknown preset {preset!r}: not a built-in name nor an existing folder. "
-        f"Built-in presets: {', '.join(sorted(VMOE_CHECKPOINT_PRESETS))}. "
+        f"Built-in presets: {', '.join(builtin_preset_names())}. "
         "A local preset folder, `kaggle://` or `hf://` handle also works."
     )
 

@@ -1,5 +1,6 @@
 """Model families: backbones, tasks, image converters and preprocessors."""
 
+from keras_vmoe.models.flops import count_flops
 from keras_vmoe.models.image_classifier import VisionTransformerImageClassifier
 from keras_vmoe.models.soft_moe import SOFT_MOE_ARCHITECTURES
 from keras_vmoe.models.soft_moe import SoftMoEBackbone
@@ -14,3 +15,6 @@ from keras_vmoe.models.vmoe import VMoEBackbone
 from keras_vmoe.models.vmoe import VMoEImageClassifier
 from keras_vmoe.models.vmoe import VMoEImageClassifierPreprocessor
 from keras_vmoe.models.vmoe import VMoEImageConverter
+from keras_vmoe.presets import register_bundled_presets
+
+register_bundled_presets()

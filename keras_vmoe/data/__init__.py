@@ -1,0 +1,4 @@
+"""Readers for the data sets the presets and guides are trained on."""
+
+from keras_vmoe.data.cifar10 import CIFAR10_CLASS_NAMES
+from keras_vmoe.data.cifar10 import load_cifar10

@@ -1,0 +1,454 @@
+"""The CIFAR-10 recipe the bundled `*_tiny_cifar10` presets were trained with.
+
+One recipe, three backbones: a dense ViT, a V-MoE and a Soft MoE of the same
+per-token FLOPs. Each preset folder holds a `recipe.py` that fills in a
+`Cifar10Recipe` and calls `main`:
+
+```shell
+python presets/vmoe_tiny_cifar10/recipe.py --cifar10 PATH/cifar10_jpeg.npz
+```
+
+trains from scratch, writes the keras-hub preset files (weights stored in
+float16) next to the recipe (or to `--output DIR`), evaluates the saved
+preset by loading it and calling `predict` on the 10,000 raw uint8 test
+images, and writes `metrics.json` with what it measured.
+
+Training (DeiT's recipe, scaled down): random 32x32 crops of the 4-pixel
+reflect-padded images, random horizontal flips, random erasing, and every
+image mixed with another by mixup or CutMix, redrawn every epoch; AdamW with a linear warmup and a
+cosine decay to zero, global-norm clipping at 1, weight decay on kernels
+only; label-smoothed cross-entropy. The same seed fixes the initial weights,
+the data order and the augmentation.
+"""
+
+import argparse
+import concurrent.futures
+import dataclasses
+import datetime
+import json
+import os
+import pathlib
+import platform
+import shutil
+import sys
+import tempfile
+import time
+
+import keras
+import numpy as np
+
+from keras_vmoe.data.cifar10 import CIFAR10_CLASS_NAMES
+from keras_vmoe.data.cifar10 import load_cifar10
+from keras_vmoe.models.flops import count_flops
+from keras_vmoe.presets import BUNDLED_PRESETS
+
+FAMILIES = ("vmoe", "soft_moe")
+# The encoder the three presets share: 32x32 images in 4x4 patches (64
+# tokens), 6 blocks of width 192 with 3 heads and MLPs of width 768, global
+# average pooling. MoE presets replace the MLPs of blocks 3 and 5 (V-MoE's
+# "Last-2") by 8 experts of the same width, routed so that the experts
+# process 64 slots per image, as many as the dense MLP processes tokens.
+TINY_ENCODER = dict(
+    image_shape=(32, 32, 3),
+    patch_size=4,
+    num_layers=6,
+    hidden_dim=192,
+    mlp_dim=768,
+    num_heads=3,
+    pooling="gap",
+    attention_qk_norm=False,
+    dropout_rate=0.0,
+)
+IMAGE_SIZE = 32
+# Images in [-1, 1], as vmoe's models are trained: x / 127.5 - 1.
+PIXEL_SCALE, PIXEL_OFFSET = 1 / 127.5, -1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Cifar10Recipe:
+    """Everything that decides a CIFAR-10 preset.
+
+    Attributes:
+        name: the preset name.
+        description: one sentence for preset listings.
+        family: `"vmoe"` (a `VMoEImageClassifier`; `moe_layers=()` is a dense
+            ViT) or `"soft_moe"`.
+        backbone: the backbone's keyword arguments.
+        epochs, batch_size: training length; the last partial batch of every
+            epoch is dropped (a new random one each epoch).
+        learning_rate: peak AdamW learning rate, after `warmup_epochs`.
+        weight_decay: AdamW's decoupled weight decay, on kernels only.
+        label_smoothing: of the cross-entropy.
+        crop_padding: reflect padding before the random 32x32 crop.
+        erasing_probability: chance that an image gets a random square
+            (8 to 16 pixels) set to mid-grey (random erasing).
+        mixup_alpha, cutmix_alpha: every training image is mixed with
+            another, half of them by mixup (weight ~ Beta(mixup_alpha,
+            mixup_alpha)), half by CutMix (a box of area ~ Beta(cutmix_alpha,
+            cutmix_alpha)); labels mix in the same proportion (DeiT's recipe).
+            0 turns either off.
+        seed: initial weights, data order and augmentation.
+    """
+
+    name: str
+    description: str
+    family: str
+    backbone: dict
+    epochs: int = 100
+    batch_size: int = 256
+    learning_rate: float = 1e-3
+    warmup_epochs: int = 5
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.1
+    crop_padding: int = 4
+    erasing_probability: float = 0.25
+    mixup_alpha: float = 0.8
+    cutmix_alpha: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"Cifar10Recipe: family must be one of {FAMILIES}, got {self.family!r}.")
+
+    def classes(self):
+        """(classifier class, preprocessor class, image converter class)."""
+        from keras_vmoe import models
+
+        if self.family == "vmoe":
+            return (models.VMoEImageClassifier, models.VMoEImageClassifierPreprocessor,
+                    models.VMoEImageConverter)
+        return (models.SoftMoEImageClassifier, models.SoftMoEImageClassifierPreprocessor,
+                models.SoftMoEImageConverter)
+
+    def build_classifier(self, preprocessor=True):
+        """The untrained classifier (with its preprocessor unless told not to)."""
+        classifier_cls, preprocessor_cls, converter_cls = self.classes()
+        backbone = classifier_cls.backbone_cls(**self.backbone)
+        return classifier_cls(
+            backbone,
+            num_classes=len(CIFAR10_CLASS_NAMES),
+            preprocessor=self.build_preprocessor() if preprocessor else None,
+        )
+
+    def build_preprocessor(self):
+        _, preprocessor_cls, converter_cls = self.classes()
+        return preprocessor_cls(
+            converter_cls(image_size=(IMAGE_SIZE, IMAGE_SIZE), scale=PIXEL_SCALE, offset=PIXEL_OFFSET)
+        )
+
+
+def random_crop_and_flip(images, rng, padding):
+    """Random `padding`-pixel translations (reflect-padded) and horizontal flips."""
+    count, height, width, _ = images.shape
+    padded = np.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)), mode="reflect")
+    top = rng.integers(0, 2 * padding + 1, count)
+    left = rng.integers(0, 2 * padding + 1, count)
+    rows = top[:, None] + np.arange(height)  # (N, H)
+    columns = left[:, None] + np.arange(width)  # (N, W)
+    flip = rng.random(count) < 0.5
+    columns = np.where(flip[:, None], columns[:, ::-1], columns)
+    return padded[np.arange(count)[:, None, None], rows[:, :, None], columns[:, None, :]]
+
+
+def random_erasing(images, rng, probability, min_size=8, max_size=16):
+    """Sets a random square of each image, with `probability`, to mid-grey."""
+    count, height, width, _ = images.shape
+    size = rng.integers(min_size, max_size + 1, count)
+    top = rng.integers(0, height - size + 1)
+    left = rng.integers(0, width - size + 1)
+    rows, columns = np.arange(height)[None, :, None], np.arange(width)[None, None, :]
+    inside = (
+        (rows >= top[:, None, None]) & (rows < (top + size)[:, None, None])
+        & (columns >= left[:, None, None]) & (columns < (left + size)[:, None, None])
+        & (rng.random(count) < probability)[:, None, None]
+    )
+    return np.where(inside[..., None], np.uint8(128), images)
+
+
+def mixup_and_cutmix(pixels, targets, rng, mixup_alpha, cutmix_alpha):
+    """Mixes every image with a random partner: half by mixup, half by CutMix.
+
+    pixels: (N, H, W, C) float32; targets: (N, classes) one-hot. Returns
+    both mixed; a target mixes in proportion to each image's share.
+    """
+    if not mixup_alpha and not cutmix_alpha:
+        return pixels, targets
+    count, height, width, _ = pixels.shape
+    partner = rng.permutation(count)
+    use_cutmix = rng.random(count) < (0.5 if mixup_alpha and cutmix_alpha else float(bool(cutmix_alpha)))
+    weight = np.where(
+        use_cutmix,
+        rng.beta(cutmix_alpha or 1.0, cutmix_alpha or 1.0, count),
+        rng.beta(mixup_alpha or 1.0, mixup_alpha or 1.0, count),
+    )
+    # CutMix: a box of area (1 - weight) at a random centre, clipped to the image.
+    box_height = np.round(height * np.sqrt(1 - weight)).astype(int)
+    box_width = np.round(width * np.sqrt(1 - weight)).astype(int)
+    centre_y, centre_x = rng.integers(0, height, count), rng.integers(0, width, count)
+    top, bottom = np.clip(centre_y - box_height // 2, 0, height), np.clip(centre_y + box_height // 2, 0, height)
+    left, right = np.clip(centre_x - box_width // 2, 0, width), np.clip(centre_x + box_width // 2, 0, width)
+    rows, columns = np.arange(height)[None, :, None], np.arange(width)[None, None, :]
+    in_box = (
+        (rows >= top[:, None, None]) & (rows < bottom[:, None, None])
+        & (columns >= left[:, None, None]) & (columns < right[:, None, None])
+        & use_cutmix[:, None, None]
+    )
+    box_share = in_box.mean(axis=(1, 2))
+    weight = np.where(use_cutmix, 1.0 - box_share, weight).astype("float32")
+    mixed = np.where(
+        in_box[..., None], pixels[partner],
+        np.where(use_cutmix[:, None, None, None], pixels,
+                 weight[:, None, None, None] * pixels + (1 - weight[:, None, None, None]) * pixels[partner]),
+    )
+    return mixed.astype("float32"), weight[:, None] * targets + (1 - weight[:, None]) * targets[partner]
+
+
+def to_model_inputs(images):
+    """uint8 images -> the float32 pixels the preprocessor would produce."""
+    return images.astype("float32") * np.float32(PIXEL_SCALE) + np.float32(PIXEL_OFFSET)
+
+
+def _compile(classifier, recipe, steps_per_epoch):
+    total_steps = recipe.epochs * steps_per_epoch
+    warmup_steps = recipe.warmup_epochs * steps_per_epoch
+    schedule = keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=0.0,
+        warmup_target=recipe.learning_rate,
+        warmup_steps=warmup_steps,
+        decay_steps=max(total_steps - warmup_steps, 1),
+        alpha=0.0,
+    )
+    optimizer = keras.optimizers.AdamW(
+        learning_rate=schedule, weight_decay=recipe.weight_decay, global_clipnorm=1.0
+    )
+    # Decay kernels (and expert kernel banks) only: not biases, norms,
+    # embeddings, the router's scale.
+    optimizer.exclude_from_weight_decay(
+        var_names=["bias", "gamma", "beta", "scale", "position_embedding", "class_token",
+                   "probe"]
+    )
+    classifier.compile(
+        optimizer=optimizer,
+        loss=keras.losses.CategoricalCrossentropy(
+            from_logits=True, label_smoothing=recipe.label_smoothing
+        ),
+        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+    )
+
+
+def hardware():
+    """The device Keras trains on, in words."""
+    backend = keras.backend.backend()
+    name = None
+    if backend == "jax":
+        import jax
+
+        device = jax.devices()[0]
+        name = f"{device.platform.upper()} {device.device_kind}" if device.platform != "cpu" else None
+    elif backend == "torch":
+        import torch
+
+        name = f"GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else None
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        gpus = tf.config.list_physical_devices("GPU")
+        name = f"GPU {gpus[0].name}" if gpus else None
+    return name or f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+def train(recipe, cifar10_path, epochs=None, train_limit=None, verbose="auto"):
+    """Trains `recipe` from scratch; returns (classifier without preprocessor, record).
+
+    `epochs` and `train_limit` shorten a run (smoke tests); a preset is
+    trained with the recipe's own values.
+    """
+    if epochs is not None:
+        recipe = dataclasses.replace(recipe, epochs=epochs)
+    keras.utils.set_random_seed(recipe.seed)
+    rng = np.random.default_rng(recipe.seed)
+    print(f"Decoding CIFAR-10 from {cifar10_path}")
+    images, labels = load_cifar10(cifar10_path, "train", limit=train_limit, verbose=verbose != 0)
+    test_images, test_labels = load_cifar10(cifar10_path, "test", limit=train_limit, verbose=verbose != 0)
+    one_hot = np.eye(len(CIFAR10_CLASS_NAMES), dtype="float32")
+    steps_per_epoch = max(len(images) // recipe.batch_size, 1)
+    examples_per_epoch = min(steps_per_epoch * recipe.batch_size, len(images))
+
+    classifier = recipe.build_classifier(preprocessor=False)
+    _compile(classifier, recipe, steps_per_epoch)
+    print(f"{recipe.name}: {classifier.count_params():,} parameters, "
+          f"{count_flops(classifier)['total'] / 1e6:,.1f} MFLOPs per image; "
+          f"{recipe.epochs} epochs of {steps_per_epoch} steps on {hardware()}")
+
+    def augmented_epoch():
+        order = rng.permutation(len(images))[:examples_per_epoch]
+        augmented = random_crop_and_flip(images[order], rng, recipe.crop_padding)
+        augmented = random_erasing(augmented, rng, recipe.erasing_probability)
+        return mixup_and_cutmix(
+            to_model_inputs(augmented), one_hot[labels[order]], rng,
+            recipe.mixup_alpha, recipe.cutmix_alpha,
+        )
+
+    start = time.perf_counter()
+    # One thread prepares the next epoch while the accelerator trains on
+    # this one; epochs are drawn in order, so the run stays deterministic.
+    with concurrent.futures.ThreadPoolExecutor(1) as executor:
+        upcoming = executor.submit(augmented_epoch)
+        for epoch in range(recipe.epochs):
+            pixels, targets = upcoming.result()
+            if epoch + 1 < recipe.epochs:
+                upcoming = executor.submit(augmented_epoch)
+            # The recipe augments and scales on the host, so it runs Keras'
+            # own fit: the task's fit would run its preprocessor again.
+            keras.Model.fit(
+                classifier, pixels, targets, batch_size=recipe.batch_size,
+                epochs=epoch + 1, initial_epoch=epoch, shuffle=False, verbose=verbose,
+            )
+    training_time = time.perf_counter() - start
+    logits = keras.Model.predict(classifier, to_model_inputs(test_images), batch_size=500, verbose=0)
+    test_accuracy = float(np.mean(np.argmax(logits, -1) == test_labels))
+    print(f"{recipe.name}: trained in {training_time:.0f} s; test top-1 {test_accuracy:.4f}")
+    record = dict(
+        epochs=recipe.epochs,
+        training_examples=int(len(images)),
+        training_time_s=round(training_time, 1),
+        hardware=hardware(),
+        backend=keras.backend.backend(),
+        keras_version=keras.__version__,
+        date=datetime.date.today().isoformat(),
+        test_top1_after_training=test_accuracy,
+    )
+    return classifier, record
+
+
+def store_weights_as_float16(folder):
+    """Rewrites the float32 arrays of a preset's `.weights.h5` files as float16.
+
+    Loading casts them back to the variables' dtype (float32), so a model
+    loaded from the preset computes in float32 with float16-rounded weights.
+    """
+    import h5py
+
+    for path in sorted(pathlib.Path(folder).glob("*.weights.h5")):
+        with h5py.File(path, "a") as weights:
+            arrays = []
+            weights.visititems(
+                lambda name, item: arrays.append(name)
+                if isinstance(item, h5py.Dataset) and item.dtype == np.float32 else None
+            )
+            for name in arrays:
+                value = weights[name][()]
+                del weights[name]
+                weights.create_dataset(name, data=value.astype("float16"))
+        # h5py leaves the freed space in the file; copy to compact it.
+        compacted = path.with_suffix(".compact")
+        with h5py.File(path, "r") as source, h5py.File(compacted, "w") as target:
+            for key in source:
+                source.copy(source[key], target, name=key)
+            for key, value in source.attrs.items():
+                target.attrs[key] = value
+        compacted.replace(path)
+
+
+def save_preset(recipe, classifier, folder):
+    """Saves `classifier` with the recipe's preprocessor as a keras-hub preset,
+    weights in float16; writes to a staging folder first."""
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with_preprocessor = type(classifier)(
+        classifier.backbone, num_classes=classifier.num_classes,
+        preprocessor=recipe.build_preprocessor(),
+    )
+    with_preprocessor.head.set_weights(classifier.head.get_weights())
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=".preset-", dir=folder))
+    try:
+        with_preprocessor.save_to_preset(str(staging))
+        store_weights_as_float16(staging)
+        for path in staging.iterdir():
+            path.replace(folder / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def evaluate_preset(recipe, preset, cifar10_path, limit=None):
+    """Top-1 of a preset (a name or a folder) on the raw uint8 test images,
+    through `predict`."""
+    classifier_cls = recipe.classes()[0]
+    classifier = classifier_cls.from_preset(str(preset))
+    images, labels = load_cifar10(cifar10_path, "test", limit=limit)
+    start = time.perf_counter()
+    logits = classifier.predict(images, batch_size=500, verbose=0)
+    flops = count_flops(classifier)
+    return dict(
+        test_top1=float(np.mean(np.argmax(logits, -1) == labels)),
+        test_images=int(len(labels)),
+        evaluation_backend=keras.backend.backend(),
+        evaluation_time_s=round(time.perf_counter() - start, 1),
+        evaluation_hardware=hardware(),
+        parameters=int(classifier.count_params()),
+        flops_per_image=int(flops["total"]),
+        flops_per_patch_token=round(flops["per_token"], 1),
+    )
+
+
+def update_metrics(folder, values):
+    path = pathlib.Path(folder) / "metrics.json"
+    metrics = json.loads(path.read_text()) if path.exists() else {}
+    metrics.update(values)
+    path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    return metrics
+
+
+def default_cifar10_path():
+    shared = os.environ.get("KERAS_VMOE_SHARED")
+    return pathlib.Path(shared) / "data" / "cifar10_jpeg.npz" if shared else None
+
+
+def main(recipe, recipe_file, argv=None):
+    """Command line of a preset's `recipe.py`."""
+    parser = argparse.ArgumentParser(
+        prog=f"python {recipe_file}",
+        description=f"Train the {recipe.name} preset on CIFAR-10 and measure it. {recipe.description}",
+    )
+    parser.add_argument("--cifar10", type=pathlib.Path, default=default_cifar10_path(),
+                        help="cifar10_jpeg.npz (default: $KERAS_VMOE_SHARED/data/cifar10_jpeg.npz)")
+    parser.add_argument("--output", type=pathlib.Path, default=pathlib.Path(recipe_file).parent,
+                        help="preset folder to write (default: next to this recipe)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help=f"override the recipe's {recipe.epochs} epochs (smoke runs)")
+    parser.add_argument("--train-limit", type=int, default=None,
+                        help="train and evaluate on the first N images only (smoke runs)")
+    parser.add_argument("--verbose", type=int, choices=(0, 1, 2), default=None,
+                        help="Keras fit verbosity (default: progress bars on a terminal, a line "
+                        "per epoch otherwise)")
+    parser.add_argument("--skip-training", action="store_true",
+                        help="only evaluate the preset already in --output")
+    parser.add_argument("--skip-evaluation", action="store_true",
+                        help="train and save only (evaluate later, e.g. on another machine)")
+    args = parser.parse_args(argv)
+    if args.cifar10 is None or not args.cifar10.is_file():
+        parser.error(f"--cifar10: no CIFAR-10 archive at {args.cifar10}; pass the path of cifar10_jpeg.npz")
+    if not args.skip_training:
+        classifier, record = train(
+            recipe, args.cifar10, epochs=args.epochs, train_limit=args.train_limit,
+            verbose=args.verbose if args.verbose is not None else (1 if sys.stdout.isatty() else 2),
+        )
+        save_preset(recipe, classifier, args.output)
+        update_metrics(args.output, dict(training=record, preset=recipe.name,
+                                         recipe=dataclasses.asdict(recipe)))
+        print(f"Saved the preset to {args.output}")
+    if not args.skip_evaluation:
+        # A preset written to its bundled folder is measured as users load
+        # it: by name.
+        bundled = BUNDLED_PRESETS.get(recipe.name)
+        shipped = bundled is not None and bundled.folder.resolve() == args.output.resolve()
+        evaluation = evaluate_preset(
+            recipe, recipe.name if shipped else args.output, args.cifar10, limit=args.train_limit
+        )
+        metrics = update_metrics(args.output, evaluation)
+        print(json.dumps(metrics, indent=2, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit("Run a preset's recipe: python presets/<name>/recipe.py --cifar10 PATH")
