@@ -7,12 +7,12 @@ PY := $(VENV)/bin/python
 CONSTRAINTS := requirements/constraints-cpu.txt
 BACKENDS := jax tensorflow torch
 
-.PHONY: install test test-jax test-tensorflow test-torch clean
+.PHONY: install test test-jax test-tensorflow test-torch demo clean
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[all,test]"
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[all,test,demo]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -23,5 +23,10 @@ test: install
 test-%: install
 	@$(PY) tools/run_suite.py $*
 
+# The default preset classifies CC0 / public-domain photographs and draws its
+# routing (demo_output/routing_map.png).
+demo: install
+	@$(PY) tools/demo.py --output demo_output
+
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache demo_output

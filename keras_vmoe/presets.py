@@ -356,7 +356,9 @@ def _convert_vmoe_checkpoint(preset):
             offset=-1.0,
         )
     )
-    classifier = load_vmoe_checkpoint(prefix, preset.model_config, preprocessor=preprocessor)
+    classifier = load_vmoe_checkpoint(
+        prefix, preset.model_config, preprocessor=preprocessor, verbose=True
+    )
     # Write next to the target and rename, so a failure leaves no half preset.
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{preset.name}-", dir=target.parent))

@@ -16,6 +16,10 @@ requires_fixtures = pytest.mark.skipif(
     not FIXTURES.is_dir(), reason=f"vmoe fixtures not found at {FIXTURES}"
 )
 requires_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"data sets not found at {DATA}")
+CIFAR10 = DATA / "cifar10_jpeg.npz"
+requires_cifar10 = pytest.mark.skipif(
+    not CIFAR10.is_file(), reason=f"CIFAR-10 archive not found at {CIFAR10}"
+)
 
 
 def to_numpy(x):

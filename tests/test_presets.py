@@ -99,7 +99,9 @@ def test_unknown_name_lists_the_builtin_presets():
 
 def test_builtin_presets_are_listed_by_keras_hub():
     assert set(presets.VMOE_CHECKPOINT_PRESETS) <= set(VMoEImageClassifier.presets)
-    assert set(presets.list_presets()) == set(presets.VMOE_CHECKPOINT_PRESETS)
+    assert set(presets.list_presets()) == set(presets.VMOE_CHECKPOINT_PRESETS) | set(
+        presets.BUNDLED_PRESETS
+    )
 
 
 @pytest.mark.parametrize(

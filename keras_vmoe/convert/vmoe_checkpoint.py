@@ -10,6 +10,7 @@ assigned; a missing, extra or misshapen parameter raises an error naming it.
 
 import math
 
+import keras
 import numpy as np
 
 from keras_vmoe.convert.vmoe_checkpoint_reader import CheckpointError
@@ -248,7 +249,7 @@ def vmoe_name_table(classifier):
     return table
 
 
-def assign_parameters(table, params, source):
+def assign_parameters(table, params, source, verbose=False):
     """Assigns `params` to the variables of `table`, all or nothing.
 
     Every parameter must have a variable and every variable a parameter, with
@@ -268,12 +269,16 @@ def assign_parameters(table, params, source):
                 f"{source}: parameter {path!r} has shape {tuple(params[path].shape)} "
                 f"but the model built from the config expects {tuple(variable.shape)}."
             )
-    for path, variable in table.items():
+    progress = keras.utils.Progbar(len(table), unit_name="parameter") if verbose else None
+    for number, (path, variable) in enumerate(table.items(), start=1):
         variable.assign(np.asarray(params[path], dtype="float32").astype(variable.dtype))
+        if progress is not None and (number % 20 == 0 or number == len(table)):
+            progress.update(number)
 
 
 def load_vmoe_checkpoint(
-    prefix, model_config, image_shape=None, bfloat16_dispatch=None, dtype=None, preprocessor=None
+    prefix, model_config, image_shape=None, bfloat16_dispatch=None, dtype=None, preprocessor=None,
+    verbose=False,
 ):
     """Loads a google-research/vmoe checkpoint as a keras_vmoe classifier.
 
@@ -291,6 +296,7 @@ def load_vmoe_checkpoint(
         preprocessor: optional preprocessor of the classifier (e.g. a
             `VMoEImageClassifierPreprocessor` that scales uint8 pixels to
             [-1, 1]); `predict` / `fit` on raw images then go through it.
+        verbose: progress bars while reading and assigning the parameters.
 
     Returns:
         A `VMoEImageClassifier` or `SoftMoEImageClassifier` (the backbone alone
@@ -307,7 +313,7 @@ def load_vmoe_checkpoint(
     from keras_vmoe.models import SoftMoEImageClassifier
     from keras_vmoe.models import VMoEImageClassifier
 
-    params = read_vmoe_checkpoint(prefix)
+    params = read_vmoe_checkpoint(prefix, verbose=verbose)
     if image_shape is None:
         image_shape = _image_shape_from_params(params, model_config)
     backbone = backbone_from_vmoe_config(model_config, image_shape, bfloat16_dispatch, dtype)
@@ -323,5 +329,5 @@ def load_vmoe_checkpoint(
         )
     else:
         model = backbone
-    assign_parameters(vmoe_name_table(model), params, f"Checkpoint {prefix}")
+    assign_parameters(vmoe_name_table(model), params, f"Checkpoint {prefix}", verbose=verbose)
     return model

@@ -14,6 +14,7 @@ msgpack never runs code, so reading a checkpoint is safe.
 
 import os
 
+import keras
 import ml_dtypes
 import msgpack
 import numpy as np
@@ -112,11 +113,12 @@ def checkpoint_data_files(prefix):
     return _read_index(os.fspath(prefix))[1]
 
 
-def read_vmoe_checkpoint(prefix):
+def read_vmoe_checkpoint(prefix, verbose=False):
     """Reads a vmoe checkpoint into `{"Encoder/encoder_norm/scale": array, ...}`.
 
     Args:
         prefix: path without the `.index` / `.data-*` suffix.
+        verbose: show a progress bar over the data files.
 
     Raises:
         CheckpointError: naming the file that is missing or truncated, or the
@@ -128,7 +130,8 @@ def read_vmoe_checkpoint(prefix):
         shape, dtype = info["global_shape"]["shape"], info["global_shape"]["dtype"]
         arrays.append(np.zeros(shape, dtype))
         filled.append(np.zeros(shape, bool))
-    for data_file in data_files:
+    progress = keras.utils.Progbar(len(data_files), unit_name="file") if verbose else None
+    for file_number, data_file in enumerate(data_files, start=1):
         content = _unpack_file(data_file)
         if not isinstance(content, dict) or _ARRAY_CHUNKS_MAGIC_KEY not in content:
             raise CheckpointError(f"{data_file} is not a vmoe checkpoint data file.")
@@ -154,6 +157,8 @@ def read_vmoe_checkpoint(prefix):
                 else:
                     arrays[number][...] = flat.reshape(arrays[number].shape)
                     filled[number][...] = True
+        if progress is not None:
+            progress.update(file_number)
     for (path, _), mask in zip(leaves, filled):
         if not mask.all():
             raise CheckpointError(

@@ -1,6 +1,8 @@
 """Model families: backbones, tasks, image converters and preprocessors."""
 
 from keras_vmoe.models.flops import count_flops
+from keras_vmoe.models.routing_inspection import expert_assignments
+from keras_vmoe.models.routing_inspection import router_inputs
 from keras_vmoe.models.image_classifier import VisionTransformerImageClassifier
 from keras_vmoe.models.soft_moe import SOFT_MOE_ARCHITECTURES
 from keras_vmoe.models.soft_moe import SoftMoEBackbone

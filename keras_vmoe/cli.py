@@ -1,0 +1,189 @@
+"""The `keras-vmoe` command: classify images with a preset, draw its routing, list presets.
+
+    keras-vmoe classify [--preset NAME] [--top K] [--routing-map FILE.png] IMAGE...
+    keras-vmoe presets
+
+Bad input (a missing or unreadable image, an unknown preset) ends with one
+line on stderr, `keras-vmoe: error: ...`, and exit status 1.
+"""
+
+import argparse
+import pathlib
+import sys
+
+import numpy as np
+
+DEFAULT_PRESET = "vmoe_tiny_cifar10"
+
+
+class CommandError(Exception):
+    """Bad input to the command: reported as one line, exit status 1."""
+
+
+def load_photo(path, size):
+    """A photo, centre-cropped to a square and downscaled to `size` (H, W) with
+    antialiasing; uint8 (H, W, 3)."""
+    from PIL import Image
+    from PIL import UnidentifiedImageError
+
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise CommandError(f"image not found: {path}")
+    if not path.is_file():
+        raise CommandError(f"not a file: {path}")
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as error:
+        raise CommandError(f"cannot read {path} as an image ({error})") from error
+    width, height = image.size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    image = image.crop((left, top, left + side, top + side))
+    # The preprocessor's resize does not antialias; downscaling a photo to
+    # 32x32 without it aliases badly, so resize here first.
+    return np.asarray(image.resize((size[1], size[0]), Image.LANCZOS)), np.asarray(
+        image.resize((max(size[1], 256), max(size[0], 256)), Image.LANCZOS)
+    )
+
+
+def class_names(preset, num_classes):
+    """Names of the classifier's classes, where known."""
+    from keras_vmoe.data.cifar10 import CIFAR10_CLASS_NAMES
+    from keras_vmoe.presets import BUNDLED_PRESETS
+
+    if preset in BUNDLED_PRESETS and num_classes == len(CIFAR10_CLASS_NAMES):
+        return list(CIFAR10_CLASS_NAMES)
+    if num_classes == 1000:
+        from keras_hub.src.utils.imagenet.imagenet_utils import imagenet_id_to_name
+
+        return [imagenet_id_to_name(i) for i in range(1000)]
+    return [f"class {i}" for i in range(num_classes)]
+
+
+def load_classifier(preset):
+    """Any keras_vmoe image classifier preset: a built-in name or a folder."""
+    from keras_vmoe.models import VisionTransformerImageClassifier
+    from keras_vmoe.presets import PresetError
+
+    try:
+        return VisionTransformerImageClassifier.from_preset(preset)
+    except PresetError:
+        raise
+    except (OSError, ValueError) as error:
+        raise CommandError(f"cannot load the preset {preset!r}: {error}") from error
+
+
+def routing_panels(backbone, pixels):
+    """{panel title: (images, patches) expert ids} of the MoE blocks that see patches."""
+    from keras_vmoe.models.routing_inspection import expert_assignments
+
+    patch_merger = backbone.patch_merger
+    panels = {}
+    for index, assignment in expert_assignments(backbone, pixels).items():
+        if patch_merger and index > patch_merger["after_block"]:
+            continue  # Merged tokens are not patches: nothing to draw them on.
+        moe = backbone.get_layer(f"encoder_block_{index}").mlp
+        kind = "Soft MoE" if not moe.drops_tokens else "MoE"
+        panels[f"{kind} block {index}"] = assignment[:, backbone.num_prefix_tokens:]
+    return panels
+
+
+def classify(args):
+    import keras
+
+    classifier = load_classifier(args.preset)
+    backbone = classifier.backbone
+    if args.routing_map and not backbone.moe_layers:
+        raise CommandError(
+            f"preset {args.preset!r} has no MoE layers, so it has no routing to draw; "
+            f"use a MoE preset such as {DEFAULT_PRESET}, or drop --routing-map"
+        )
+    if args.routing_map and not str(args.routing_map).lower().endswith(".png"):
+        raise CommandError(f"--routing-map must name a .png file, got {args.routing_map}")
+    size = tuple(classifier.preprocessor.image_converter.image_size)
+    photos = [load_photo(path, size) for path in args.images]
+    images = np.stack([model_input for model_input, _ in photos])
+    logits = classifier.predict(images, batch_size=32, verbose=0)
+    probabilities = keras.ops.convert_to_numpy(keras.ops.softmax(logits, axis=-1))
+    names = class_names(args.preset, probabilities.shape[-1])
+    top = min(args.top, len(names))
+    captions = []
+    for path, row in zip(args.images, probabilities):
+        order = np.argsort(-row)[:top]
+        print(path)
+        for index in order:
+            print(f"  {names[index]:<24} {row[index]:.3f}")
+        captions.append(f"{names[order[0]]} {row[order[0]]:.0%}")
+    if args.routing_map:
+        from keras_vmoe.visualization.routing_map import draw_routing_map
+
+        pixels = classifier.preprocessor(images)
+        panels = routing_panels(backbone, pixels)
+        if not panels:
+            raise CommandError(
+                f"preset {args.preset!r} routes merged tokens only (its MoE blocks follow a "
+                "PatchMerger), which do not map onto image patches"
+            )
+        patch = backbone.patch_size if isinstance(backbone.patch_size, int) else backbone.patch_size[0]
+        grid = (size[0] // patch, size[1] // patch)
+        sparse = any(moe.drops_tokens for moe in backbone.moe_blocks)
+        what = "goes to" if sparse else "takes most of its output from (Soft MoE)"
+        picture = draw_routing_map(
+            [display for _, display in photos], panels, grid,
+            num_experts=max(moe.num_experts for moe in backbone.moe_blocks), captions=captions,
+            title=f"{args.preset}: the expert each {patch}x{patch} patch {what}",
+        )
+        path = pathlib.Path(args.routing_map)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        picture.save(path)
+        print(f"Routing map written to {path}")
+
+
+def list_presets(args):
+    from keras_vmoe.presets import preset_infos
+
+    for info in preset_infos():
+        params = f"{info.params / 1e6:.1f}M params" if info.params else "params unknown"
+        accuracy = f", CIFAR-10 test top-1 {info.test_top1:.4f}" if info.test_top1 else ""
+        offline = "loads offline" if info.offline else "needs a download (or a local mirror)"
+        print(f"{info.name}\n  {info.description}\n  {params}{accuracy}; {offline}\n"
+              f"  source: {info.source}")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="keras-vmoe", description="Mixture-of-Experts vision models for Keras 3."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    classify_parser = commands.add_parser(
+        "classify", help="top classes of images, and optionally a routing picture",
+        description="Classify images with a preset: the top classes with their probabilities.",
+    )
+    classify_parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format Pillow reads)")
+    classify_parser.add_argument("--preset", default=DEFAULT_PRESET,
+                                 help=f"a built-in preset name or a preset folder (default: {DEFAULT_PRESET})")
+    classify_parser.add_argument("--top", type=int, default=5, help="classes to show per image (default: 5)")
+    classify_parser.add_argument("--routing-map", metavar="FILE.png",
+                                 help="write a picture of the expert each patch goes to in each MoE layer")
+    classify_parser.set_defaults(run=classify)
+    presets_parser = commands.add_parser("presets", help="every built-in preset")
+    presets_parser.set_defaults(run=list_presets)
+    return parser
+
+
+def main(argv=None):
+    from keras_vmoe.presets import PresetError
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (CommandError, PresetError) as error:
+        message = " ".join(str(error).split())
+        print(f"keras-vmoe: error: {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
