@@ -151,6 +151,16 @@ def list_presets(args):
               f"  source: {info.source}")
 
 
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="keras-vmoe", description="Mixture-of-Experts vision models for Keras 3."
@@ -163,7 +173,7 @@ def build_parser():
     classify_parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format Pillow reads)")
     classify_parser.add_argument("--preset", default=DEFAULT_PRESET,
                                  help=f"a built-in preset name or a preset folder (default: {DEFAULT_PRESET})")
-    classify_parser.add_argument("--top", type=int, default=5, help="classes to show per image (default: 5)")
+    classify_parser.add_argument("--top", type=positive_int, default=5, help="classes to show per image (default: 5)")
     classify_parser.add_argument("--routing-map", metavar="FILE.png",
                                  help="write a picture of the expert each patch goes to in each MoE layer")
     classify_parser.set_defaults(run=classify)

@@ -55,6 +55,8 @@ def load_cifar10(path, split, limit=None, verbose=False):
         offsets = archive[f"{split}_offsets"]
         labels = archive[f"{split}_labels"].astype("int32")
     indices = np.arange(len(labels))
+    if limit is not None and int(limit) < 0:
+        raise ValueError(f"load_cifar10: limit must be None or >= 0, got {limit}.")
     if limit is not None:
         indices = np.sort(np.random.default_rng(0).permutation(len(labels))[: int(limit)])
     count = len(indices)

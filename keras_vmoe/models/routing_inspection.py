@@ -4,7 +4,8 @@
 expert processes each token of each image (eval mode, as `predict` routes):
 
 - a sparse (V-MoE) block: the expert of the token's first kept choice, in
-  the router's priority order (top-1 before top-2), or -1 when every
+  the router's priority order (top-1 before top-2; with expert-choice
+  routing, the lowest-numbered expert that took it), or -1 when every
   choice was dropped (the token skips the MLP through the residual);
 - a Soft MoE block: the expert whose slots take the largest share of the
   token's output (its combine weights summed per expert), since every
@@ -33,6 +34,8 @@ def router_inputs(backbone, images):
     if not blocks:
         return {}
     block_inputs = keras.Model(backbone.input, [block.input for block in blocks])(images)
+    if len(blocks) == 1:  # A functional model returns a lone output unwrapped.
+        block_inputs = [block_inputs]
     tokens = {}
     for index, block, x in zip(backbone.moe_layers, blocks, block_inputs):
         x = x + block.attention(block.attention_norm(x))

@@ -253,7 +253,8 @@ def hardware():
         import tensorflow as tf
 
         gpus = tf.config.list_physical_devices("GPU")
-        name = f"GPU {gpus[0].name}" if gpus else None
+        details = tf.config.experimental.get_device_details(gpus[0]) if gpus else {}
+        name = f"GPU {details.get('device_name', gpus[0].name)}" if gpus else None
     return name or f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
@@ -357,7 +358,9 @@ def save_preset(recipe, classifier, folder):
     folder.mkdir(parents=True, exist_ok=True)
     with_preprocessor = type(classifier)(
         classifier.backbone, num_classes=classifier.num_classes,
-        preprocessor=recipe.build_preprocessor(),
+        preprocessor=recipe.build_preprocessor(), dropout=classifier.dropout,
+        head_bias_init=classifier.head_bias_init,
+        head_kernel_zero_init=classifier.head_kernel_zero_init,
     )
     with_preprocessor.head.set_weights(classifier.head.get_weights())
     staging = pathlib.Path(tempfile.mkdtemp(prefix=".preset-", dir=folder))
@@ -417,7 +420,7 @@ def main(recipe, recipe_file, argv=None):
     parser.add_argument("--epochs", type=int, default=None,
                         help=f"override the recipe's {recipe.epochs} epochs (smoke runs)")
     parser.add_argument("--train-limit", type=int, default=None,
-                        help="train and evaluate on the first N images only (smoke runs)")
+                        help="train and evaluate on N randomly drawn images of each split (smoke runs)")
     parser.add_argument("--verbose", type=int, choices=(0, 1, 2), default=None,
                         help="Keras fit verbosity (default: progress bars on a terminal, a line "
                         "per epoch otherwise)")
@@ -428,9 +431,11 @@ def main(recipe, recipe_file, argv=None):
     args = parser.parse_args(argv)
     if args.cifar10 is None or not args.cifar10.is_file():
         parser.error(f"--cifar10: no CIFAR-10 archive at {args.cifar10}; pass the path of cifar10_jpeg.npz")
+    if args.epochs is not None:  # metrics.json records the recipe as run.
+        recipe = dataclasses.replace(recipe, epochs=args.epochs)
     if not args.skip_training:
         classifier, record = train(
-            recipe, args.cifar10, epochs=args.epochs, train_limit=args.train_limit,
+            recipe, args.cifar10, train_limit=args.train_limit,
             verbose=args.verbose if args.verbose is not None else (1 if sys.stdout.isatty() else 2),
         )
         save_preset(recipe, classifier, args.output)

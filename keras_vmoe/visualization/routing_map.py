@@ -115,9 +115,9 @@ def draw_routing_map(photos, assignments, grid_shape, num_experts, captions=None
     margin, caption_height, header_height = 12, 22, 24
     title_height = 30 if title else 0
     panels = 1 + len(assignments)
-    legend_columns = min(num_experts + 1, max(4, (panels * (panel_size + margin)) // 110))
-    legend_rows = -(-(num_experts + 1) // legend_columns)  # Room for "dropped" too.
     width = margin + panels * (panel_size + margin)
+    legend_columns = max(1, min(num_experts + 1, (width - margin) // 110))
+    legend_rows = -(-(num_experts + 1) // legend_columns)  # Room for "dropped" too.
     height = (title_height + header_height + len(photos) * (panel_size + caption_height + margin)
               + legend_rows * 24 + margin)
     canvas = Image.new("RGB", (width, height), (255, 255, 255))

@@ -78,10 +78,10 @@ def expected_sparse_assignment(moe, tokens, plan):
 
 
 def test_router_inputs_are_the_tokens_each_router_sees():
-    backbone = vmoe_backbone(num_layers=3, moe_layers=(0, 2), group_size=34)
+    backbone = vmoe_backbone(group_size=34)
     images = random_images(BATCH)
     inputs = router_inputs(backbone, images)
-    assert sorted(inputs) == [0, 2]
+    assert sorted(inputs) == [0, 1]
     for index, tokens in inputs.items():
         tokens = to_numpy(tokens)
         assert tokens.shape == (BATCH // 2, 34, 32)  # Groups of 2 images of 1 + 16 tokens.
@@ -90,21 +90,19 @@ def test_router_inputs_are_the_tokens_each_router_sees():
 
 
 @pytest.mark.parametrize(
-    "k, batch_priority, pooling, group_size",
+    "k, batch_priority, group_size",
     [
-        (1, False, "token", None),
-        (1, True, "token", None),
-        (2, False, "token", 34),  # A routing group spans 2 images of 1 + 16 tokens.
-        (2, True, "gap", 32),  # 16 patch tokens per image, 2 images per group.
+        (1, False, None),
+        (1, True, None),
+        (2, False, 34),  # A routing group spans 2 images of 1 + 16 tokens.
+        (2, True, 34),
     ],
 )
-def test_sparse_assignments_follow_the_dispatch_plan(k, batch_priority, pooling, group_size):
-    backbone = vmoe_backbone(
-        num_selected_experts=k, batch_priority=batch_priority, pooling=pooling,
-        group_size=group_size,
-    )
+def test_sparse_assignments_follow_the_dispatch_plan(k, batch_priority, group_size):
+    backbone = vmoe_backbone(num_selected_experts=k, batch_priority=batch_priority,
+                             group_size=group_size)
     images = random_images(BATCH, seed=3)
-    tokens_per_image = 16 + (pooling == "token")
+    tokens_per_image = 17  # The class token first, then 16 patches.
     assignments = expert_assignments(backbone, images)
     assert sorted(assignments) == [0, 1]
     total_dropped = 0
@@ -126,7 +124,8 @@ def test_sparse_assignments_follow_the_dispatch_plan(k, batch_priority, pooling,
         total_dropped += dropped
 
         # A dropped token gets nothing from the experts; a kept one does.
-        outputs = to_numpy(moe(keras.ops.reshape(tokens, (BATCH, tokens_per_image, -1)), training=False))
+        per_image = keras.ops.reshape(tokens, (BATCH, tokens_per_image, -1))
+        outputs = to_numpy(moe(per_image, training=False))
         norms = np.abs(outputs).sum(axis=-1)
         assert (norms[assignment == -1] == 0).all()
         assert (norms[assignment >= 0] > 0).all()
@@ -135,34 +134,37 @@ def test_sparse_assignments_follow_the_dispatch_plan(k, batch_priority, pooling,
 
 
 def test_expert_choice_assignments_are_experts_that_took_the_token():
-    backbone = vmoe_backbone(router="expert_choice", capacity_factor=1.0, pooling="gap",
-                             moe_layers=(1,))
+    backbone = vmoe_backbone(router="expert_choice", capacity_factor=1.0)
     images = random_images(BATCH, seed=4)
+    assignments = expert_assignments(backbone, images)
+    for index, tokens in router_inputs(backbone, images).items():
+        assignment = assignments[index]
+        moe = backbone.get_layer(f"encoder_block_{index}").mlp
+        plan, metrics = moe.router(tokens, training=False)
+        holders = holders_from_plan(to_numpy(plan.dispatch_index), 17)
+        held = holders.any(axis=-1)  # Expert choice: a token no expert took is dropped.
+        np.testing.assert_array_equal(assignment == -1, ~held)
+        rows, columns = np.nonzero(held)
+        assert holders[rows, columns, assignment[rows, columns]].all()
+        dropped = to_numpy(metrics["dropped_tokens"]).sum() * 17
+        assert (assignment == -1).sum() == int(round(float(dropped)))
+
+
+# A functional model returns a lone output unwrapped: one MoE block.
+def test_a_single_moe_block():
+    backbone = vmoe_backbone(moe_layers=(1,))
+    images = random_images(BATCH)
     (tokens,) = router_inputs(backbone, images).values()
-    assignment = expert_assignments(backbone, images)[1]
-    moe = backbone.get_layer("encoder_block_1").mlp
-    plan, metrics = moe.router(tokens, training=False)
-    holders = holders_from_plan(to_numpy(plan.dispatch_index), 16)
-    held = holders.any(axis=-1)
-    np.testing.assert_array_equal(assignment == -1, ~held)
-    rows, columns = np.nonzero(held)
-    assert holders[rows, columns, assignment[rows, columns]].all()
-    assert (assignment == -1).sum() == int(round(float(to_numpy(metrics["dropped_tokens"]).sum()) * 16))
-
-
-def test_assignment_shapes_with_a_patch_merger():
-    backbone = vmoe_backbone(
-        num_layers=3, moe_layers=(0, 2), patch_merger=dict(after_block=1, num_tokens=4)
-    )
-    assignments = expert_assignments(backbone, random_images(3))
-    assert assignments[0].shape == (3, 17)  # Class token + 16 patches.
-    assert assignments[2].shape == (3, 5)  # Class token + 4 merged tokens.
+    np.testing.assert_allclose(to_numpy(tokens), to_numpy(moe_block_tokens(backbone, images, 1)),
+                               atol=1e-5, rtol=1e-5)
+    assert expert_assignments(backbone, images)[1].shape == (BATCH, 17)
 
 
 def test_soft_moe_assignment_is_the_expert_with_the_largest_combine_share():
     keras.utils.set_random_seed(1)
     backbone = SoftMoEBackbone(
-        **tiny_vit_arguments(moe_layers=(0, 1), num_experts=NUM_EXPERTS, slots_per_expert=3)
+        **tiny_vit_arguments(moe_layers=(0, 1), num_experts=NUM_EXPERTS, slots_per_expert=3,
+                             pooling="token")
     )
     images = random_images(BATCH, seed=5)
     assignments = expert_assignments(backbone, images)
@@ -178,9 +180,9 @@ def test_soft_moe_assignment_is_the_expert_with_the_largest_combine_share():
         combine = np_softmax(logits.reshape(groups, size, -1)).reshape(logits.shape)
         share = combine.sum(-1)  # (G, S, E)
         assignment = assignments[index]
-        assert assignment.shape == (BATCH, 16) and assignment.dtype == np.int32
+        assert assignment.shape == (BATCH, 17) and assignment.dtype == np.int32
         assert assignment.min() >= 0 and assignment.max() < NUM_EXPERTS
-        np.testing.assert_array_equal(assignment, share.argmax(-1).reshape(BATCH, 16))
+        np.testing.assert_array_equal(assignment, share.argmax(-1).reshape(BATCH, 17))
 
 
 def test_a_backbone_without_moe_layers_has_no_assignments():

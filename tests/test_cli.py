@@ -1,0 +1,247 @@
+"""The `keras-vmoe` command, run in-process through `keras_vmoe.cli.main`.
+
+Each bundled preset is loaded once per module (the command itself loads it
+on every call); one test runs the installed console script in a subprocess.
+"""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from keras_vmoe import cli
+from keras_vmoe import presets
+from keras_vmoe.data.cifar10 import CIFAR10_CLASS_NAMES
+from keras_vmoe.visualization.routing_map import draw_routing_map
+from tests.helpers import backend
+from tests.helpers import to_numpy
+
+ERROR_PREFIX = "keras-vmoe: error:"
+BUNDLED = ("vmoe_tiny_cifar10", "soft_moe_tiny_cifar10", "vit_tiny_cifar10")
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """Two CC0 photographs from scikit-image, saved as PNG files of different sizes."""
+    import skimage.data
+
+    folder = tmp_path_factory.mktemp("photos")
+    paths = []
+    for name in ("chelsea", "rocket"):
+        path = folder / f"{name}.png"
+        Image.fromarray(getattr(skimage.data, name)()).convert("RGB").save(path)
+        paths.append(str(path))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def classifiers():
+    """{preset: classifier}, filled as tests ask for presets."""
+    return {}
+
+
+@pytest.fixture(autouse=True)
+def load_each_preset_once(classifiers, monkeypatch):
+    load = cli.load_classifier
+
+    def cached(preset):
+        if preset not in classifiers:
+            classifiers[preset] = load(preset)  # Errors propagate, uncached.
+        return classifiers[preset]
+
+    monkeypatch.setattr(cli, "load_classifier", cached)
+
+
+def run(capsys, *argv):
+    status = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def predictions(out):
+    """{image path: [(class name, probability), ...]} from classify's output."""
+    table, path = {}, None
+    for line in out.splitlines():
+        if line.startswith("Routing map written to"):
+            continue
+        if not line.startswith(" "):
+            path = line
+            table[path] = []
+        else:
+            name, probability = line.rsplit(maxsplit=1)
+            table[path].append((name.strip(), float(probability)))
+    return table
+
+
+def reference_probabilities(classifier, paths):
+    size = tuple(classifier.preprocessor.image_converter.image_size)
+    images = np.stack([cli.load_photo(path, size)[0] for path in paths])
+    logits = to_numpy(classifier.predict(images, verbose=0)).astype(np.float64)
+    logits -= logits.max(-1, keepdims=True)
+    return np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+
+
+def test_classify_prints_the_top_5_classes_of_each_image(capsys, photos, classifiers):
+    status, out, err = run(capsys, "classify", *photos)
+    assert status == 0 and ERROR_PREFIX not in err
+    table = predictions(out)
+    assert list(table) == photos
+    expected = reference_probabilities(classifiers[cli.DEFAULT_PRESET], photos)
+    for path, reference in zip(photos, expected):
+        rows = table[path]
+        assert len(rows) == 5
+        names = [name for name, _ in rows]
+        assert set(names) <= set(CIFAR10_CLASS_NAMES) and len(set(names)) == 5
+        probabilities = [p for _, p in rows]
+        assert probabilities == sorted(probabilities, reverse=True)
+        assert 0 < sum(probabilities) <= 1.0 + 5 * 0.0005  # Printed to 3 decimals.
+        # The model's own top 5 of the same photo.
+        order = np.argsort(-reference)[:5]
+        assert names == [CIFAR10_CLASS_NAMES[i] for i in order]
+        np.testing.assert_allclose(probabilities, reference[order], atol=0.0015)
+
+
+def test_top_k_and_more_than_the_classes(capsys, photos):
+    status, out, _ = run(capsys, "classify", "--top", "2", *photos)
+    assert status == 0
+    assert [len(rows) for rows in predictions(out).values()] == [2, 2]
+    status, out, _ = run(capsys, "classify", "--top", "20", photos[0])
+    assert status == 0
+    (rows,) = predictions(out).values()
+    assert sorted(name for name, _ in rows) == sorted(CIFAR10_CLASS_NAMES)  # All 10, once each.
+    assert abs(sum(p for _, p in rows) - 1.0) <= 10 * 0.0005
+
+
+def reference_size(title):
+    """The size of a routing map of 2 images and 2 MoE blocks (3 panels) of 8 experts
+    on a preset's 8x8 patch grid."""
+    blank = [np.zeros((32, 32, 3), "uint8")] * 2
+    assignment = np.zeros((2, 64), int)
+    picture = draw_routing_map(blank, {"MoE block 3": assignment, "MoE block 5": assignment},
+                               (8, 8), num_experts=8, captions=["cat 50%", "dog 50%"], title=title)
+    return picture.size
+
+
+@pytest.mark.parametrize("preset", ["vmoe_tiny_cifar10", "soft_moe_tiny_cifar10"])
+def test_routing_map_png(capsys, photos, tmp_path, preset):
+    path = tmp_path / "maps" / "routing.png"  # The folder is made too.
+    status, out, err = run(capsys, "classify", "--preset", preset, "--routing-map", path, *photos)
+    assert status == 0 and ERROR_PREFIX not in err
+    assert out.splitlines()[-1] == f"Routing map written to {path}"
+    assert list(predictions(out)) == photos
+    with Image.open(path) as picture:
+        assert picture.format == "PNG" and picture.mode == "RGB"
+        assert picture.size == reference_size("a title")
+        pixels = np.asarray(picture)
+    # Not a blank canvas: the photos and their tinted copies are on it.
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 1000
+
+
+def test_presets_lists_every_builtin_preset(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_VMOE_HOME", str(tmp_path))  # No converted checkpoint cached.
+    status, out, err = run(capsys, "presets")
+    assert status == 0 and err == ""
+    blocks = {}
+    for line in out.splitlines():
+        if line and not line.startswith(" "):
+            name = line
+            blocks[name] = []
+        else:
+            blocks[name].append(line)
+    assert sorted(blocks) == sorted(presets.list_presets())
+    for name, lines in blocks.items():
+        text = "\n".join(lines)
+        assert presets.list_presets()[name].split()[0] in text  # Its description.
+        if name in BUNDLED:
+            assert "loads offline" in text and "params unknown" not in text
+        else:
+            assert "needs a download (or a local mirror)" in text
+    assert set(BUNDLED) <= set(blocks)
+    # Bundled presets come first.
+    assert set(list(blocks)[: len(BUNDLED)]) == set(BUNDLED)
+
+
+@pytest.fixture
+def bad_inputs(tmp_path, photos):
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image\n")
+    not_a_preset = tmp_path / "empty_preset"
+    not_a_preset.mkdir()
+    missing = tmp_path / "missing.png"
+    return {
+        "missing image": (["classify", photos[0], missing], ["image not found", str(missing)]),
+        "text file": (["classify", text], ["cannot read", str(text), "as an image"]),
+        "directory": (["classify", tmp_path], ["not a file", str(tmp_path)]),
+        "unknown preset": (["classify", "--preset", "vmoe_nope", photos[0]],
+                           ["Unknown preset 'vmoe_nope'", "vmoe_tiny_cifar10",
+                            "soft_moe_tiny_cifar10"]),
+        "folder that is not a preset": (["classify", "--preset", not_a_preset, photos[0]],
+                                        ["cannot load the preset", str(not_a_preset),
+                                         "config.json"]),
+        "dense preset routing map": (
+            ["classify", "--preset", "vit_tiny_cifar10", "--routing-map", tmp_path / "m.png",
+             photos[0]],
+            ["'vit_tiny_cifar10' has no MoE layers", "vmoe_tiny_cifar10"],
+        ),
+        "routing map not a png": (["classify", "--routing-map", tmp_path / "m.jpg", photos[0]],
+                                  ["--routing-map must name a .png file", "m.jpg"]),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["missing image", "text file", "directory", "unknown preset", "folder that is not a preset",
+     "dense preset routing map", "routing map not a png"],
+)
+def test_bad_input_is_one_error_line_and_status_1(capsys, bad_inputs, case, tmp_path):
+    argv, needles = bad_inputs[case]
+    status, out, err = run(capsys, *argv)
+    assert status == 1
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{ERROR_PREFIX} "), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    assert out == ""  # Nothing classified before the bad input was found.
+    assert not (tmp_path / "m.png").exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [[], ["classify"], ["classify", "--top", "two", "cat.png"], ["unknown-command"]],
+)
+def test_usage_errors_exit_2(capsys, argv):
+    with pytest.raises(SystemExit) as exit:
+        cli.main(argv)
+    assert exit.value.code == 2
+    assert "usage: keras-vmoe" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("top", ["0", "-1"])
+def test_top_must_be_positive(capsys, photos, top):
+    try:
+        status = cli.main(["classify", "--top", top, photos[0]])
+    except SystemExit as exit:
+        status = exit.code
+    assert status in (1, 2)
+    assert "--top" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(backend() != "jax", reason="one process start is enough: on jax only")
+def test_console_script_reports_a_missing_image_in_one_line(tmp_path):
+    script = pathlib.Path(sys.executable).parent / "keras-vmoe"
+    assert script.is_file(), f"console script not installed at {script}"
+    missing = tmp_path / "missing.jpg"
+    result = subprocess.run(
+        [str(script), "classify", str(missing)], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    assert result.returncode == 1, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == f"{ERROR_PREFIX} image not found: {missing}"
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
