@@ -10,4 +10,5 @@ from keras_vmoe import layers
 from keras_vmoe import models
 from keras_vmoe import ops
 from keras_vmoe import presets
+from keras_vmoe.upcycling import upcycle
 from keras_vmoe.version import __version__

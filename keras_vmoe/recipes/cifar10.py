@@ -258,28 +258,16 @@ def hardware():
     return name or f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
-def train(recipe, cifar10_path, epochs=None, train_limit=None, verbose="auto"):
-    """Trains `recipe` from scratch; returns (classifier without preprocessor, record).
+def fit_recipe(classifier, recipe, images, labels, rng, verbose="auto", after_epoch=None):
+    """Trains `classifier` (from scratch or further) on uint8 `images` with the
+    recipe's optimiser, schedule and augmentation; compiles it first.
 
-    `epochs` and `train_limit` shorten a run (smoke tests); a preset is
-    trained with the recipe's own values.
+    `after_epoch(epoch)` runs after every epoch (e.g. to evaluate).
     """
-    if epochs is not None:
-        recipe = dataclasses.replace(recipe, epochs=epochs)
-    keras.utils.set_random_seed(recipe.seed)
-    rng = np.random.default_rng(recipe.seed)
-    print(f"Decoding CIFAR-10 from {cifar10_path}")
-    images, labels = load_cifar10(cifar10_path, "train", limit=train_limit, verbose=verbose != 0)
-    test_images, test_labels = load_cifar10(cifar10_path, "test", limit=train_limit, verbose=verbose != 0)
     one_hot = np.eye(len(CIFAR10_CLASS_NAMES), dtype="float32")
     steps_per_epoch = max(len(images) // recipe.batch_size, 1)
     examples_per_epoch = min(steps_per_epoch * recipe.batch_size, len(images))
-
-    classifier = recipe.build_classifier(preprocessor=False)
     _compile(classifier, recipe, steps_per_epoch)
-    print(f"{recipe.name}: {classifier.count_params():,} parameters, "
-          f"{count_flops(classifier)['total'] / 1e6:,.1f} MFLOPs per image; "
-          f"{recipe.epochs} epochs of {steps_per_epoch} steps on {hardware()}")
 
     def augmented_epoch():
         order = rng.permutation(len(images))[:examples_per_epoch]
@@ -290,7 +278,6 @@ def train(recipe, cifar10_path, epochs=None, train_limit=None, verbose="auto"):
             recipe.mixup_alpha, recipe.cutmix_alpha,
         )
 
-    start = time.perf_counter()
     # One thread prepares the next epoch while the accelerator trains on
     # this one; epochs are drawn in order, so the run stays deterministic.
     with concurrent.futures.ThreadPoolExecutor(1) as executor:
@@ -305,9 +292,37 @@ def train(recipe, cifar10_path, epochs=None, train_limit=None, verbose="auto"):
                 classifier, pixels, targets, batch_size=recipe.batch_size,
                 epochs=epoch + 1, initial_epoch=epoch, shuffle=False, verbose=verbose,
             )
+            if after_epoch is not None:
+                after_epoch(epoch)
+
+
+def top1_accuracy(classifier, images, labels):
+    """Top-1 of `classifier` on uint8 `images`, scaled as the recipe scales them."""
+    logits = keras.Model.predict(classifier, to_model_inputs(images), batch_size=500, verbose=0)
+    return float(np.mean(np.argmax(logits, -1) == labels))
+
+
+def train(recipe, cifar10_path, epochs=None, train_limit=None, verbose="auto"):
+    """Trains `recipe` from scratch; returns (classifier without preprocessor, record).
+
+    `epochs` and `train_limit` shorten a run (smoke tests); a preset is
+    trained with the recipe's own values.
+    """
+    if epochs is not None:
+        recipe = dataclasses.replace(recipe, epochs=epochs)
+    keras.utils.set_random_seed(recipe.seed)
+    rng = np.random.default_rng(recipe.seed)
+    print(f"Decoding CIFAR-10 from {cifar10_path}")
+    images, labels = load_cifar10(cifar10_path, "train", limit=train_limit, verbose=verbose != 0)
+    test_images, test_labels = load_cifar10(cifar10_path, "test", limit=train_limit, verbose=verbose != 0)
+    classifier = recipe.build_classifier(preprocessor=False)
+    print(f"{recipe.name}: {classifier.count_params():,} parameters, "
+          f"{count_flops(classifier)['total'] / 1e6:,.1f} MFLOPs per image; "
+          f"{recipe.epochs} epochs on {hardware()}")
+    start = time.perf_counter()
+    fit_recipe(classifier, recipe, images, labels, rng, verbose=verbose)
     training_time = time.perf_counter() - start
-    logits = keras.Model.predict(classifier, to_model_inputs(test_images), batch_size=500, verbose=0)
-    test_accuracy = float(np.mean(np.argmax(logits, -1) == test_labels))
+    test_accuracy = top1_accuracy(classifier, test_images, test_labels)
     print(f"{recipe.name}: trained in {training_time:.0f} s; test top-1 {test_accuracy:.4f}")
     record = dict(
         epochs=recipe.epochs,

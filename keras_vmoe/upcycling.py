@@ -1,0 +1,209 @@
+"""Sparse upcycling: a MoE model that starts from a dense one.
+
+"Sparse Upcycling: Training Mixture-of-Experts from Dense Checkpoints"
+(Komatsuzaki et al., ICLR 2023): the MLP of each chosen block becomes a MoE
+layer whose experts all start as copies of that MLP; every other weight is
+kept, and the router, which the dense model lacks, starts from its usual
+random initialisation. Training then continues; the copies diverge as the
+router learns to send them different tokens.
+
+Example:
+```python
+dense = keras_vmoe.models.VMoEImageClassifier.from_preset("vit_tiny_cifar10")
+moe = keras_vmoe.upcycle(dense, num_experts=8, moe_layers=(3, 5),
+                         router="expert_choice", capacity_factor=1.0)
+moe.compile(...); moe.fit(images, labels)
+```
+"""
+
+import keras
+
+ROUTERS = ("token_choice", "expert_choice", "soft")
+
+
+def _vmoe_arguments(router, num_selected_experts, capacity_factor, group_size, options):
+    arguments = dict(
+        router=router,
+        num_selected_experts=num_selected_experts,
+        capacity_factor=1.0 if capacity_factor is None else capacity_factor,
+        group_size=group_size,
+    )
+    for name in ("batch_priority", "moe_dropout_rate"):
+        if name in options:
+            arguments[name] = options.pop(name)
+    if options:
+        arguments["router_options"] = options
+    return arguments
+
+
+def _soft_arguments(slots_per_expert, capacity_factor, group_size, options):
+    if slots_per_expert is None and capacity_factor is None:
+        slots_per_expert = 1
+    return dict(slots_per_expert=slots_per_expert, capacity_factor=capacity_factor,
+                group_size=group_size, **options)
+
+
+def _copy_weights(source, target):
+    """target.set_weights(source.get_weights()), naming the layer on a mismatch."""
+    weights = source.get_weights()
+    if [w.shape for w in weights] != [tuple(v.shape) for v in target.weights]:
+        raise ValueError(f"upcycle: the weights of layer {source.name!r} do not fit the new model.")
+    target.set_weights(weights)
+
+
+def _copy_mlp_into_experts(mlp, moe):
+    """Every expert of `moe` becomes a copy of the dense `mlp`."""
+    import numpy as np
+
+    num_experts = moe.num_experts
+    for bank, weight in (
+        (moe.kernel_0, mlp.dense_0.kernel), (moe.bias_0, mlp.dense_0.bias),
+        (moe.kernel_1, mlp.dense_1.kernel), (moe.bias_1, mlp.dense_1.bias),
+    ):
+        value = keras.ops.convert_to_numpy(weight)
+        bank.assign(np.broadcast_to(value, (num_experts, *value.shape)).astype(bank.dtype))
+
+
+def upcycle(
+    model,
+    num_experts,
+    moe_layers,
+    router="token_choice",
+    num_selected_experts=1,
+    capacity_factor=None,
+    slots_per_expert=None,
+    group_size=None,
+    **moe_options,
+):
+    """Turns the dense MLPs of `moe_layers` into MoE layers of copied experts.
+
+    Args:
+        model: a `VisionTransformerBackbone` (a dense ViT, a V-MoE, a Soft
+            MoE), a `VisionTransformerImageClassifier` on one, or a keras-hub
+            `ViTBackbone` (converted first with
+            `keras_vmoe.convert.from_keras_hub_vit`).
+        num_experts: int >= 2.
+        moe_layers: block indices whose dense MLP becomes a MoE layer.
+        router: `"token_choice"` or `"expert_choice"` (a `VMoEBackbone` with
+            `SparseMoE` layers), or `"soft"` (a `SoftMoEBackbone`).
+        num_selected_experts: K, for token choice.
+        capacity_factor: sparse routers: default 1.0; Soft MoE: slots from
+            the group size instead of `slots_per_expert`.
+        slots_per_expert: Soft MoE (default 1).
+        group_size: tokens routed together (default: each image on its own).
+        **moe_options: further arguments of the new backbone's MoE layers:
+            `batch_priority`, `moe_dropout_rate` and `router_options` entries
+            (`noise_std`, `importance_loss_weight`, ...) for sparse routers;
+            `noise_std`, `dispatch_dtype`, `moe_dropout_rate` for Soft MoE.
+
+    Returns:
+        The same kind of model: a `VMoEBackbone` / `SoftMoEBackbone`, or a
+        `VMoEImageClassifier` / `SoftMoEImageClassifier` with the head and
+        preprocessing of `model`.
+
+    With `router="token_choice"`, `num_selected_experts=num_experts` and a
+    capacity for every token, the upcycled model computes the dense model's
+    function: each token's output is its gates (summing to 1) times E
+    identical MLP outputs.
+    """
+    import keras_hub
+
+    from keras_vmoe.convert.keras_hub_vit import from_keras_hub_vit
+    from keras_vmoe.layers.mlp import Mlp
+    from keras_vmoe.layers.moe import SoftMoE
+    from keras_vmoe.layers.moe import SparseMoE
+    from keras_vmoe.models import SoftMoEBackbone
+    from keras_vmoe.models import SoftMoEImageClassifier
+    from keras_vmoe.models import SoftMoEImageClassifierPreprocessor
+    from keras_vmoe.models import SoftMoEImageConverter
+    from keras_vmoe.models import VisionTransformerBackbone
+    from keras_vmoe.models import VisionTransformerImageClassifier
+    from keras_vmoe.models import VMoEBackbone
+    from keras_vmoe.models import VMoEImageClassifier
+    from keras_vmoe.models import VMoEImageClassifierPreprocessor
+    from keras_vmoe.models import VMoEImageConverter
+
+    if router not in ROUTERS:
+        raise ValueError(f"upcycle: router must be one of {ROUTERS}, got {router!r}.")
+    if not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts < 2:
+        raise ValueError(
+            f"upcycle: num_experts must be an int >= 2 (one expert is the dense MLP), got {num_experts!r}."
+        )
+    task = model if isinstance(model, VisionTransformerImageClassifier) else None
+    backbone = task.backbone if task is not None else model
+    if isinstance(backbone, keras_hub.models.ViTBackbone):
+        backbone = from_keras_hub_vit(backbone)
+    if not isinstance(backbone, VisionTransformerBackbone):
+        raise ValueError(
+            "upcycle: expected a keras_vmoe backbone or image classifier, or a keras-hub "
+            f"ViTBackbone; got {type(model).__name__}."
+        )
+    moe_layers = tuple(moe_layers)
+    for index in moe_layers:
+        if not isinstance(index, int) or not 0 <= index < backbone.num_layers:
+            raise ValueError(
+                f"upcycle: moe_layers has block index {index!r}, but the model has blocks 0 to "
+                f"{backbone.num_layers - 1}."
+            )
+        if not isinstance(backbone.get_layer(f"encoder_block_{index}").mlp, Mlp):
+            raise ValueError(
+                f"upcycle: block {index} is already a MoE block (moe_layers={backbone.moe_layers}); "
+                "only dense MLPs can be upcycled."
+            )
+    if len(set(moe_layers)) != len(moe_layers) or not moe_layers:
+        raise ValueError(f"upcycle: moe_layers must list distinct block indices, got {moe_layers}.")
+    soft = router == "soft"
+    if backbone.moe_layers:
+        kept = SoftMoE if soft else SparseMoE
+        if not all(isinstance(moe, kept) for moe in backbone.moe_blocks):
+            raise ValueError(
+                f"upcycle: the model's MoE blocks {backbone.moe_layers} are not {kept.__name__} "
+                f"layers, so it cannot also hold router={router!r} blocks."
+            )
+
+    # The base encoder's configuration (pooling, qk-norm, dtype, ...) as is.
+    config = VisionTransformerBackbone.get_config(backbone)
+    config["moe_layers"] = tuple(sorted(set(backbone.moe_layers) | set(moe_layers)))
+    config.pop("name", None)
+    if soft:
+        family = SoftMoEBackbone
+        config.update(num_experts=num_experts,
+                      **_soft_arguments(slots_per_expert, capacity_factor, group_size, dict(moe_options)))
+    else:
+        family = VMoEBackbone
+        config.update(num_experts=num_experts,
+                      **_vmoe_arguments(router, num_selected_experts, capacity_factor, group_size,
+                                        dict(moe_options)))
+    upcycled = family(**config)
+
+    for layer in backbone.layers:
+        if isinstance(layer, keras.layers.InputLayer) or not layer.weights:
+            continue
+        target = upcycled.get_layer(layer.name)
+        if not layer.name.startswith("encoder_block_"):
+            _copy_weights(layer, target)
+            continue
+        for part in ("attention_norm", "attention", "mlp_norm"):
+            _copy_weights(getattr(layer, part), getattr(target, part))
+        if isinstance(layer.mlp, Mlp) and not isinstance(target.mlp, Mlp):
+            _copy_mlp_into_experts(layer.mlp, target.mlp)
+        else:
+            _copy_weights(layer.mlp, target.mlp)
+
+    if task is None:
+        return upcycled
+    classifier_cls, preprocessor_cls, converter_cls = (
+        (SoftMoEImageClassifier, SoftMoEImageClassifierPreprocessor, SoftMoEImageConverter)
+        if soft else (VMoEImageClassifier, VMoEImageClassifierPreprocessor, VMoEImageConverter)
+    )
+    preprocessor = None
+    if task.preprocessor is not None:
+        preprocessor = preprocessor_cls(
+            converter_cls.from_config(task.preprocessor.image_converter.get_config())
+        )
+    classifier = classifier_cls(
+        upcycled, num_classes=task.num_classes, preprocessor=preprocessor, dropout=task.dropout,
+        head_bias_init=task.head_bias_init, head_kernel_zero_init=task.head_kernel_zero_init,
+    )
+    _copy_weights(task.head, classifier.head)
+    return classifier
