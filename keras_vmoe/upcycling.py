@@ -185,6 +185,10 @@ def upcycle(
             continue
         for part in ("attention_norm", "attention", "mlp_norm"):
             _copy_weights(getattr(layer, part), getattr(target, part))
+        if layer.layer_scale_init is not None:
+            # Copies, not the arrays themselves: JAX donates buffers in fit.
+            target.attention_scale.assign(keras.ops.convert_to_numpy(layer.attention_scale))
+            target.mlp_scale.assign(keras.ops.convert_to_numpy(layer.mlp_scale))
         if isinstance(layer.mlp, Mlp) and not isinstance(target.mlp, Mlp):
             _copy_mlp_into_experts(layer.mlp, target.mlp)
         else:

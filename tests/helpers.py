@@ -91,8 +91,10 @@ def moe_block_tokens(backbone, images, index):
     """The (G, S, D) tokens the router of MoE block `index` sees on `images`."""
     block = backbone.get_layer(f"encoder_block_{index}")
     x = keras.Model(backbone.input, block.input)(images)
-    x = x + block.attention(block.attention_norm(x))
-    tokens = block.mlp_norm(x)
+    attended = block.attention(block.attention_norm(x))
+    if block.layer_scale_init is not None:  # LayerScale (DINOv2).
+        attended = attended * block.attention_scale
+    tokens = block.mlp_norm(x + attended)
     group_size = block.mlp.group_size or tokens.shape[1]
     return keras.ops.reshape(tokens, (-1, group_size, tokens.shape[-1]))
 

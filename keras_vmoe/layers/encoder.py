@@ -272,6 +272,9 @@ class EncoderBlock(keras.layers.Layer):
         dropout_rate: float. Dropout after attention.
         attention_dropout_rate: float. Dropout on the attention weights.
         layer_norm_epsilon: float.
+        layer_scale_init: None, or a float: LayerScale (CaiT, DINOv2), a
+            learned per-channel scale on the attention and MLP branches,
+            `x + scale * branch(norm(x))`, starting at this value.
     """
 
     def __init__(
@@ -282,6 +285,7 @@ class EncoderBlock(keras.layers.Layer):
         dropout_rate=0.0,
         attention_dropout_rate=0.0,
         layer_norm_epsilon=1e-6,
+        layer_scale_init=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -294,6 +298,10 @@ class EncoderBlock(keras.layers.Layer):
         self.dropout_rate = check_float("dropout_rate", dropout_rate, 0.0, 1.0)
         self.attention_dropout_rate = attention_dropout_rate
         self.layer_norm_epsilon = layer_norm_epsilon
+        self.layer_scale_init = (
+            None if layer_scale_init is None
+            else check_float("layer_scale_init", layer_scale_init, owner="EncoderBlock")
+        )
         self.attention_norm = keras.layers.LayerNormalization(
             epsilon=layer_norm_epsilon, dtype=self.dtype_policy, name="attention_norm"
         )
@@ -315,12 +323,26 @@ class EncoderBlock(keras.layers.Layer):
         self.attention_norm.build(input_shape)
         self.attention.build(input_shape)
         self.mlp_norm.build(input_shape)
-        self.mlp.build(input_shape)
+        if not self.mlp.built:  # A block restored from its config already built it.
+            self.mlp.build(input_shape)
+        if self.layer_scale_init is not None:
+            initializer = keras.initializers.Constant(self.layer_scale_init)
+            self.attention_scale = self.add_weight(
+                shape=(input_shape[-1],), initializer=initializer, name="attention_scale"
+            )
+            self.mlp_scale = self.add_weight(
+                shape=(input_shape[-1],), initializer=initializer, name="mlp_scale"
+            )
 
     def call(self, inputs, training=None):
         x = self.attention(self.attention_norm(inputs), training=training)
+        if self.layer_scale_init is not None:
+            x = x * ops.cast(self.attention_scale, x.dtype)
         x = inputs + self.dropout(x, training=training)
-        return x + self.mlp(self.mlp_norm(x), training=training)
+        y = self.mlp(self.mlp_norm(x), training=training)
+        if self.layer_scale_init is not None:
+            y = y * ops.cast(self.mlp_scale, y.dtype)
+        return x + y
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -334,6 +356,7 @@ class EncoderBlock(keras.layers.Layer):
             dropout_rate=self.dropout_rate,
             attention_dropout_rate=self.attention_dropout_rate,
             layer_norm_epsilon=self.layer_norm_epsilon,
+            layer_scale_init=self.layer_scale_init,
         )
         return config
 

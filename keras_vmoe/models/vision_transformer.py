@@ -141,6 +141,8 @@ class VisionTransformerBackbone(BuiltinPresetMixin, Backbone):
         dropout_rate, attention_dropout_rate: floats.
         approximate_gelu: bool. tanh-approximate GELU (vmoe) or exact (keras-hub).
         layer_norm_epsilon: float.
+        layer_scale_init: None, or the initial value of LayerScale on every
+            block's attention and MLP branches (DINOv2 style).
         moe_layers: indices of the blocks whose MLP is a MoE layer.
         patch_merger: None, or `dict(after_block=b, num_tokens=M)`: merge the
             patch tokens into M after block b (0 <= b <= num_layers - 2,
@@ -165,6 +167,7 @@ class VisionTransformerBackbone(BuiltinPresetMixin, Backbone):
         attention_dropout_rate=0.0,
         approximate_gelu=True,
         layer_norm_epsilon=1e-6,
+        layer_scale_init=None,
         moe_layers=(),
         moe_mlp=None,
         patch_merger=None,
@@ -240,6 +243,7 @@ class VisionTransformerBackbone(BuiltinPresetMixin, Backbone):
                 dropout_rate=dropout_rate,
                 attention_dropout_rate=attention_dropout_rate,
                 layer_norm_epsilon=layer_norm_epsilon,
+                layer_scale_init=layer_scale_init,
                 dtype=dtype,
                 name=f"encoder_block_{index}",
             )(x)
@@ -280,6 +284,7 @@ class VisionTransformerBackbone(BuiltinPresetMixin, Backbone):
         self.attention_dropout_rate = attention_dropout_rate
         self.approximate_gelu = bool(approximate_gelu)
         self.layer_norm_epsilon = layer_norm_epsilon
+        self.layer_scale_init = layer_scale_init
         self.moe_layers = moe_layers
         self.patch_merger = patch_merger
 
@@ -323,6 +328,7 @@ class VisionTransformerBackbone(BuiltinPresetMixin, Backbone):
             attention_dropout_rate=self.attention_dropout_rate,
             approximate_gelu=self.approximate_gelu,
             layer_norm_epsilon=self.layer_norm_epsilon,
+            layer_scale_init=self.layer_scale_init,
             moe_layers=self.moe_layers,
             patch_merger=self.patch_merger,
         )
