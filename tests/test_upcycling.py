@@ -127,3 +127,22 @@ def test_a_block_that_is_already_moe_and_mixed_families():
         keras_vmoe.upcycle(moe, NUM_EXPERTS, (3,), router="soft")
     more = keras_vmoe.upcycle(moe, NUM_EXPERTS, (3,))
     assert more.backbone.moe_layers == (1, 3)
+
+
+def test_a_dense_vmoe_checkpoint_upcycles(tmp_path):
+    from keras_vmoe.convert import load_vmoe_checkpoint
+    from keras_vmoe.convert import vmoe_name_table
+    from tests.convert.test_vmoe_checkpoint import perturbed_model
+    from tests.convert.vmoe_checkpoint_writer import write_vmoe_checkpoint
+
+    # A vmoe config with no MoE layers: a dense ViT checkpoint.
+    config = {"num_classes": 3, "patch_size": [8, 8], "hidden_size": 32, "classifier": "token",
+              "encoder": {"num_layers": 2, "mlp_dim": 64, "num_heads": 2}}
+    source = perturbed_model(config, (32, 32, 3))
+    prefix = str(tmp_path / "dense")
+    write_vmoe_checkpoint(prefix, {p: to_numpy(v) for p, v in vmoe_name_table(source).items()})
+    dense = load_vmoe_checkpoint(prefix, config, image_shape=(32, 32, 3))
+    assert dense.backbone.moe_layers == ()
+    moe = keras_vmoe.upcycle(dense, NUM_EXPERTS, (1,), num_selected_experts=NUM_EXPERTS)
+    images = random_images(2)
+    np.testing.assert_allclose(to_numpy(moe(images)), to_numpy(dense(images)), atol=1e-5, rtol=0)
