@@ -134,7 +134,7 @@ def draw_plot(results, path):
     from PIL import ImageDraw
 
     from keras_vmoe.visualization.routing_map import PALETTE
-    from keras_vmoe.visualization.routing_map import _font
+    from keras_vmoe.visualization.routing_map import load_font
 
     width, height, left, bottom, top, right = 640, 420, 70, 50, 40, 130
     canvas = Image.new("RGB", (width, height), "white")
@@ -148,7 +148,7 @@ def draw_plot(results, path):
         return (left + (width - left - right) * x / x_max,
                 height - bottom - (height - top - bottom) * (y - y_min) / (y_max - y_min))
 
-    font = _font(13)
+    font = load_font(13)
     draw.line((left, height - bottom, width - right, height - bottom), fill="black")
     draw.line((left, top, left, height - bottom), fill="black")
     for k in range(5):

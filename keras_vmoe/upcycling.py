@@ -112,16 +112,10 @@ def upcycle(
     from keras_vmoe.layers.mlp import Mlp
     from keras_vmoe.layers.moe import SoftMoE
     from keras_vmoe.layers.moe import SparseMoE
-    from keras_vmoe.models import SoftMoEBackbone
     from keras_vmoe.models import SoftMoEImageClassifier
-    from keras_vmoe.models import SoftMoEImageClassifierPreprocessor
-    from keras_vmoe.models import SoftMoEImageConverter
     from keras_vmoe.models import VisionTransformerBackbone
     from keras_vmoe.models import VisionTransformerImageClassifier
-    from keras_vmoe.models import VMoEBackbone
     from keras_vmoe.models import VMoEImageClassifier
-    from keras_vmoe.models import VMoEImageClassifierPreprocessor
-    from keras_vmoe.models import VMoEImageConverter
 
     if router not in ROUTERS:
         raise ValueError(f"upcycle: router must be one of {ROUTERS}, got {router!r}.")
@@ -165,16 +159,15 @@ def upcycle(
     config = VisionTransformerBackbone.get_config(backbone)
     config["moe_layers"] = tuple(sorted(set(backbone.moe_layers) | set(moe_layers)))
     config.pop("name", None)
+    classifier_cls = SoftMoEImageClassifier if soft else VMoEImageClassifier
     if soft:
-        family = SoftMoEBackbone
         config.update(num_experts=num_experts,
                       **_soft_arguments(slots_per_expert, capacity_factor, group_size, dict(moe_options)))
     else:
-        family = VMoEBackbone
         config.update(num_experts=num_experts,
                       **_vmoe_arguments(router, num_selected_experts, capacity_factor, group_size,
                                         dict(moe_options)))
-    upcycled = family(**config)
+    upcycled = classifier_cls.backbone_cls(**config)
 
     for layer in backbone.layers:
         if isinstance(layer, keras.layers.InputLayer) or not layer.weights:
@@ -196,14 +189,11 @@ def upcycle(
 
     if task is None:
         return upcycled
-    classifier_cls, preprocessor_cls, converter_cls = (
-        (SoftMoEImageClassifier, SoftMoEImageClassifierPreprocessor, SoftMoEImageConverter)
-        if soft else (VMoEImageClassifier, VMoEImageClassifierPreprocessor, VMoEImageConverter)
-    )
+    preprocessor_cls = classifier_cls.preprocessor_cls
     preprocessor = None
     if task.preprocessor is not None:
         preprocessor = preprocessor_cls(
-            converter_cls.from_config(task.preprocessor.image_converter.get_config())
+            preprocessor_cls.image_converter_cls.from_config(task.preprocessor.image_converter.get_config())
         )
     classifier = classifier_cls(
         upcycled, num_classes=task.num_classes, preprocessor=preprocessor, dropout=task.dropout,

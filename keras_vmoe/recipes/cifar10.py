@@ -110,19 +110,16 @@ class Cifar10Recipe:
         if self.family not in FAMILIES:
             raise ValueError(f"Cifar10Recipe: family must be one of {FAMILIES}, got {self.family!r}.")
 
-    def classes(self):
-        """(classifier class, preprocessor class, image converter class)."""
+    def classifier_class(self):
+        """The task class; its keras-hub class attributes name the backbone,
+        preprocessor and image converter classes."""
         from keras_vmoe import models
 
-        if self.family == "vmoe":
-            return (models.VMoEImageClassifier, models.VMoEImageClassifierPreprocessor,
-                    models.VMoEImageConverter)
-        return (models.SoftMoEImageClassifier, models.SoftMoEImageClassifierPreprocessor,
-                models.SoftMoEImageConverter)
+        return models.VMoEImageClassifier if self.family == "vmoe" else models.SoftMoEImageClassifier
 
     def build_classifier(self, preprocessor=True):
         """The untrained classifier (with its preprocessor unless told not to)."""
-        classifier_cls, preprocessor_cls, converter_cls = self.classes()
+        classifier_cls = self.classifier_class()
         backbone = classifier_cls.backbone_cls(**self.backbone)
         return classifier_cls(
             backbone,
@@ -131,9 +128,9 @@ class Cifar10Recipe:
         )
 
     def build_preprocessor(self):
-        _, preprocessor_cls, converter_cls = self.classes()
+        preprocessor_cls = self.classifier_class().preprocessor_cls
         return preprocessor_cls(
-            converter_cls(image_size=(IMAGE_SIZE, IMAGE_SIZE), scale=PIXEL_SCALE, offset=PIXEL_OFFSET)
+            preprocessor_cls.image_converter_cls(image_size=(IMAGE_SIZE, IMAGE_SIZE), scale=PIXEL_SCALE, offset=PIXEL_OFFSET)
         )
 
 
@@ -391,8 +388,7 @@ def save_preset(recipe, classifier, folder):
 def evaluate_preset(recipe, preset, cifar10_path, limit=None):
     """Top-1 of a preset (a name or a folder) on the raw uint8 test images,
     through `predict`."""
-    classifier_cls = recipe.classes()[0]
-    classifier = classifier_cls.from_preset(str(preset))
+    classifier = recipe.classifier_class().from_preset(str(preset))
     images, labels = load_cifar10(cifar10_path, "test", limit=limit)
     start = time.perf_counter()
     logits = classifier.predict(images, batch_size=500, verbose=0)

@@ -40,7 +40,8 @@ def expert_colours(num_experts):
     ]
 
 
-def _font(size):
+def load_font(size):
+    """Pillow's default font at `size` (its bitmap font on old Pillow)."""
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1 has one bitmap size.
@@ -111,7 +112,7 @@ def draw_routing_map(photos, assignments, grid_shape, num_experts, captions=None
                 f"(images, patches) = ({len(photos)}, {rows * columns}) for a {rows}x{columns} grid."
             )
     colours = expert_colours(num_experts)
-    font, small = _font(15), _font(13)
+    font, small = load_font(15), load_font(13)
     margin, caption_height, header_height = 12, 22, 24
     title_height = 30 if title else 0
     panels = 1 + len(assignments)
