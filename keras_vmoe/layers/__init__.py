@@ -18,3 +18,6 @@ from keras_vmoe.layers.routing import RoutingPlan
 from keras_vmoe.layers.routing import SoftRouter
 from keras_vmoe.layers.routing import TokenChoiceRouter
 from keras_vmoe.layers.routing import compute_capacity
+from keras_vmoe.layers.multimodal_routing import MultimodalTokenChoiceRouter
+from keras_vmoe.layers.multimodal_routing import global_entropy_loss
+from keras_vmoe.layers.multimodal_routing import local_entropy_loss

@@ -164,7 +164,9 @@ class MultiHeadDotProductAttention(keras.layers.Layer):
     Without attention dropout it runs `keras.ops.dot_product_attention`, so
     each backend may use its fused kernel.
 
-    Call with `(query_tokens)` for self-attention or `(query_tokens, kv_tokens)`.
+    Call with `(query_tokens)` for self-attention or `(query_tokens, kv_tokens)`;
+    `attention_mask` (batch, queries, keys), True where a query may attend to
+    a key (LIMoE's image and text tokens attend only within their modality).
     """
 
     def __init__(
@@ -227,19 +229,23 @@ class MultiHeadDotProductAttention(keras.layers.Layer):
             self.key_norm.build((None, None, self.num_heads, head_dim))
         self.dropout = keras.layers.Dropout(self.dropout_rate, dtype=self.dtype_policy)
 
-    def call(self, query, value=None, training=None):
+    def call(self, query, value=None, training=None, attention_mask=None):
         value = query if value is None else value
+        mask = None if attention_mask is None else ops.cast(attention_mask, "bool")[:, None]
         q, k, v = self.query(query), self.key(value), self.value(value)
         if self.qk_norm:
             q, k = self.query_norm(q), self.key_norm(k)
         if self.dropout_rate > 0 and training:
             # (batch, heads, queries, keys); softmax in float32.
             logits = ops.einsum("bqhk,bshk->bhqs", q, k) / math.sqrt(self.head_dim)
-            weights = ops.softmax(ops.cast(logits, "float32"), axis=-1)
+            logits = ops.cast(logits, "float32")
+            if mask is not None:
+                logits = ops.where(mask, logits, ops.full_like(logits, -1e9))
+            weights = ops.softmax(logits, axis=-1)
             weights = self.dropout(ops.cast(weights, v.dtype), training=training)
             x = ops.einsum("bhqs,bshk->bqhk", weights, v)
         else:
-            x = ops.dot_product_attention(q, k, v)
+            x = ops.dot_product_attention(q, k, v, mask=mask)
         return self.out(x)
 
     def compute_output_shape(self, query_shape, value_shape=None):
@@ -334,12 +340,20 @@ class EncoderBlock(keras.layers.Layer):
                 shape=(input_shape[-1],), initializer=initializer, name="mlp_scale"
             )
 
-    def call(self, inputs, training=None):
-        x = self.attention(self.attention_norm(inputs), training=training)
+    def call(self, inputs, training=None, attention_mask=None, token_modalities=None):
+        """`attention_mask`: (batch, tokens, tokens) bool, see the attention.
+        `token_modalities`: (batch, tokens) int, passed to an MLP that takes
+        them (a `SparseMoE`, for its router: LIMoE); -1 marks padding."""
+        x = self.attention(
+            self.attention_norm(inputs), training=training, attention_mask=attention_mask
+        )
         if self.layer_scale_init is not None:
             x = x * ops.cast(self.attention_scale, x.dtype)
         x = inputs + self.dropout(x, training=training)
-        y = self.mlp(self.mlp_norm(x), training=training)
+        if token_modalities is None or not getattr(self.mlp, "takes_token_modalities", False):
+            y = self.mlp(self.mlp_norm(x), training=training)
+        else:
+            y = self.mlp(self.mlp_norm(x), training=training, token_modalities=token_modalities)
         if self.layer_scale_init is not None:
             y = y * ops.cast(self.mlp_scale, y.dtype)
         return x + y

@@ -196,6 +196,7 @@ class SparseMoE(MoELayer):
     """
 
     drops_tokens = True
+    takes_token_modalities = True
 
     def __init__(
         self,
@@ -268,11 +269,25 @@ class SparseMoE(MoELayer):
             self.router.build((None, None, dim))
         self.build_experts(dim)
 
-    def call(self, inputs, training=None):
+    def call(self, inputs, training=None, token_modalities=None):
+        """`token_modalities` (batch, tokens) int, for routers that take it
+        (`MultimodalTokenChoiceRouter`); -1 marks padding, which is not routed."""
         group_size = self.resolve_group_size(inputs.shape)
         shape = ops.shape(inputs)
         tokens = ops.reshape(inputs, (-1, group_size, shape[-1]))  # (G, S, D)
-        plan, metrics = self.router(tokens, training=training)
+        if token_modalities is None:
+            plan, metrics = self.router(tokens, training=training)
+        elif getattr(self.router, "uses_token_modalities", False):
+            plan, metrics = self.router(
+                tokens, training=training,
+                token_modalities=ops.reshape(token_modalities, (-1, group_size)),
+            )
+        else:
+            raise ValueError(
+                f"{self.name}: got `token_modalities`, but its router "
+                f"{type(self.router).__name__} does not use them; use a "
+                "keras_vmoe.layers.MultimodalTokenChoiceRouter."
+            )
         outputs = moe_ops.sparse_moe(
             self.round_to_dispatch_dtype(tokens), plan, self.rounded_experts(training)
         )

@@ -52,39 +52,53 @@ def compute_capacity(num_tokens, num_experts, capacity_factor, rounding="ceil", 
     return capacity
 
 
-def importance_loss(gates):
+def _token_mean(x, token_weights):
+    """Mean over the tokens (axis 1) of (G, S, ...) x; with (G, S) 0/1
+    `token_weights`, over the weighted (real) tokens only."""
+    if token_weights is None:
+        return ops.mean(x, axis=1)
+    weights = ops.reshape(token_weights, ops.shape(token_weights) + (1,) * (len(x.shape) - 2))
+    count = ops.maximum(ops.sum(token_weights, axis=1), 1.0)
+    return ops.sum(x * weights, axis=1) / ops.reshape(count, ops.shape(count) + (1,) * (len(x.shape) - 2))
+
+
+def importance_loss(gates, token_weights=None):
     """Squared coefficient of variation of the per-expert gate sums.
 
-    gates: (G, S, E) -> (G,).
+    gates: (G, S, E) -> (G,). `token_weights` (G, S): 0 leaves a token out.
     """
+    if token_weights is not None:
+        gates = gates * token_weights[..., None]
     importance = ops.sum(gates, axis=1)
     return (ops.std(importance, axis=-1) / ops.mean(importance, axis=-1)) ** 2
 
 
-def load_loss(logits, noisy_logits, noise_std, num_selected_experts):
+def load_loss(logits, noisy_logits, noise_std, num_selected_experts, token_weights=None):
     """vmoe's load loss: squared coefficient of variation of each expert's
     probability of making a token's top K if the noise were drawn again.
 
     logits, noisy_logits: (G, S, E); noise_std: the std of the added noise.
-    Returns (G,).
+    Returns (G,). `token_weights` (G, S): 0 leaves a token out.
     """
     # The K-th largest noisy logit of each token is the bar to clear.
     threshold = ops.top_k(noisy_logits, num_selected_experts)[0][..., -1:]
     noise_required_to_win = (threshold - logits) / noise_std
     # 1 - Phi(z) = erfc(z / sqrt 2) / 2 = (1 - erf(z / sqrt 2)) / 2.
     p = 0.5 * (1.0 - ops.erf(noise_required_to_win / math.sqrt(2.0)))
-    p_mean = ops.mean(p, axis=1)
+    p_mean = _token_mean(p, token_weights)
     return (ops.std(p_mean, axis=-1) / ops.mean(p_mean, axis=-1)) ** 2
 
 
-def gshard_loss(gates):
+def gshard_loss(gates, token_weights=None):
     """GShard's balance loss: E^2 * mean_e(mean top-1 share * mean gate).
 
-    gates: (G, S, E) -> (G,).
+    gates: (G, S, E) -> (G,). `token_weights` (G, S): 0 leaves a token out.
     """
     num_experts = ops.shape(gates)[-1]
     top1 = ops.one_hot(ops.argmax(gates, axis=-1), num_experts, dtype=gates.dtype)
-    loss = ops.mean(ops.mean(top1, axis=1) * ops.mean(gates, axis=1), axis=-1)
+    loss = ops.mean(
+        _token_mean(top1, token_weights) * _token_mean(gates, token_weights), axis=-1
+    )
     return loss * float(num_experts**2)
 
 
@@ -181,6 +195,10 @@ class TokenChoiceRouter(Router):
     noise, i.e. in training), GShard, and optionally the ST-MoE z-loss;
     `auxiliary_loss` is their weighted sum.
 
+    `token_mask` (G, S) bool, optional: False marks padding, which is not
+    routed (it takes no slot, is combined with weight 0) and is left out of
+    the losses and the dropped-token metrics.
+
     Example:
     >>> router = TokenChoiceRouter(num_experts=4, num_selected_experts=2)
     >>> plan, metrics = router(keras.ops.ones((3, 16, 8)))
@@ -236,25 +254,26 @@ class TokenChoiceRouter(Router):
             self.capacity_multiple_of,
         )
 
-    def call(self, tokens, training=None):
+    def call(self, tokens, training=None, token_mask=None):
         num_groups, group_size, _ = ops.shape(tokens)
         num_experts, k = self.num_experts, self.num_selected_experts
         capacity = self.capacity(group_size)
+        weights = None if token_mask is None else ops.cast(token_mask, "float32")  # (G, S)
 
         logits = self.gate_logits(tokens)  # (G, S, E)
         gates = ops.softmax(logits, axis=-1)
         noisy_logits, noise_std = self.add_noise(logits, training)
         routing_gates = gates if noise_std is None else ops.softmax(noisy_logits, axis=-1)
         metrics = {
-            "importance_loss": importance_loss(gates),
-            "gshard_loss": gshard_loss(routing_gates),
+            "importance_loss": importance_loss(gates, weights),
+            "gshard_loss": gshard_loss(routing_gates, weights),
         }
         weighted = [
             (self.gshard_loss_weight, metrics["gshard_loss"]),
             (self.importance_loss_weight, metrics["importance_loss"]),
         ]
         if noise_std is not None:
-            metrics["load_loss"] = load_loss(logits, noisy_logits, noise_std, k)
+            metrics["load_loss"] = load_loss(logits, noisy_logits, noise_std, k, weights)
             weighted.append((self.load_loss_weight, metrics["load_loss"]))
         if self.z_loss_weight > 0:
             metrics["z_loss"] = z_loss(logits)
@@ -266,6 +285,9 @@ class TokenChoiceRouter(Router):
 
         top_gates, top_experts = ops.top_k(routing_gates, k)  # (G, S, K)
         top_experts = ops.cast(top_experts, "int32")
+        if weights is not None:
+            # Padding: gate 0, so BPR serves it last and it combines to 0.
+            top_gates = top_gates * weights[..., None]
         if self.batch_priority:
             # Serve tokens in decreasing order of their top-1 gate.
             order = ops.cast(ops.argsort(-top_gates[..., 0], axis=-1), "int32")
@@ -277,6 +299,11 @@ class TokenChoiceRouter(Router):
         # (G, K * S): rank-major, so every top-1 choice precedes any top-2.
         priority = ops.reshape(ops.transpose(experts_in_order, (0, 2, 1)), (num_groups, -1))
         one_hot = ops.one_hot(priority, num_experts, dtype="int32")  # (G, K*S, E)
+        if weights is not None:  # Padding takes no slot.
+            routed = ops.cast(weights, "int32")
+            if self.batch_priority:
+                routed = ops.take_along_axis(routed, order, axis=1)
+            one_hot = one_hot * ops.tile(routed, (1, k))[..., None]
         # Position of each choice in its expert's buffer.
         position = ops.sum(ops.cumsum(one_hot, axis=1) * one_hot, axis=-1) - 1
         position = ops.transpose(ops.reshape(position, (num_groups, k, group_size)), (0, 2, 1))
@@ -289,6 +316,8 @@ class TokenChoiceRouter(Router):
             # After BPR's ordering, which ranks tokens by their raw top-1 gate.
             top_gates = top_gates / ops.sum(top_gates, axis=-1, keepdims=True)
         kept = position < capacity
+        if weights is not None:
+            kept = ops.logical_and(kept, ops.cast(token_mask, "bool")[..., None])
         dropped_slot = num_experts * capacity
         combine_index = ops.where(kept, top_experts * capacity + position, dropped_slot)
         combine_weights = ops.where(kept, top_gates, ops.zeros_like(top_gates))
@@ -305,9 +334,9 @@ class TokenChoiceRouter(Router):
         dispatch_index = ops.reshape(dispatch_index, (num_groups, num_experts, capacity))
 
         kept_float = ops.cast(kept, "float32")
-        metrics["dropped_choices"] = 1.0 - ops.mean(kept_float, axis=(1, 2))
-        metrics["dropped_tokens"] = ops.mean(
-            ops.cast(ops.max(kept_float, axis=-1) == 0, "float32"), axis=1
+        metrics["dropped_choices"] = 1.0 - ops.mean(_token_mean(kept_float, weights), axis=-1)
+        metrics["dropped_tokens"] = _token_mean(
+            ops.cast(ops.max(kept_float, axis=-1) == 0, "float32"), weights
         )
         plan = RoutingPlan(dispatch_index, combine_index, combine_weights)
         return plan, metrics

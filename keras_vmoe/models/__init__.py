@@ -4,6 +4,13 @@ from keras_vmoe.models.flops import count_flops
 from keras_vmoe.models.routing_inspection import expert_assignments
 from keras_vmoe.models.routing_inspection import router_inputs
 from keras_vmoe.models.image_classifier import VisionTransformerImageClassifier
+from keras_vmoe.models.limoe import LIMoEBackbone
+from keras_vmoe.models.limoe import LIMoEContrastiveModel
+from keras_vmoe.models.limoe import LIMoEImageConverter
+from keras_vmoe.models.limoe import LIMoEPreprocessor
+from keras_vmoe.models.limoe import LIMoETokenizer
+from keras_vmoe.models.limoe import LIMoEZeroShotClassifier
+from keras_vmoe.models.limoe import train_limoe_vocabulary
 from keras_vmoe.models.soft_moe import SOFT_MOE_ARCHITECTURES
 from keras_vmoe.models.soft_moe import SoftMoEBackbone
 from keras_vmoe.models.soft_moe import SoftMoEImageClassifier

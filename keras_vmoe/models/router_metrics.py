@@ -30,6 +30,12 @@ class RouterMetricsMixin:
         loss = super().compute_loss(
             x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training
         )
+        self.record_router_metrics()
+        return loss
+
+    def record_router_metrics(self):
+        """Updates the trackers from the MoE layers' latest call (a task
+        with its own `compute_loss` calls this there)."""
         recorded = [layer.router_metrics for layer in getattr(self, "_moe_layers", ())]
         recorded = [metrics for metrics in recorded if metrics]
         if recorded:
@@ -42,4 +48,3 @@ class RouterMetricsMixin:
                 )
             for layer in self._moe_layers:
                 layer.router_metrics = {}
-        return loss

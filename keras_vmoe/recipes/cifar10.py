@@ -205,24 +205,32 @@ def to_model_inputs(images):
     return images.astype("float32") * np.float32(PIXEL_SCALE) + np.float32(PIXEL_OFFSET)
 
 
-def _compile(classifier, recipe, steps_per_epoch):
-    total_steps = recipe.epochs * steps_per_epoch
-    warmup_steps = recipe.warmup_epochs * steps_per_epoch
+def make_optimizer(learning_rate, weight_decay, warmup_steps, total_steps):
+    """AdamW with a linear warm-up to `learning_rate`, a cosine decay to 0,
+    global-norm clipping at 1, and weight decay on kernels only."""
     schedule = keras.optimizers.schedules.CosineDecay(
         initial_learning_rate=0.0,
-        warmup_target=recipe.learning_rate,
+        warmup_target=learning_rate,
         warmup_steps=warmup_steps,
         decay_steps=max(total_steps - warmup_steps, 1),
         alpha=0.0,
     )
     optimizer = keras.optimizers.AdamW(
-        learning_rate=schedule, weight_decay=recipe.weight_decay, global_clipnorm=1.0
+        learning_rate=schedule, weight_decay=weight_decay, global_clipnorm=1.0
     )
     # Decay kernels (and expert kernel banks) only: not biases, norms,
-    # embeddings, the router's scale.
+    # embeddings, the router's scale, a temperature.
     optimizer.exclude_from_weight_decay(
         var_names=["bias", "gamma", "beta", "scale", "position_embedding", "class_token",
-                   "probe"]
+                   "probe", "embeddings", "log_temperature"]
+    )
+    return optimizer
+
+
+def _compile(classifier, recipe, steps_per_epoch):
+    optimizer = make_optimizer(
+        recipe.learning_rate, recipe.weight_decay, recipe.warmup_epochs * steps_per_epoch,
+        recipe.epochs * steps_per_epoch,
     )
     classifier.compile(
         optimizer=optimizer,

@@ -1,0 +1,323 @@
+"""The LIMoE backbone: one sparse-MoE Transformer for images and text."""
+
+import keras
+from keras import ops
+from keras_hub.layers import PositionEmbedding as SequencePositionEmbedding
+from keras_hub.models import Backbone
+
+from keras_vmoe.layers.encoder import EncoderBlock
+from keras_vmoe.layers.encoder import MultiHeadAttentionPooling
+from keras_vmoe.layers.encoder import PatchEmbedding
+from keras_vmoe.layers.encoder import PositionEmbedding
+from keras_vmoe.layers.encoder import SequencePooling
+from keras_vmoe.layers.mlp import Mlp
+from keras_vmoe.layers.moe import SparseMoE
+from keras_vmoe.layers.multimodal_routing import MultimodalTokenChoiceRouter
+from keras_vmoe.models.vision_transformer import check_moe_layers
+from keras_vmoe.presets import BuiltinPresetMixin
+from keras_vmoe.validation import as_pair
+from keras_vmoe.validation import check_choice
+from keras_vmoe.validation import check_int
+
+IMAGE, TEXT, PADDING = 0, 1, -1
+IMAGE_POOLINGS = ("gap", "map")
+
+
+def masked_mean(tokens, mask):
+    """(B, T, D) tokens, (B, T) bool mask -> (B, D) mean of the masked-in tokens."""
+    weights = ops.cast(mask, tokens.dtype)[..., None]
+    return ops.sum(tokens * weights, axis=1) / ops.maximum(ops.sum(weights, axis=1), 1.0)
+
+
+def l2_normalize(x, epsilon=1e-12):
+    x = ops.cast(x, "float32")
+    return x * ops.rsqrt(ops.maximum(ops.sum(ops.square(x), axis=-1, keepdims=True), epsilon))
+
+
+@keras.saving.register_keras_serializable(package="keras_vmoe")
+class LIMoEBackbone(BuiltinPresetMixin, Backbone):
+    """LIMoE ("Multimodal Contrastive Learning with LIMoE", arXiv:2206.02770).
+
+    Images (patch embedding + learned 2D position embedding) and text (token
+    embedding + learned position embedding) run through one shared stack of
+    pre-LayerNorm Transformer blocks. Blocks in `moe_layers` hold a
+    `SparseMoE` with a `MultimodalTokenChoiceRouter` (token choice, K = 1,
+    Batch Priority Routing by default, as in the paper) that adds the V-MoE
+    importance and load losses and LIMoE's per-modality local and global
+    entropy losses in training. Each modality is then pooled (images: GAP
+    or MAP; text: the mean of its non-padding tokens) and projected by its
+    own linear head into a shared space of `embedding_dim`; both embeddings
+    are L2-normalised.
+
+    When called on image-text pairs, an image's patches and its caption's
+    tokens form one sequence: attention stays within a modality (a
+    block-diagonal mask, padding masked out), while each MoE layer routes the
+    pair's tokens together, so the two modalities compete for the same
+    expert slots (one routing group per pair; BPR decides who is dropped).
+    Text padding is not routed. `embed_images` / `embed_text` run one
+    modality alone (for zero-shot classification and retrieval).
+
+    Choices where the paper is not explicit: the text is pooled by a masked
+    mean (the paper's text tower follows LiT), the projections have no bias,
+    and the entropy losses are weighted 0.01 each with a global-entropy
+    threshold of log(E / 2) unless `router_options` says otherwise.
+
+    Args:
+        image_shape: (height, width, channels).
+        patch_size: int or (int, int).
+        vocabulary_size: int. Text tokens.
+        max_text_length: int. Text positions; longer token sequences are an
+            error (the preprocessor truncates to it).
+        num_layers, hidden_dim, mlp_dim, num_heads: the shared Transformer.
+        embedding_dim: int. The shared embedding space.
+        moe_layers: block indices whose MLP is a `SparseMoE`.
+        num_experts, num_selected_experts, capacity_factor, group_size,
+        batch_priority: routing, as `VMoEBackbone`.
+        router_options: dict of further router arguments
+            (`local_entropy_weights`, `global_entropy_weights`,
+            `global_entropy_thresholds`, `importance_loss_weight`,
+            `load_loss_weight`, `noise_std`, ...).
+        image_pooling: `"gap"` or `"map"`.
+        dropout_rate, approximate_gelu, layer_norm_epsilon, dtype: as
+            `VisionTransformerBackbone`.
+
+    Example:
+    >>> backbone = LIMoEBackbone(
+    ...     image_shape=(32, 32, 3), patch_size=8, vocabulary_size=100,
+    ...     max_text_length=8, num_layers=2, hidden_dim=32, mlp_dim=64,
+    ...     num_heads=2, embedding_dim=16, moe_layers=(1,), num_experts=4)
+    >>> outputs = backbone({
+    ...     "images": np.zeros((2, 32, 32, 3)),
+    ...     "token_ids": np.ones((2, 8), "int32"),
+    ...     "padding_mask": np.ones((2, 8), "bool")})
+    >>> outputs["image_embeddings"].shape, outputs["text_embeddings"].shape
+    ((2, 16), (2, 16))
+    """
+
+    def __init__(
+        self,
+        image_shape,
+        patch_size,
+        vocabulary_size,
+        max_text_length,
+        num_layers,
+        hidden_dim,
+        mlp_dim,
+        num_heads,
+        embedding_dim,
+        moe_layers=(),
+        num_experts=8,
+        num_selected_experts=1,
+        capacity_factor=1.0,
+        group_size=None,
+        batch_priority=True,
+        router_options=None,
+        image_pooling="gap",
+        dropout_rate=0.0,
+        approximate_gelu=True,
+        layer_norm_epsilon=1e-6,
+        route_pairs_together=False,
+        dtype=None,
+        **kwargs,
+    ):
+        owner = "LIMoEBackbone"
+        image_shape = tuple(image_shape)
+        if len(image_shape) != 3:
+            raise ValueError(f"{owner}: image_shape must be (height, width, channels), got {image_shape}.")
+        patch_size = as_pair("patch_size", patch_size, owner=owner)
+        for axis, side in ((0, "height"), (1, "width")):
+            if image_shape[axis] % patch_size[axis]:
+                raise ValueError(
+                    f"{owner}: patch_size {patch_size} does not divide the image {side} "
+                    f"{image_shape[axis]} (image_shape={image_shape})."
+                )
+        vocabulary_size = check_int("vocabulary_size", vocabulary_size, minimum=1, owner=owner)
+        max_text_length = check_int("max_text_length", max_text_length, minimum=1, owner=owner)
+        num_layers = check_int("num_layers", num_layers, minimum=1, owner=owner)
+        embedding_dim = check_int("embedding_dim", embedding_dim, minimum=1, owner=owner)
+        check_choice("image_pooling", image_pooling, IMAGE_POOLINGS, owner=owner)
+        moe_layers = check_moe_layers(moe_layers, num_layers, owner)
+        router_options = dict(router_options or {})
+        grid_size = (image_shape[0] // patch_size[0], image_shape[1] // patch_size[1])
+
+        # === Layers ===
+        self.patch_embedding = PatchEmbedding(hidden_dim, patch_size, dtype=dtype, name="patch_embedding")
+        self.image_position_embedding = PositionEmbedding(
+            "learned", grid_size, dtype=dtype, name="image_position_embedding"
+        )
+        self.token_embedding = keras.layers.Embedding(
+            vocabulary_size, hidden_dim,
+            embeddings_initializer=keras.initializers.RandomNormal(stddev=hidden_dim**-0.5),
+            dtype=dtype, name="token_embedding",
+        )
+        self.text_position_embedding = SequencePositionEmbedding(
+            max_text_length, dtype=dtype, name="text_position_embedding"
+        )
+        self.embedding_dropout = keras.layers.Dropout(dropout_rate, dtype=dtype, name="embedding_dropout")
+        self.blocks = []
+        for index in range(num_layers):
+            if index in moe_layers:
+                router = MultimodalTokenChoiceRouter(
+                    num_experts,
+                    modalities=("image", "text"),
+                    num_selected_experts=num_selected_experts,
+                    capacity_factor=capacity_factor,
+                    batch_priority=batch_priority,
+                    name="router",
+                    **router_options,
+                )
+                mlp = SparseMoE(
+                    num_experts, mlp_dim, router=router, group_size=group_size,
+                    approximate_gelu=approximate_gelu, dropout_rate=dropout_rate,
+                    dtype=dtype, name="moe",
+                )
+            else:
+                mlp = Mlp(mlp_dim, approximate_gelu, dropout_rate, dtype=dtype, name="mlp")
+            self.blocks.append(EncoderBlock(
+                num_heads, mlp, dropout_rate=dropout_rate,
+                layer_norm_epsilon=layer_norm_epsilon, dtype=dtype,
+                name=f"encoder_block_{index}",
+            ))
+        self.encoder_norm = keras.layers.LayerNormalization(
+            epsilon=layer_norm_epsilon, dtype=dtype, name="encoder_norm"
+        )
+        if image_pooling == "map":
+            self.image_pooling_layer = MultiHeadAttentionPooling(
+                num_heads, mlp_dim, False, approximate_gelu, layer_norm_epsilon,
+                dtype=dtype, name="image_pooling",
+            )
+        else:
+            self.image_pooling_layer = SequencePooling("gap", dtype=dtype, name="image_pooling")
+        self.image_projection = keras.layers.Dense(
+            embedding_dim, use_bias=False, dtype=dtype, name="image_projection"
+        )
+        self.text_projection = keras.layers.Dense(
+            embedding_dim, use_bias=False, dtype=dtype, name="text_projection"
+        )
+        self.image_shape = image_shape
+        self.max_text_length = max_text_length
+        self.route_pairs_together = bool(route_pairs_together)
+
+        # === Functional model ===
+        images = keras.Input(shape=image_shape, name="images")
+        token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
+        padding_mask = keras.Input(shape=(None,), dtype="bool", name="padding_mask")
+        image_embeddings, text_embeddings = self.encode(images, token_ids, padding_mask)
+        super().__init__(
+            inputs={"images": images, "token_ids": token_ids, "padding_mask": padding_mask},
+            outputs={"image_embeddings": image_embeddings, "text_embeddings": text_embeddings},
+            dtype=dtype,
+            **kwargs,
+        )
+
+        # === Config ===
+        self.patch_size = patch_size
+        self.vocabulary_size = vocabulary_size
+        self.num_layers = num_layers
+        self.hidden_dim = hidden_dim
+        self.mlp_dim = mlp_dim
+        self.num_heads = num_heads
+        self.embedding_dim = embedding_dim
+        self.moe_layers = moe_layers
+        self.num_experts = num_experts
+        self.num_selected_experts = num_selected_experts
+        self.capacity_factor = capacity_factor
+        self.group_size = group_size
+        self.batch_priority = batch_priority
+        self.router_options = router_options
+        self.image_pooling = image_pooling
+        self.dropout_rate = dropout_rate
+        self.approximate_gelu = approximate_gelu
+        self.layer_norm_epsilon = layer_norm_epsilon
+
+    def encode(self, images=None, token_ids=None, padding_mask=None, training=None):
+        """Embeds images, texts, or image-text pairs (one sequence per pair).
+
+        Returns (image_embeddings, text_embeddings), each (batch,
+        embedding_dim) and L2-normalised, or None for a missing modality.
+        """
+        if images is None and token_ids is None:
+            raise ValueError("LIMoEBackbone.encode: give images, token_ids, or both.")
+        if images is not None and token_ids is not None and not self.route_pairs_together:
+            return (
+                self.encode(images=images, training=training)[0],
+                self.encode(token_ids=token_ids, padding_mask=padding_mask, training=training)[1],
+            )
+        parts, modalities = [], []
+        if images is not None:
+            image_tokens = self.image_position_embedding(self.patch_embedding(images))
+            parts.append(image_tokens)
+            modalities.append(ops.full_like(image_tokens[..., 0], IMAGE, dtype="int32"))
+        if token_ids is not None:
+            length = token_ids.shape[1]
+            if length is not None and length > self.max_text_length:
+                raise ValueError(
+                    f"LIMoEBackbone: token_ids have {length} positions but the model has "
+                    f"max_text_length={self.max_text_length}; truncate the text (the "
+                    "LIMoEPreprocessor does) or build a model with longer positions."
+                )
+            if padding_mask is None:
+                padding_mask = ops.ones_like(token_ids, dtype="bool")
+            text_tokens = self.token_embedding(token_ids)
+            text_tokens = text_tokens + self.text_position_embedding(text_tokens)
+            parts.append(text_tokens)
+            modalities.append(ops.where(ops.cast(padding_mask, "bool"), TEXT, PADDING))
+        x = parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=1)
+        token_modalities = modalities[0] if len(modalities) == 1 else ops.concatenate(modalities, axis=1)
+        # Each token attends to the real tokens of its own modality (padding
+        # to padding, so that no row is empty).
+        attention_mask = ops.equal(token_modalities[:, :, None], token_modalities[:, None, :])
+        x = self.embedding_dropout(x, training=training)
+        for block in self.blocks:
+            x = block(x, training=training, attention_mask=attention_mask, token_modalities=token_modalities)
+        x = self.encoder_norm(x)
+        image_embeddings = text_embeddings = None
+        num_image_tokens = 0
+        if images is not None:
+            num_image_tokens = parts[0].shape[1]
+            pooled = self.image_pooling_layer(x[:, :num_image_tokens])
+            image_embeddings = l2_normalize(self.image_projection(pooled))
+        if token_ids is not None:
+            pooled = masked_mean(x[:, num_image_tokens:], ops.equal(token_modalities[:, num_image_tokens:], TEXT))
+            text_embeddings = l2_normalize(self.text_projection(pooled))
+        return image_embeddings, text_embeddings
+
+    def embed_images(self, images, training=False):
+        """(batch, H, W, C) pixels -> (batch, embedding_dim) unit vectors."""
+        return self.encode(images=images, training=training)[0]
+
+    def embed_text(self, token_ids, padding_mask=None, training=False):
+        """(batch, length) token ids -> (batch, embedding_dim) unit vectors."""
+        return self.encode(token_ids=token_ids, padding_mask=padding_mask, training=training)[1]
+
+    @property
+    def moe_blocks(self):
+        """The MoE layers of the blocks in `moe_layers`, in block order."""
+        return [self.blocks[index].mlp for index in self.moe_layers]
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            image_shape=self.image_shape,
+            patch_size=self.patch_size,
+            vocabulary_size=self.vocabulary_size,
+            max_text_length=self.max_text_length,
+            num_layers=self.num_layers,
+            hidden_dim=self.hidden_dim,
+            mlp_dim=self.mlp_dim,
+            num_heads=self.num_heads,
+            embedding_dim=self.embedding_dim,
+            moe_layers=self.moe_layers,
+            num_experts=self.num_experts,
+            num_selected_experts=self.num_selected_experts,
+            capacity_factor=self.capacity_factor,
+            group_size=self.group_size,
+            batch_priority=self.batch_priority,
+            router_options=self.router_options,
+            image_pooling=self.image_pooling,
+            dropout_rate=self.dropout_rate,
+            approximate_gelu=self.approximate_gelu,
+            layer_norm_epsilon=self.layer_norm_epsilon,
+            route_pairs_together=self.route_pairs_together,
+        )
+        return config

@@ -1,0 +1,64 @@
+"""The LIMoE text tokenizer: a SentencePiece vocabulary shipped with the preset."""
+
+import io
+
+import keras
+from keras_hub.tokenizers import SentencePieceTokenizer
+
+from keras_vmoe.models.limoe.limoe_backbone import LIMoEBackbone
+from keras_vmoe.presets import BuiltinPresetMixin
+
+PAD, UNKNOWN, START, END = "<pad>", "<unk>", "<s>", "</s>"
+
+
+def train_limoe_vocabulary(texts, vocabulary_size):
+    """Trains a lower-casing unigram SentencePiece vocabulary on `texts`.
+
+    Pieces 0 to 3 are `<pad>`, `<unk>`, `<s>` and `</s>`; byte fallback
+    spells any word the texts never showed, so no caption maps to `<unk>`
+    alone. `vocabulary_size` is an upper bound (a small corpus yields fewer
+    pieces). Returns the serialized model (bytes) for `LIMoETokenizer`.
+
+    Example:
+    >>> proto = train_limoe_vocabulary(["a photo of a cat.", "a photo of a dog."], 300)
+    >>> LIMoETokenizer(proto=proto)("A photo of a cat.").shape
+    TensorShape([...])
+    """
+    import sentencepiece
+
+    texts = [str(text) for text in texts]
+    if not texts:
+        raise ValueError("train_limoe_vocabulary: `texts` is empty.")
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts),
+        model_writer=model,
+        vocab_size=vocabulary_size,
+        hard_vocab_limit=False,
+        model_type="unigram",
+        character_coverage=1.0,
+        byte_fallback=True,
+        normalization_rule_name="nmt_nfkc_cf",  # NFKC and case folding.
+        pad_id=0, unk_id=1, bos_id=2, eos_id=3,
+        pad_piece=PAD, unk_piece=UNKNOWN, bos_piece=START, eos_piece=END,
+        minloglevel=2,
+    )
+    return model.getvalue()
+
+
+@keras.saving.register_keras_serializable(package="keras_vmoe")
+class LIMoETokenizer(BuiltinPresetMixin, SentencePieceTokenizer):
+    """keras-hub's `SentencePieceTokenizer` with LIMoE's special tokens.
+
+    Args:
+        proto: a SentencePiece model (bytes or a file path), e.g. from
+            `train_limoe_vocabulary`; saved with the preset as an asset.
+    """
+
+    backbone_cls = LIMoEBackbone
+
+    def __init__(self, proto=None, **kwargs):
+        self._add_special_token(START, "start_token")
+        self._add_special_token(END, "end_token")
+        self._add_special_token(PAD, "pad_token")
+        super().__init__(proto=proto, **kwargs)
