@@ -51,6 +51,25 @@ def check_moe_layers(moe_layers, num_layers, owner):
     return tuple(sorted(int(i) for i in moe_layers))
 
 
+def check_image_and_patch_size(image_shape, patch_size, owner):
+    """Validates an (height, width, channels) image shape and a patch size that
+    divides it; returns them as a tuple and an (int, int) pair."""
+    image_shape = tuple(image_shape)
+    if len(image_shape) != 3:
+        raise ValueError(
+            f"{owner}: image_shape must be (height, width, channels), got {image_shape}."
+        )
+    patch_size = as_pair("patch_size", patch_size, owner=owner)
+    for axis, name in ((0, "height"), (1, "width")):
+        size = check_int(f"image {name}", image_shape[axis], minimum=1, owner=owner)
+        if size % patch_size[axis]:
+            raise ValueError(
+                f"{owner}: patch_size {patch_size} does not divide the image "
+                f"{name} {size} (image_shape={image_shape})."
+            )
+    return image_shape, patch_size
+
+
 PATCH_MERGER_KEYS = ("after_block", "num_tokens")
 
 
@@ -175,19 +194,7 @@ class VisionTransformerBackbone(BuiltinPresetMixin, Backbone):
         **kwargs,
     ):
         owner = type(self).__name__
-        image_shape = tuple(image_shape)
-        if len(image_shape) != 3:
-            raise ValueError(
-                f"{owner}: image_shape must be (height, width, channels), got {image_shape}."
-            )
-        patch_size = as_pair("patch_size", patch_size, owner=owner)
-        for axis, name in ((0, "height"), (1, "width")):
-            size = check_int(f"image {name}", image_shape[axis], minimum=1, owner=owner)
-            if size % patch_size[axis]:
-                raise ValueError(
-                    f"{owner}: patch_size {patch_size} does not divide the image "
-                    f"{name} {size} (image_shape={image_shape})."
-                )
+        image_shape, patch_size = check_image_and_patch_size(image_shape, patch_size, owner)
         num_layers = check_int("num_layers", num_layers, minimum=1, owner=owner)
         hidden_dim = check_int("hidden_dim", hidden_dim, minimum=1, owner=owner)
         mlp_dim = check_int("mlp_dim", mlp_dim, minimum=1, owner=owner)

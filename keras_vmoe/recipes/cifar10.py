@@ -329,17 +329,24 @@ def train(recipe, cifar10_path, epochs=None, train_limit=None, verbose="auto"):
     training_time = time.perf_counter() - start
     test_accuracy = top1_accuracy(classifier, test_images, test_labels)
     print(f"{recipe.name}: trained in {training_time:.0f} s; test top-1 {test_accuracy:.4f}")
-    record = dict(
-        epochs=recipe.epochs,
-        training_examples=int(len(images)),
-        training_time_s=round(training_time, 1),
+    record = training_record(
+        recipe.epochs, len(images), training_time, test_top1_after_training=test_accuracy
+    )
+    return classifier, record
+
+
+def training_record(epochs, examples, seconds, **measured):
+    """What a recipe run records about its training, plus `measured` values."""
+    return dict(
+        epochs=epochs,
+        training_examples=int(examples),
+        training_time_s=round(seconds, 1),
         hardware=hardware(),
         backend=keras.backend.backend(),
         keras_version=keras.__version__,
         date=datetime.date.today().isoformat(),
-        test_top1_after_training=test_accuracy,
+        **measured,
     )
-    return classifier, record
 
 
 def store_weights_as_float16(folder):

@@ -22,7 +22,6 @@ loads it and measures zero-shot top-1 on the 10,000 test images through
 import argparse
 import concurrent.futures
 import dataclasses
-import datetime
 import json
 import math
 import pathlib
@@ -41,6 +40,7 @@ from keras_vmoe.recipes.cifar10 import make_optimizer
 from keras_vmoe.recipes.cifar10 import random_crop_and_flip
 from keras_vmoe.recipes.cifar10 import store_weights_as_float16
 from keras_vmoe.recipes.cifar10 import to_model_inputs
+from keras_vmoe.recipes.cifar10 import training_record
 from keras_vmoe.recipes.cifar10 import update_metrics
 from keras_vmoe.recipes.cifar10 import IMAGE_SIZE
 from keras_vmoe.recipes.cifar10 import PIXEL_OFFSET
@@ -257,16 +257,9 @@ def train(recipe, cifar10_path, epochs=None, train_limit=None, verbose="auto"):
     top1 = zero_shot_top1(model.backbone, recipe, proto, test_images, test_labels)
     print(f"{recipe.name}: trained in {training_time:.0f} s; zero-shot test top-1 {top1:.4f} "
           f"(temperature {model.temperature:.1f})", flush=True)
-    record = dict(
-        epochs=recipe.epochs,
-        training_examples=int(len(images)),
-        training_time_s=round(training_time, 1),
-        hardware=hardware(),
-        backend=keras.backend.backend(),
-        keras_version=keras.__version__,
-        date=datetime.date.today().isoformat(),
-        zero_shot_top1_after_training=top1,
-        learned_temperature=model.temperature,
+    record = training_record(
+        recipe.epochs, len(images), training_time,
+        zero_shot_top1_after_training=top1, learned_temperature=model.temperature,
     )
     return model, proto, record
 
