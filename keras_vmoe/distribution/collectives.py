@@ -34,7 +34,8 @@ _ARRAY = re.compile(r"(?P<dtype>[a-z]+[0-9]*)\[(?P<dims>[0-9,]*)\]")
 
 
 Collective = collections.namedtuple(
-    "Collective", ["kind", "name", "shapes", "dtype", "group_size", "buffer_bytes", "sent_bytes", "op_name"]
+    "Collective",
+    ["kind", "name", "shapes", "dtype", "group_size", "buffer_bytes", "sent_bytes", "op_name"],
 )
 
 
@@ -140,10 +141,14 @@ class CollectiveReport:
     def table(self):
         """A Markdown table: one row per kind."""
         counts, buffers, sent = self.counts(), self.buffer_bytes(), self.sent_bytes()
-        rows = ["| collective | ops | buffer bytes / device | sent bytes / device |", "|---|---|---|---|"]
+        rows = [
+            "| collective | ops | buffer bytes / device | sent bytes / device |",
+            "|---|---|---|---|",
+        ]
         for kind in KINDS:
             rows.append(f"| {kind} | {counts[kind]} | {buffers[kind]:,} | {sent[kind]:,} |")
-        rows.append(f"| total | {len(self.collectives)} | {sum(buffers.values()):,} | {sum(sent.values()):,} |")
+        total_buffers, total_sent = sum(buffers.values()), sum(sent.values())
+        rows.append(f"| total | {len(self.collectives)} | {total_buffers:,} | {total_sent:,} |")
         return "\n".join(rows)
 
     def details(self):

@@ -12,15 +12,21 @@ distribute_tensor`, a `with_sharding_constraint` under `jit` on JAX):
 3. one all-to-all on the expert axis hands every expert the slots of all
    groups, (E, G * C, D), and the experts run where their weights live;
 4. the reverse all-to-all brings the outputs back to the groups' devices,
-   where each group combines its own tokens.
+   where each group combines its own tokens;
+5. the combined tokens go back to the layout Keras gives activations (over
+   the batch axis only, replicated over the expert axis): an all-gather of
+   the layer's output over the expert axis (none when the expert axis is
+   also the batch axis, vmoe's layout on a 1-D mesh).
 
-Neither the expert weights nor the tokens are gathered.
+The expert weights are never gathered.
 """
 
 import math
 
 import keras
 from keras import ops
+
+from keras_vmoe.ops import group_local
 
 DISPATCHED = "dispatched"
 
@@ -68,7 +74,15 @@ class ExpertExchange:
         number of groups, or groups that do not split evenly over the devices:
         e.g. a last, smaller batch; the result is the same, only slower)."""
         layout = dispatched_layout(layer)
-        if layout is None or layout.axes[0] is None or not isinstance(num_groups, int):
+        if layout is None or not isinstance(num_groups, int):
+            return None
+        if len(layout.axes) != 3:
+            raise ValueError(
+                f"The layout of '{layer.path}/{DISPATCHED}' is for the (experts, slots, "
+                f"hidden) expert inputs and needs 3 axes, e.g. ('expert', 'batch', None); "
+                f"got {layout.axes}."
+            )
+        if layout.axes[0] is None:  # Experts not sharded: nothing to exchange.
             return None
         exchange = cls(layout, num_groups, layer.num_experts)
         if layer.num_experts % exchange.num_expert_shards:
@@ -153,8 +167,6 @@ class ExpertExchange:
 
     def sparse_moe(self, tokens, plan, experts):
         """`keras_vmoe.ops.sparse_moe` with the slots exchanged between devices."""
-        from keras_vmoe.ops import group_local
-
         slots = group_local.dispatch(tokens, plan.dispatch_index)  # (G, E, C, D)
         capacity = ops.shape(slots)[2]
         outputs = self.from_experts(experts(self.to_experts(slots)), capacity)
@@ -164,8 +176,6 @@ class ExpertExchange:
 
     def soft_moe(self, tokens, dispatch_weights, combine_weights, experts):
         """`keras_vmoe.ops.soft_moe` with the slots exchanged between devices."""
-        from keras_vmoe.ops import group_local
-
         slots = group_local.soft_dispatch(tokens, dispatch_weights)  # (G, E, P, D)
         num_slots = ops.shape(slots)[2]
         outputs = self.from_experts(experts(self.to_experts(slots)), num_slots)

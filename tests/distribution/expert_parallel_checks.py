@@ -69,6 +69,20 @@ def shard_shapes(model):
     return shapes
 
 
+class WaitForEachStep(keras.callbacks.Callback):
+    """Blocks until each step has finished: without it, XLA's CPU runtime
+    deadlocked after some tens of steps on 8 virtual devices of a 2-core
+    machine (steps overlapping), for a dense ViT as well."""
+
+    def _wait(self, batch, logs=None):
+        keras.tree.map_structure(keras.ops.convert_to_numpy, logs)
+
+    on_train_batch_end = on_test_batch_end = on_predict_batch_end = _wait
+
+
+WAIT = [WaitForEachStep()]
+
+
 def compile_for_training(model):
     model.compile(
         optimizer=keras.optimizers.Adam(1e-3),
@@ -82,7 +96,7 @@ def fit_losses(model, x, y):
 
     class Record(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
-            losses.append(float(logs["loss"]))
+            losses.append(float(logs["loss"]))  # Also waits for the step.
 
     model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[Record()])
     return losses
@@ -108,7 +122,7 @@ def run_both(build, x, y=None, train=None, layout_options=None, evaluate=False):
     keras.utils.set_random_seed(0)
     single = build()
     initial = [np.asarray(v.value) for v in single.variables]
-    results = dict(single=dict(logits=single.predict(x, batch_size=BATCH, verbose=0)))
+    results = dict(single=dict(logits=single.predict(x, batch_size=BATCH, verbose=0, callbacks=WAIT)))
     if train is not None:
         compile_for_training(single)
         results["single"]["losses"] = fit_losses(single, *train)
@@ -118,11 +132,14 @@ def run_both(build, x, y=None, train=None, layout_options=None, evaluate=False):
         for variable, value in zip(model.variables, initial):
             variable.assign(value)
         keras_vmoe.distribution.validate_layout_map(layout_map, model)
-        results["distributed"] = dict(logits=model.predict(x, batch_size=BATCH, verbose=0))
+        logits = model.predict(x, batch_size=BATCH, verbose=0, callbacks=WAIT)
+        results["distributed"] = dict(logits=logits)
         if train is not None:
             compile_for_training(model)
             if evaluate:  # Before training: the loss of the predicted logits.
-                loss = model.evaluate(x[:BATCH], y[:BATCH], verbose=0, return_dict=True)["loss"]
+                loss = model.evaluate(
+                    x[:BATCH], y[:BATCH], verbose=0, return_dict=True, callbacks=WAIT
+                )["loss"]
                 results["evaluate_difference"] = abs(
                     loss - cross_entropy(results["single"]["logits"][:BATCH], y[:BATCH])
                 )
@@ -172,7 +189,9 @@ def check_vmoe():
     model, dist, results = run_both(build, x, y, train=train, evaluate=True)
     out = summary(results)
     out["shards"] = shard_shapes(model)
-    bank_sizes = {int(np.prod(getattr(layer, name).shape)) for layer in moe_layers(model) for name in BANKS}
+    bank_sizes = {
+        int(np.prod(getattr(layer, name).shape)) for layer in moe_layers(model) for name in BANKS
+    }
     with dist.scope():
         train = keras_vmoe.distribution.step_collectives(model, x[:BATCH], y[:BATCH])
         predict = keras_vmoe.distribution.step_collectives(model, x[:BATCH], step="predict")
@@ -245,12 +264,12 @@ def check_expert_choice():
 def check_from_preset():
     pixels = np.random.RandomState(5).randint(0, 256, (BATCH, 32, 32, 3)).astype("uint8")
     single = VMoEImageClassifier.from_preset("vmoe_tiny_cifar10")
-    expected = single.predict(pixels, batch_size=BATCH, verbose=0)
+    expected = single.predict(pixels, batch_size=BATCH, verbose=0, callbacks=WAIT)
     dist, layout_map = distribution()
     with dist.scope():
         model = VMoEImageClassifier.from_preset("vmoe_tiny_cifar10")
         keras_vmoe.distribution.validate_layout_map(layout_map, model)
-        got = model.predict(pixels, batch_size=BATCH, verbose=0)
+        got = model.predict(pixels, batch_size=BATCH, verbose=0, callbacks=WAIT)
     return dict(
         logits_max_difference=max_difference(expected, got),
         logits_scale=float(np.abs(expected).max()),
@@ -282,11 +301,11 @@ def check_vmoe_checkpoint():
         prefix = os.path.join(folder, "ckpt")
         write_vmoe_checkpoint(prefix, params, shard_count=2)
         single = load_vmoe_checkpoint(prefix, VMOE_CONFIG, image_shape=(32, 32, 3))
-        expected = single.predict(x, batch_size=BATCH, verbose=0)
+        expected = single.predict(x, batch_size=BATCH, verbose=0, callbacks=WAIT)
         dist, _ = distribution()
         with dist.scope():
             model = load_vmoe_checkpoint(prefix, VMOE_CONFIG, image_shape=(32, 32, 3))
-            got = model.predict(x, batch_size=BATCH, verbose=0)
+            got = model.predict(x, batch_size=BATCH, verbose=0, callbacks=WAIT)
     return dict(
         logits_max_difference=max_difference(expected, got),
         logits_scale=float(np.abs(expected).max()),
