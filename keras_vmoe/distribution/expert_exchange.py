@@ -34,11 +34,12 @@ DISPATCHED = "dispatched"
 def dispatched_layout(layer):
     """The `TensorLayout` of `layer`'s (E, G * C, D) expert inputs, or None.
 
-    None unless a distribution is active and its layout map has a key that
-    matches `<layer.path>/dispatched` (DataParallel has none).
+    None unless a distribution is active on JAX and its layout map has a key
+    that matches `<layer.path>/dispatched` (DataParallel has none).
     """
     distribution = keras.distribution.distribution()
-    if distribution is None:
+    # Only JAX shards (Keras 3.15); TensorFlow's prototype has no distribute_tensor.
+    if distribution is None or keras.backend.backend() != "jax":
         return None
     return distribution.get_tensor_layout(f"{layer.path}/{DISPATCHED}")
 
