@@ -10,6 +10,8 @@ import keras
 from keras import ops
 
 from keras_vmoe import ops as moe_ops
+from keras_vmoe.distribution.expert_exchange import ExpertExchange
+from keras_vmoe.distribution.layout_map import check_expert_layouts
 from keras_vmoe.layers.routing import ROUTERS
 from keras_vmoe.layers.routing import Router
 from keras_vmoe.layers.routing import SoftRouter
@@ -65,6 +67,7 @@ class MoELayer(keras.layers.Layer):
 
     def build_experts(self, dim):
         num_experts, hidden = self.num_experts, self.mlp_dim
+        check_expert_layouts(self, dim, hidden)  # Under a distribution: E splits evenly.
         # Glorot-uniform per expert: VarianceScaling sees fans E times larger
         # on a (E, fan_in, fan_out) bank, so scale by E.
         initializer = keras.initializers.VarianceScaling(
@@ -275,6 +278,10 @@ class SparseMoE(MoELayer):
         group_size = self.resolve_group_size(inputs.shape)
         shape = ops.shape(inputs)
         tokens = ops.reshape(inputs, (-1, group_size, shape[-1]))  # (G, S, D)
+        # Expert parallelism when a distribution lays out this layer's slots.
+        exchange = ExpertExchange.for_layer(self, tokens.shape[0])
+        if exchange is not None:
+            tokens = exchange.split_groups(tokens)
         if token_modalities is None:
             plan, metrics = self.router(tokens, training=training)
         elif getattr(self.router, "uses_token_modalities", False):
@@ -288,7 +295,8 @@ class SparseMoE(MoELayer):
                 f"{type(self.router).__name__} does not use them; use a "
                 "keras_vmoe.layers.MultimodalTokenChoiceRouter."
             )
-        outputs = moe_ops.sparse_moe(
+        sparse_moe = exchange.sparse_moe if exchange is not None else moe_ops.sparse_moe
+        outputs = sparse_moe(
             self.round_to_dispatch_dtype(tokens), plan, self.rounded_experts(training)
         )
         self.record(metrics, training)
@@ -399,8 +407,12 @@ class SoftMoE(MoELayer):
         group_size = self.resolve_group_size(inputs.shape)
         shape = ops.shape(inputs)
         tokens = ops.reshape(inputs, (-1, group_size, shape[-1]))  # (G, S, D)
+        exchange = ExpertExchange.for_layer(self, tokens.shape[0])
+        if exchange is not None:
+            tokens = exchange.split_groups(tokens)
         dispatch_weights, combine_weights, metrics = self.router(tokens, training=training)
-        outputs = moe_ops.soft_moe(
+        soft_moe = exchange.soft_moe if exchange is not None else moe_ops.soft_moe
+        outputs = soft_moe(
             self.round_to_dispatch_dtype(tokens), dispatch_weights, combine_weights,
             self.rounded_experts(training),
         )

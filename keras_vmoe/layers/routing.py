@@ -20,6 +20,7 @@ import math
 import keras
 from keras import ops
 
+from keras_vmoe.ops import group_local
 from keras_vmoe.validation import check_choice
 from keras_vmoe.validation import check_float
 from keras_vmoe.validation import check_int
@@ -81,7 +82,7 @@ def load_loss(logits, noisy_logits, noise_std, num_selected_experts, token_weigh
     Returns (G,). `token_weights` (G, S): 0 leaves a token out.
     """
     # The K-th largest noisy logit of each token is the bar to clear.
-    threshold = ops.top_k(noisy_logits, num_selected_experts)[0][..., -1:]
+    threshold = _top_k(noisy_logits, num_selected_experts)[0][..., -1:]
     noise_required_to_win = (threshold - logits) / noise_std
     # 1 - Phi(z) = erfc(z / sqrt 2) / 2 = (1 - erf(z / sqrt 2)) / 2.
     p = 0.5 * (1.0 - ops.erf(noise_required_to_win / math.sqrt(2.0)))
@@ -114,6 +115,16 @@ def _weighted_sum(*weighted_terms):
     return sum(terms[1:], terms[0]) if terms else None
 
 
+def _distributed():
+    # Under a keras.distribution the groups are sharded over devices: route
+    # with ops a sharding compiler splits by group (`ops.group_local`).
+    return keras.distribution.distribution() is not None
+
+
+def _top_k(x, k):
+    return group_local.top_k(x, k) if _distributed() else ops.top_k(x, k)
+
+
 def _scatter_table(destinations, values, num_groups, table_size):
     """Writes `values` at `destinations` of a (G, table_size) table, -1 elsewhere.
 
@@ -121,6 +132,8 @@ def _scatter_table(destinations, values, num_groups, table_size):
     scratch entry that takes whatever is written there and is cut off.
     values: (G, N) int >= 0; no two (group, destination < table_size) repeat.
     """
+    if _distributed():
+        return group_local.scatter_table(destinations, values, table_size)
     # An update, not `ops.scatter`: that one adds duplicates, and on torch it
     # is a Python loop over the updates.
     offsets = ops.arange(num_groups, dtype="int32")[:, None] * (table_size + 1)
@@ -283,7 +296,7 @@ class TokenChoiceRouter(Router):
             ops.zeros((num_groups,), "float32") if auxiliary is None else auxiliary
         )
 
-        top_gates, top_experts = ops.top_k(routing_gates, k)  # (G, S, K)
+        top_gates, top_experts = _top_k(routing_gates, k)  # (G, S, K)
         top_experts = ops.cast(top_experts, "int32")
         if weights is not None:
             # Padding: gate 0, so BPR serves it last and it combines to 0.
@@ -410,7 +423,7 @@ class ExpertChoiceRouter(Router):
         logits, _ = self.add_noise(self.gate_logits(tokens), training)
         gates = ops.softmax(logits, axis=-1)  # (G, S, E)
         # (G, E, C): the tokens each expert takes, best first.
-        top_gates, dispatch_index = ops.top_k(ops.transpose(gates, (0, 2, 1)), capacity)
+        top_gates, dispatch_index = _top_k(ops.transpose(gates, (0, 2, 1)), capacity)
         dispatch_index = ops.cast(dispatch_index, "int32")
         # Token-major view for the combine: (G, S, E) flat slot or E * C.
         slot_ids = ops.reshape(ops.arange(num_experts * capacity, dtype="int32"), (1, -1))
