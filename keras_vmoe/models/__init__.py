@@ -4,6 +4,11 @@ from keras_vmoe.models.flops import count_flops
 from keras_vmoe.models.routing_inspection import expert_assignments
 from keras_vmoe.models.routing_inspection import router_inputs
 from keras_vmoe.models.image_classifier import VisionTransformerImageClassifier
+from keras_vmoe.models.pali_gemma_moe import PaliGemmaMoEBackbone
+from keras_vmoe.models.pali_gemma_moe import PaliGemmaMoECausalLM
+from keras_vmoe.models.pali_gemma_moe import PaliGemmaMoECausalLMPreprocessor
+from keras_vmoe.models.pali_gemma_moe import PaliGemmaMoEImageConverter
+from keras_vmoe.models.pali_gemma_moe import PaliGemmaMoETokenizer
 from keras_vmoe.models.soft_moe import SOFT_MOE_ARCHITECTURES
 from keras_vmoe.models.soft_moe import SoftMoEBackbone
 from keras_vmoe.models.soft_moe import SoftMoEImageClassifier
