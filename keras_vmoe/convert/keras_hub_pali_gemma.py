@@ -71,8 +71,15 @@ def _decoder_pairs(theirs, ours):
         ("final RMSNorm scale", theirs.layer_norm.scale, ours.layer_norm.scale),
     ]
     for their_block, our_block in zip(theirs.transformer_layers, ours.transformer_layers):
-        # The same layer class with the same arguments: the same variables in
-        # the same order.
+        # The same layer class with the same arguments: the same variables,
+        # with the same paths, in the same order.
+        their_paths = [variable.path for variable in their_block.weights]
+        our_paths = [variable.path for variable in our_block.weights]
+        if their_paths != our_paths:
+            raise CheckpointError(
+                f"from_keras_hub_pali_gemma: decoder block {their_block.name} holds "
+                f"{their_paths} in the keras-hub model but {our_paths} in the converted one."
+            )
         for their_variable, our_variable in zip(their_block.weights, our_block.weights):
             pairs.append((their_variable.path, their_variable, our_variable))
     return pairs
@@ -137,7 +144,17 @@ def _backbone_from_keras_hub(pali_gemma, dtype):
         dropout=pali_gemma.dropout,
         dtype=dtype,
     )
-    _assign(_vit_pairs(vit, tower, backbone.image_projection) + _decoder_pairs(pali_gemma, backbone))
+    pairs = _vit_pairs(vit, tower, backbone.image_projection) + _decoder_pairs(pali_gemma, backbone)
+    # Every weight on both sides is mapped exactly once.
+    for side, model, index in (("keras-hub", pali_gemma, 1), ("converted", backbone, 2)):
+        mapped = {id(pair[index]) for pair in pairs}
+        unmapped = [weight.path for weight in model.weights if id(weight) not in mapped]
+        if unmapped or len(mapped) != len(pairs):
+            raise CheckpointError(
+                f"from_keras_hub_pali_gemma: weights of the {side} model without a counterpart: "
+                f"{unmapped or 'some mapped twice'}."
+            )
+    _assign(pairs)
     return backbone
 
 

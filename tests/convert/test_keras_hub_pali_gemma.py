@@ -18,10 +18,14 @@ from tests.models.pali_gemma_moe.tiny_pali_gemma import sentencepiece_proto
 
 TEXTS = ["a cat sits on a mat", "two dogs run on the grass", "caption en"]
 PROMPTS = ["caption en", "two dogs"]
+# With PaliGemma 2's Gemma 2 options, so that they convert too: post-norms,
+# logit soft caps, local attention over 8 positions in every other block.
 KERAS_HUB_BACKBONE = dict(
     image_size=16, num_layers=2, num_query_heads=2, num_key_value_heads=1, hidden_dim=16,
     intermediate_dim=32, head_dim=8, vit_patch_size=4, vit_num_layers=2, vit_num_heads=2,
-    vit_hidden_dim=16, vit_intermediate_dim=32,
+    vit_hidden_dim=16, vit_intermediate_dim=32, query_head_dim_normalize=False,
+    use_post_ffw_norm=True, use_post_attention_norm=True, attention_logit_soft_cap=50.0,
+    final_logit_soft_cap=30.0, use_sliding_window_attention=True, sliding_window_size=8,
 )
 
 

@@ -4,15 +4,11 @@ import numpy as np
 import pytest
 
 from keras_vmoe.data import load_coco_captions
-from tests.helpers import DATA
-
-COCO_CAPTIONS = DATA / "coco_mini_captions.npz"
-requires_coco = pytest.mark.skipif(
-    not COCO_CAPTIONS.is_file(), reason=f"COCO caption pairs not found at {COCO_CAPTIONS}"
-)
+from tests.helpers import COCO_CAPTIONS
+from tests.helpers import requires_coco_captions
 
 
-@requires_coco
+@requires_coco_captions
 def test_images_come_squared_and_resized_with_their_captions():
     images, captions = load_coco_captions(COCO_CAPTIONS, image_size=48)
     with np.load(COCO_CAPTIONS) as archive:
@@ -28,7 +24,7 @@ def test_images_come_squared_and_resized_with_their_captions():
     np.testing.assert_array_equal(val_captions, expected_captions[first_val : first_val + 5])
 
 
-@requires_coco
+@requires_coco_captions
 def test_bad_arguments_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="no caption archive at"):
         load_coco_captions(tmp_path / "missing.npz", 32)

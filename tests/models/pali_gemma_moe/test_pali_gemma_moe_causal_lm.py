@@ -9,8 +9,8 @@ import pytest
 from keras_vmoe.models import PaliGemmaMoEBackbone
 from keras_vmoe.models import PaliGemmaMoECausalLM
 from keras_vmoe.models import PaliGemmaMoECausalLMPreprocessor
+from tests.helpers import requires_coco_captions
 from tests.helpers import to_numpy
-from tests.models.pali_gemma_moe.tiny_pali_gemma import COCO_CAPTIONS
 from tests.models.pali_gemma_moe.tiny_pali_gemma import PROMPT
 from tests.models.pali_gemma_moe.tiny_pali_gemma import coco_pairs
 from tests.models.pali_gemma_moe.tiny_pali_gemma import random_uint8_images
@@ -18,9 +18,6 @@ from tests.models.pali_gemma_moe.tiny_pali_gemma import sentencepiece_proto
 from tests.models.pali_gemma_moe.tiny_pali_gemma import tiny_causal_lm
 from tests.models.pali_gemma_moe.tiny_pali_gemma import tiny_tower
 
-requires_coco = pytest.mark.skipif(
-    not COCO_CAPTIONS.is_file(), reason=f"COCO caption pairs not found at {COCO_CAPTIONS}"
-)
 TEXTS = ["a cat sits on a mat", "two dogs run on the grass", "a red bus on a street", PROMPT]
 
 
@@ -29,14 +26,16 @@ def proto():
     return sentencepiece_proto(TEXTS)
 
 
-def raw_inputs(count, responses=True, seed=0):
-    inputs = {"images": random_uint8_images(count, size=40, seed=seed), "prompts": [PROMPT] * count}
-    if responses:
-        inputs["responses"] = TEXTS[:count]
-    return inputs
+def raw_inputs(count):
+    """`count` 40x40 uint8 images (the model takes 32x32) with prompts and responses."""
+    return {
+        "images": random_uint8_images(count, size=40),
+        "prompts": [PROMPT] * count,
+        "responses": TEXTS[:count],
+    }
 
 
-@requires_coco
+@requires_coco_captions
 @pytest.mark.parametrize("kind", ["soft", "vmoe"])
 def test_fit_on_coco_captions_lowers_the_loss_and_generate_runs(kind):
     images, captions = coco_pairs(8)
@@ -68,7 +67,7 @@ def vmoe_lm(proto):
 
 def test_moe_auxiliary_losses_join_the_language_model_loss(vmoe_lm):
     vmoe_lm.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    x, y, sample_weight = vmoe_lm.preprocessor(raw_inputs(3))
+    x, y, sample_weight = vmoe_lm.preprocessor(raw_inputs(2))
     # Only the response tokens (and the end token) carry loss.
     response_mask = to_numpy(x["response_mask"])
     np.testing.assert_array_equal(to_numpy(sample_weight)[:, :-1], response_mask[:, 1:])

@@ -14,9 +14,8 @@ from keras_vmoe.models import PaliGemmaMoEImageConverter
 from keras_vmoe.models import PaliGemmaMoETokenizer
 from keras_vmoe.models import SoftMoEBackbone
 from keras_vmoe.models import VMoEBackbone
-from tests.helpers import DATA
+from tests.helpers import COCO_CAPTIONS
 
-COCO_CAPTIONS = DATA / "coco_mini_captions.npz"
 PROMPT = "caption en"
 IMAGE_SIZE = 32
 
