@@ -27,7 +27,8 @@ In this guide we:
 
 1. build a small Soft MoE ViT as the image tower;
 2. put a small Gemma-style decoder on it;
-3. fine-tune the whole model on COCO image-caption pairs;
+3. train the whole model on COCO image-caption pairs (from scratch here; the
+   same `fit` fine-tunes a converted PaliGemma, see the end);
 4. generate captions for images it has not seen.
 """
 
@@ -222,7 +223,7 @@ for caption in captioner.generate(examples, max_length=SEQUENCE_LENGTH):
     print(" ", caption)
 
 """
-## Fine-tuning
+## Training
 
 `fit` takes the raw pairs and runs the preprocessor in a `tf.data` pipeline
 (with every backend). The logs show the training loss, the accuracy of the

@@ -45,20 +45,22 @@ def coco_pairs(count):
 
 def tiny_tower(kind, **overrides):
     """A 2-block image tower on 32x32 images, 8x8 patches: 16 image tokens.
-    `kind`: "dense", "vmoe" (4 experts, top-2 in block 1) or "soft"."""
+    `kind`: "dense", "vmoe" (4 experts, top-2, in the last block) or "soft"
+    (4 experts of 4 slots in the last block)."""
     arguments = dict(
         image_shape=(IMAGE_SIZE, IMAGE_SIZE, 3), patch_size=8, num_layers=2, hidden_dim=32,
         mlp_dim=64, num_heads=2, pooling=None, use_class_token=False,
     )
-    if kind == "vmoe":
-        arguments.update(moe_layers=(1,), num_experts=4, num_selected_experts=2)
-    elif kind == "soft":
-        arguments.update(moe_layers=(1,), num_experts=4, slots_per_expert=4)
     arguments.update(overrides)
+    last = arguments["num_layers"] - 1
+    if kind == "vmoe":
+        arguments.update(moe_layers=(last,), num_experts=4, num_selected_experts=2)
+    elif kind == "soft":
+        arguments.update(moe_layers=(last,), num_experts=4, slots_per_expert=4)
     return (SoftMoEBackbone if kind == "soft" else VMoEBackbone)(**arguments)
 
 
-def tiny_causal_lm(tower, proto, sequence_length=24, image_converter=True, seed=0):
+def tiny_causal_lm(tower, proto, sequence_length=24, image_converter=True, num_layers=2, seed=0):
     keras.utils.set_random_seed(seed)
     tokenizer = PaliGemmaMoETokenizer(proto=proto)
     converter = None
@@ -70,7 +72,7 @@ def tiny_causal_lm(tower, proto, sequence_length=24, image_converter=True, seed=
         tokenizer, converter, sequence_length=sequence_length
     )
     backbone = PaliGemmaMoEBackbone(
-        vocabulary_size=tokenizer.vocabulary_size(), image_encoder=tower, num_layers=2,
+        vocabulary_size=tokenizer.vocabulary_size(), image_encoder=tower, num_layers=num_layers,
         num_query_heads=2, num_key_value_heads=1, hidden_dim=32, intermediate_dim=64, head_dim=16,
     )
     return PaliGemmaMoECausalLM(backbone, preprocessor)
