@@ -235,11 +235,10 @@ class PaliGemmaMoEBackbone(BuiltinPresetMixin, Backbone):
         return self.image_encoder.image_shape
 
     def with_image_encoder(self, image_encoder):
-        """A new backbone with the same configuration and weights, except for
-        its image tower, which is `image_encoder` (e.g. the upcycled tower;
-        `keras_vmoe.upcycle` on a VLM calls this). Its output width may
-        differ from the old tower's only if the projection is re-initialised,
-        so it must match."""
+        """A new backbone with this one's configuration and (copied) weights,
+        on another image tower (`keras_vmoe.upcycle` on a VLM calls this with
+        the upcycled tower). The projection is kept, so the new tower must
+        output the width of the old one; its token count may differ."""
         image_encoder = check_image_encoder(image_encoder, type(self).__name__)
         old_width, new_width = self.image_encoder.output.shape[-1], image_encoder.output.shape[-1]
         if old_width != new_width:
