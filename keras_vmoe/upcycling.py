@@ -64,6 +64,22 @@ def _copy_mlp_into_experts(mlp, moe):
         bank.assign(np.broadcast_to(value, (num_experts, *value.shape)).astype(bank.dtype))
 
 
+def _upcycle_vlm_image_tower(model, num_experts, moe_layers, **arguments):
+    """A PaliGemma-style VLM upcycles its image tower: the rest is copied and
+    the VLM rebuilt around the new tower. None for any other model."""
+    from keras_vmoe.models import PaliGemmaMoEBackbone
+    from keras_vmoe.models import PaliGemmaMoECausalLM
+
+    if not isinstance(model, (PaliGemmaMoEBackbone, PaliGemmaMoECausalLM)):
+        return None
+    backbone = model.backbone if isinstance(model, PaliGemmaMoECausalLM) else model
+    tower = upcycle(backbone.image_encoder, num_experts, moe_layers, **arguments)
+    backbone = backbone.with_image_encoder(tower)
+    if isinstance(model, PaliGemmaMoEBackbone):
+        return backbone
+    return type(model)(backbone, preprocessor=model.preprocessor)
+
+
 def upcycle(
     model,
     num_experts,
@@ -79,9 +95,12 @@ def upcycle(
 
     Args:
         model: a `VisionTransformerBackbone` (a dense ViT, a V-MoE, a Soft
-            MoE), a `VisionTransformerImageClassifier` on one, or a keras-hub
+            MoE), a `VisionTransformerImageClassifier` on one, a keras-hub
             `ViTBackbone` (converted first with
-            `keras_vmoe.convert.from_keras_hub_vit`).
+            `keras_vmoe.convert.from_keras_hub_vit`), or a PaliGemma-style
+            `PaliGemmaMoECausalLM` / `PaliGemmaMoEBackbone`, whose image
+            tower is upcycled (`moe_layers` are tower blocks) and whose
+            decoder and projection are kept.
         num_experts: int >= 2.
         moe_layers: block indices whose dense MLP becomes a MoE layer.
         router: `"token_choice"` or `"expert_choice"` (a `VMoEBackbone` with
@@ -99,7 +118,8 @@ def upcycle(
     Returns:
         The same kind of model: a `VMoEBackbone` / `SoftMoEBackbone`, or a
         `VMoEImageClassifier` / `SoftMoEImageClassifier` with the head and
-        preprocessing of `model`.
+        preprocessing of `model`; for a VLM, a new VLM (with the same
+        preprocessor) on the upcycled tower.
 
     With `router="token_choice"`, `num_selected_experts=num_experts` and a
     capacity for every token, the upcycled model computes the dense model's
@@ -119,6 +139,13 @@ def upcycle(
 
     if router not in ROUTERS:
         raise ValueError(f"upcycle: router must be one of {ROUTERS}, got {router!r}.")
+    vlm = _upcycle_vlm_image_tower(
+        model, num_experts, moe_layers, router=router, num_selected_experts=num_selected_experts,
+        capacity_factor=capacity_factor, slots_per_expert=slots_per_expert,
+        group_size=group_size, **moe_options,
+    )
+    if vlm is not None:
+        return vlm
     if not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts < 2:
         raise ValueError(
             f"upcycle: num_experts must be an int >= 2 (one expert is the dense MLP), got {num_experts!r}."

@@ -20,6 +20,10 @@ CIFAR10 = DATA / "cifar10_jpeg.npz"
 requires_cifar10 = pytest.mark.skipif(
     not CIFAR10.is_file(), reason=f"CIFAR-10 archive not found at {CIFAR10}"
 )
+COCO_CAPTIONS = DATA / "coco_mini_captions.npz"
+requires_coco_captions = pytest.mark.skipif(
+    not COCO_CAPTIONS.is_file(), reason=f"COCO caption pairs not found at {COCO_CAPTIONS}"
+)
 
 
 def to_numpy(x):

@@ -1,6 +1,7 @@
 """Converters from foreign checkpoints to keras_vmoe models."""
 
 from keras_vmoe.convert.dinov2_onnx import load_dinov2_onnx
+from keras_vmoe.convert.keras_hub_pali_gemma import from_keras_hub_pali_gemma
 from keras_vmoe.convert.keras_hub_vit import from_keras_hub_vit
 from keras_vmoe.convert.vmoe_checkpoint import backbone_from_vmoe_config
 from keras_vmoe.convert.vmoe_checkpoint import load_vmoe_checkpoint

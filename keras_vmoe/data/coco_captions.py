@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 
-def load_coco_captions(path, image_size=None, split=None):
+def load_coco_captions(path, image_size=None, split=None, limit=None):
     """Decodes the images of a COCO caption archive and returns their captions.
 
     Args:
@@ -27,6 +27,7 @@ def load_coco_captions(path, image_size=None, split=None):
             `image_size` x `image_size` (returns one uint8 array).
         split: None (all), or keep only the images of this COCO split
             (`"train2017"`, `"val2017"`).
+        limit: None, or only the first `limit` images (after `split`).
 
     Returns:
         `(images, captions)`: uint8 images and a str `(N, captions per image)` array.
@@ -34,9 +35,13 @@ def load_coco_captions(path, image_size=None, split=None):
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"load_coco_captions: no archive at {path}; expected coco_mini_captions.npz "
+            f"load_coco_captions: no caption archive at {path}; expected coco_mini_captions.npz "
             "with the keys jpeg, offsets and captions."
         )
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
+        raise ValueError(f"load_coco_captions: image_size must be None or an int >= 1, got {image_size!r}.")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise ValueError(f"load_coco_captions: limit must be None or an int >= 0, got {limit!r}.")
     with np.load(path) as archive:
         missing = [key for key in ("jpeg", "offsets", "captions") if key not in archive]
         if missing:
@@ -51,6 +56,8 @@ def load_coco_captions(path, image_size=None, split=None):
                 f"(it has {sorted(set(splits.tolist())) if splits is not None else 'no splits'})."
             )
         indices = indices[splits == split]
+    if limit is not None:
+        indices = indices[:limit]
     images = []
     for index in indices:
         image = Image.open(io.BytesIO(jpeg[offsets[index] : offsets[index + 1]].tobytes())).convert("RGB")
@@ -63,4 +70,4 @@ def load_coco_captions(path, image_size=None, split=None):
         images.append(np.asarray(image))
     if image_size is not None:
         images = np.stack(images) if images else np.zeros((0, image_size, image_size, 3), "uint8")
-    return images, captions[indices]
+    return images, captions[indices].astype(str)

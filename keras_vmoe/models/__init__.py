@@ -11,6 +11,11 @@ from keras_vmoe.models.limoe import LIMoEPreprocessor
 from keras_vmoe.models.limoe import LIMoETokenizer
 from keras_vmoe.models.limoe import LIMoEZeroShotClassifier
 from keras_vmoe.models.limoe import train_limoe_vocabulary
+from keras_vmoe.models.pali_gemma_moe import PaliGemmaMoEBackbone
+from keras_vmoe.models.pali_gemma_moe import PaliGemmaMoECausalLM
+from keras_vmoe.models.pali_gemma_moe import PaliGemmaMoECausalLMPreprocessor
+from keras_vmoe.models.pali_gemma_moe import PaliGemmaMoEImageConverter
+from keras_vmoe.models.pali_gemma_moe import PaliGemmaMoETokenizer
 from keras_vmoe.models.soft_moe import SOFT_MOE_ARCHITECTURES
 from keras_vmoe.models.soft_moe import SoftMoEBackbone
 from keras_vmoe.models.soft_moe import SoftMoEImageClassifier
