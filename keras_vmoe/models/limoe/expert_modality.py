@@ -38,6 +38,7 @@ stats[3].specific_experts()  # {"image": [...], "text": [...]}
 
 import dataclasses
 
+import keras
 import numpy as np
 from keras import ops
 
@@ -97,37 +98,79 @@ def _divide(numerator, denominator):
     return out
 
 
-def routed_experts(backbone, images=None, token_ids=None, padding_mask=None):
+class RoutingProbe(keras.Model):
+    """What each MoE block's router of a `LIMoEBackbone` decides, eval mode;
+    a model so that `predict` compiles it once (never saved).
+
+    Called on images (preprocessed pixels) or on `{"token_ids",
+    "padding_mask"}`, each modality encoded on its own as `embed_images` /
+    `embed_text` do. Returns `{"block_<i>": (B, T, K) flat slot of each token
+    choice (E * C when dropped, as in `RoutingPlan.combine_index`),
+    "token_modalities": (B, T)}`.
+    """
+
+    def __init__(self, backbone, **kwargs):
+        super().__init__(**kwargs)
+        self.backbone = backbone
+
+    def call(self, inputs):
+        backbone = self.backbone
+        if isinstance(inputs, dict):
+            x, token_modalities, attention_mask = backbone.input_tokens(
+                token_ids=inputs["token_ids"], padding_mask=inputs["padding_mask"]
+            )
+        else:
+            x, token_modalities, attention_mask = backbone.input_tokens(images=inputs)
+        outputs = {"token_modalities": token_modalities}
+        length = x.shape[1]
+        for index, block in enumerate(backbone.blocks[: max(backbone.moe_layers) + 1]):
+            if index in backbone.moe_layers:
+                # The tokens the block's MLP (and so its router) receives.
+                attended = block.attention(block.attention_norm(x), attention_mask=attention_mask)
+                tokens = block.mlp_norm(x + attended)
+                group_size = block.mlp.resolve_group_size(tokens.shape)
+                plan, _ = block.mlp.router(
+                    ops.reshape(tokens, (-1, group_size, tokens.shape[-1])), training=False,
+                    token_modalities=ops.reshape(token_modalities, (-1, group_size)),
+                )
+                outputs[f"block_{index}"] = ops.reshape(
+                    plan.combine_index, (-1, length, block.mlp.router.num_selected_experts)
+                )
+            x = block(x, training=False, attention_mask=attention_mask, token_modalities=token_modalities)
+        return outputs
+
+
+def routed_experts(backbone, images=None, token_ids=None, padding_mask=None, batch_size=256,
+                   model=None):
     """The expert of every token choice in every MoE block, eval mode.
 
-    Encodes `images` (preprocessed pixels) or texts (`token_ids`,
-    `padding_mask`) or pairs, as `backbone.encode` does (give one modality to
-    route it on its own, as the model does by default).
+    Give images (preprocessed pixels) or texts (`token_ids`, `padding_mask`):
+    each modality is routed on its own, as the backbone routes it by default.
+    `model`: a `RoutingProbe` of the backbone, to reuse its compilation.
 
     Returns:
         ({block index: int (B, T, K) expert of each choice, -1 when dropped},
         int (B, T) token modalities: `IMAGE`, `TEXT` or -1 for padding).
     """
-    x, token_modalities, attention_mask = backbone.input_tokens(images, token_ids, padding_mask)
-    batch, length = ops.shape(token_modalities)
+    if (images is None) == (token_ids is None):
+        raise ValueError("routed_experts: give either images or token_ids (one modality).")
+    if images is not None:
+        inputs = np.asarray(ops.convert_to_numpy(images), "float32")
+    else:
+        token_ids = np.asarray(ops.convert_to_numpy(token_ids), "int32")
+        if padding_mask is None:
+            padding_mask = np.ones(token_ids.shape, "bool")
+        inputs = {"token_ids": token_ids,
+                  "padding_mask": np.asarray(ops.convert_to_numpy(padding_mask), "bool")}
+    model = model or RoutingProbe(backbone)
+    outputs = model.predict(inputs, batch_size=batch_size, verbose=0)
     experts = {}
-    for index, block in enumerate(backbone.blocks):
-        if index in backbone.moe_layers:
-            # The tokens the block's MLP (and so its router) receives.
-            attended = block.attention(block.attention_norm(x), attention_mask=attention_mask)
-            tokens = block.mlp_norm(x + attended)
-            moe = block.mlp
-            group_size = moe.resolve_group_size(tokens.shape)
-            plan, _ = moe.router(
-                ops.reshape(tokens, (-1, group_size, tokens.shape[-1])), training=False,
-                token_modalities=ops.reshape(token_modalities, (-1, group_size)),
-            )
-            capacity = moe.router.capacity(group_size)
-            slots = np.asarray(ops.convert_to_numpy(plan.combine_index))  # (G, S, K)
-            kept = slots < moe.num_experts * capacity
-            experts[index] = np.where(kept, slots // capacity, -1).reshape(batch, length, -1)
-        x = block(x, training=False, attention_mask=attention_mask, token_modalities=token_modalities)
-    return experts, np.asarray(ops.convert_to_numpy(token_modalities))
+    for index in backbone.moe_layers:
+        router = backbone.blocks[index].mlp.router
+        slots = np.asarray(outputs[f"block_{index}"])
+        capacity = router.capacity(slots.shape[1])
+        experts[index] = np.where(slots < router.num_experts * capacity, slots // capacity, -1)
+    return experts, np.asarray(outputs["token_modalities"])
 
 
 def count_by_modality(experts, token_modalities, num_experts):
@@ -169,11 +212,8 @@ def expert_modality_counts(backbone, images, token_ids, padding_mask=None, batch
             totals[index][0] += counts
             totals[index][1] += dropped
 
-    for start in range(0, len(images), batch_size):
-        add(*routed_experts(backbone, images=images[start:start + batch_size]))
-    for start in range(0, len(token_ids), batch_size):
-        add(*routed_experts(
-            backbone, token_ids=token_ids[start:start + batch_size],
-            padding_mask=padding_mask[start:start + batch_size],
-        ))
+    probe = RoutingProbe(backbone)
+    add(*routed_experts(backbone, images=images, batch_size=batch_size, model=probe))
+    add(*routed_experts(backbone, token_ids=token_ids, padding_mask=padding_mask,
+                        batch_size=batch_size, model=probe))
     return {index: ExpertModalityStats(counts, dropped) for index, (counts, dropped) in totals.items()}
