@@ -1,7 +1,14 @@
 """The `keras-vmoe` command: classify images with a preset, draw its routing, list presets.
 
     keras-vmoe classify [--preset NAME] [--top K] [--routing-map FILE.png] IMAGE...
+    keras-vmoe expert-modality [--preset NAME] (--cifar10 | --coco) ARCHIVE [--pairs N] --output FILE.png
     keras-vmoe presets
+
+`classify` takes image classifiers and the LIMoE zero-shot classifier
+(`limoe_tiny_cifar10`: its class names and prompt templates are in the
+preset). `expert-modality` draws, for a LIMoE preset, the share of image and
+of text tokens each expert of each MoE block takes
+(`keras_vmoe.models.limoe.expert_modality`).
 
 Bad input (a missing or unreadable image, an unknown preset) ends with one
 line on stderr, `keras-vmoe: error: ...`, and exit status 1.
@@ -61,13 +68,31 @@ def class_names(preset, num_classes):
     return [f"class {i}" for i in range(num_classes)]
 
 
+def preset_task_class(preset):
+    """The class name in a preset's task.json (None when it has none)."""
+    import json
+
+    from keras_vmoe.presets import resolve_preset
+
+    task = pathlib.Path(resolve_preset(preset)) / "task.json"
+    try:
+        return json.loads(task.read_text())["class_name"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def load_classifier(preset):
-    """Any keras_vmoe image classifier preset: a built-in name or a folder."""
+    """Any keras_vmoe image classifier preset, or a LIMoE zero-shot
+    classifier: a built-in name or a folder."""
+    from keras_vmoe.models import LIMoEZeroShotClassifier
     from keras_vmoe.models import VisionTransformerImageClassifier
     from keras_vmoe.presets import PresetError
 
+    cls = VisionTransformerImageClassifier
+    if preset_task_class(preset) == LIMoEZeroShotClassifier.__name__:
+        cls = LIMoEZeroShotClassifier
     try:
-        return VisionTransformerImageClassifier.from_preset(preset)
+        return cls.from_preset(preset)
     except PresetError:
         raise
     except (OSError, ValueError) as error:
@@ -76,8 +101,13 @@ def load_classifier(preset):
 
 def routing_panels(backbone, pixels):
     """{panel title: (images, patches) expert ids} of the MoE blocks that see patches."""
+    from keras_vmoe.models import LIMoEBackbone
+    from keras_vmoe.models.limoe.expert_modality import routed_experts
     from keras_vmoe.models.routing_inspection import expert_assignments
 
+    if isinstance(backbone, LIMoEBackbone):  # Images routed on their own; top-1 choice.
+        experts, _ = routed_experts(backbone, images=pixels)
+        return {f"MoE block {index}": choices[..., 0] for index, choices in experts.items()}
     patch_merger = backbone.patch_merger
     panels = {}
     for index, assignment in expert_assignments(backbone, pixels).items():
@@ -106,7 +136,7 @@ def classify(args):
     images = np.stack([model_input for model_input, _ in photos])
     logits = classifier.predict(images, batch_size=32, verbose=0)
     probabilities = keras.ops.convert_to_numpy(keras.ops.softmax(logits, axis=-1))
-    names = class_names(args.preset, probabilities.shape[-1])
+    names = getattr(classifier, "class_names", None) or class_names(args.preset, probabilities.shape[-1])
     top = min(args.top, len(names))
     captions = []
     for path, row in zip(args.images, probabilities):
@@ -140,12 +170,72 @@ def classify(args):
         print(f"Routing map written to {path}")
 
 
+def expert_modality_data(args, classifier):
+    """(uint8 images, captions) for the expert-modality picture."""
+    size = tuple(classifier.preprocessor.image_converter.image_size)
+    if args.cifar10 is not None:
+        from keras_vmoe.data.cifar10 import load_cifar10
+
+        images, labels = load_cifar10(args.cifar10, "test", limit=args.pairs, verbose=False)
+        # Each image's class, in the preset's templates in turn.
+        templates, names = classifier.templates, classifier.class_names
+        captions = [templates[i % len(templates)].format(names[label]) for i, label in enumerate(labels)]
+        return images, captions
+    from keras_vmoe.data.coco_captions import load_coco_captions
+
+    images, captions = load_coco_captions(args.coco, image_size=size[0])
+    images, captions = images[: args.pairs], captions[: args.pairs]
+    return images, [caption for per_image in captions for caption in per_image]
+
+
+def expert_modality(args):
+    from keras_vmoe.models import LIMoEZeroShotClassifier
+    from keras_vmoe.models.limoe.expert_modality import MODALITIES
+    from keras_vmoe.models.limoe.expert_modality import expert_modality_counts
+    from keras_vmoe.visualization.expert_modality import draw_expert_modality
+
+    if not str(args.output).lower().endswith(".png"):
+        raise CommandError(f"--output must name a .png file, got {args.output}")
+    archive = args.cifar10 if args.cifar10 is not None else args.coco
+    if not pathlib.Path(archive).is_file():
+        raise CommandError(f"data archive not found: {archive}")
+    classifier = load_classifier(args.preset)
+    if not isinstance(classifier, LIMoEZeroShotClassifier):
+        raise CommandError(
+            f"preset {args.preset!r} is a {type(classifier).__name__}, which reads images only; "
+            "expert-modality needs a LIMoE preset (images and text), such as limoe_tiny_cifar10"
+        )
+    images, captions = expert_modality_data(args, classifier)
+    texts = classifier.preprocessor({"text": np.array(captions)})  # COCO: 5 per image.
+    stats = expert_modality_counts(
+        classifier.backbone, classifier.preprocessor(images), texts["token_ids"], texts["padding_mask"]
+    )
+    source = "CIFAR-10 test" if args.cifar10 is not None else "COCO"
+    for index, block in stats.items():
+        share = np.nan_to_num(block.balanced_share[0])
+        print(f"MoE block {index}: image share per expert (modalities weighted equally): "
+              + " ".join(f"{value:.2f}" for value in share))
+        specific = block.specific_experts(args.threshold)
+        print("  modality-specific experts: " + "; ".join(
+            f"{modality} {specific[modality] or 'none'}" for modality in MODALITIES))
+    picture = draw_expert_modality(
+        stats, threshold=args.threshold,
+        title=f"{args.preset}: modalities per expert on {len(images)} {source} images and "
+              f"{len(captions)} captions",
+    )
+    path = pathlib.Path(args.output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    picture.save(path)
+    print(f"Expert-modality picture written to {path}")
+
+
 def list_presets(args):
     from keras_vmoe.presets import preset_infos
 
     for info in preset_infos():
         params = f"{info.params / 1e6:.1f}M params" if info.params else "params unknown"
-        accuracy = f", CIFAR-10 test top-1 {info.test_top1:.4f}" if info.test_top1 else ""
+        kind = "zero-shot top-1" if info.zero_shot else "test top-1"
+        accuracy = f", CIFAR-10 {kind} {info.test_top1:.4f}" if info.test_top1 else ""
         offline = "loads offline" if info.offline else "needs a download (or a local mirror)"
         print(f"{info.name}\n  {info.description}\n  {params}{accuracy}; {offline}\n"
               f"  source: {info.source}")
@@ -177,6 +267,24 @@ def build_parser():
     classify_parser.add_argument("--routing-map", metavar="FILE.png",
                                  help="write a picture of the expert each patch goes to in each MoE layer")
     classify_parser.set_defaults(run=classify)
+    modality_parser = commands.add_parser(
+        "expert-modality", help="picture of the image and text tokens each expert takes (LIMoE)",
+        description="For a LIMoE preset: route CIFAR-10 test images with captions of their class "
+        "(the preset's templates), or COCO images and captions, and draw the share of image and "
+        "of text tokens each expert of each MoE block takes.",
+    )
+    modality_parser.add_argument("--preset", default="limoe_tiny_cifar10",
+                                 help="a LIMoE preset name or folder (default: limoe_tiny_cifar10)")
+    data = modality_parser.add_mutually_exclusive_group(required=True)
+    data.add_argument("--cifar10", metavar="ARCHIVE", help="cifar10_jpeg.npz")
+    data.add_argument("--coco", metavar="ARCHIVE", help="coco_mini_captions.npz")
+    modality_parser.add_argument("--pairs", type=positive_int, default=1000,
+                                 help="images to route (CIFAR-10: one caption each; COCO: five) "
+                                 "(default: 1000)")
+    modality_parser.add_argument("--threshold", type=float, default=0.9,
+                                 help="share that makes an expert modality-specific (default: 0.9)")
+    modality_parser.add_argument("--output", required=True, metavar="FILE.png", help="the picture")
+    modality_parser.set_defaults(run=expert_modality)
     presets_parser = commands.add_parser("presets", help="every built-in preset")
     presets_parser.set_defaults(run=list_presets)
     return parser

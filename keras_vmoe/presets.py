@@ -3,9 +3,10 @@
 A built-in name resolves to a local keras-hub preset folder:
 
 - a bundled preset ships inside the package (`keras_vmoe.bundled_presets`,
-  the repository's `presets/` folder): `vit_tiny_cifar10`,
-  `vmoe_tiny_cifar10` and `soft_moe_tiny_cifar10`, trained here on CIFAR-10
-  by the `recipe.py` beside them; they load offline;
+  the repository's `presets/` folder): the image classifiers
+  `vit_tiny_cifar10`, `vmoe_tiny_cifar10` and `soft_moe_tiny_cifar10` and
+  the LIMoE zero-shot classifier `limoe_tiny_cifar10`, trained here on
+  CIFAR-10 by the `recipe.py` beside them; they load offline;
 - a released google-research/vmoe checkpoint (`gs://vmoe_checkpoints/<name>`)
   is downloaded from its https form on storage.googleapis.com on the first
   `from_preset`, with a progress bar, converted by `load_vmoe_checkpoint` and
@@ -166,6 +167,18 @@ class BundledPreset:
     folder: pathlib.Path
     backbone_class: str
     metrics: dict
+    task_class: str = None
+
+    @property
+    def is_image_classifier(self):
+        """Whether the task is one of our keras-hub `ImageClassifier`s; the
+        LIMoE zero-shot classifier (`LIMoEZeroShotClassifier`) is not."""
+        return self.task_class is not None and self.task_class.endswith("ImageClassifier")
+
+    @property
+    def test_top1(self):
+        """CIFAR-10 test top-1 as measured: supervised, or zero-shot for LIMoE."""
+        return self.metrics.get("test_top1", self.metrics.get("zero_shot_test_top1"))
 
     @property
     def description(self):
@@ -189,11 +202,13 @@ def _find_bundled_presets():
     for folder in sorted(root.iterdir()):
         config, metrics = folder / "config.json", folder / "metrics.json"
         if config.is_file() and metrics.is_file():
+            task = folder / "task.json"
             presets[folder.name] = BundledPreset(
                 name=folder.name,
                 folder=folder,
                 backbone_class=json.loads(config.read_text())["class_name"],
                 metrics=json.loads(metrics.read_text()),
+                task_class=json.loads(task.read_text())["class_name"] if task.is_file() else None,
             )
     return presets
 
@@ -203,10 +218,11 @@ BUNDLED_PRESETS = _find_bundled_presets()
 
 def register_bundled_presets():
     """Makes the bundled names known to keras-hub's own `from_preset` loaders."""
+    from keras_vmoe.models.limoe.limoe_backbone import LIMoEBackbone
     from keras_vmoe.models.soft_moe.soft_moe_backbone import SoftMoEBackbone
     from keras_vmoe.models.vmoe.vmoe_backbone import VMoEBackbone
 
-    backbones = {cls.__name__: cls for cls in (VMoEBackbone, SoftMoEBackbone)}
+    backbones = {cls.__name__: cls for cls in (VMoEBackbone, SoftMoEBackbone, LIMoEBackbone)}
     for preset in BUNDLED_PRESETS.values():
         register_presets(
             {
@@ -278,6 +294,7 @@ class PresetInfo:
     source: str
     offline: bool
     test_top1: float = None
+    zero_shot: bool = False  # test_top1 is zero-shot (LIMoE), not supervised.
 
 
 def preset_infos():
@@ -285,7 +302,7 @@ def preset_infos():
     infos = [
         PresetInfo(preset.name, preset.description, preset.params,
                    f"bundled in the package ({preset.folder})", True,
-                   preset.metrics.get("test_top1"))
+                   preset.test_top1, zero_shot=not preset.is_image_classifier)
         for preset in BUNDLED_PRESETS.values()
     ]
     infos += [

@@ -115,3 +115,7 @@ def routing_decisions(backbone, images):
         outputs = moe.router(moe_block_tokens(backbone, images, index), training=False)
         decisions[index] = to_numpy(outputs[0].dispatch_index if moe.drops_tokens else outputs[0])
     return decisions
+COCO_CAPTIONS = DATA / "coco_mini_captions.npz"
+requires_coco_captions = pytest.mark.skipif(
+    not COCO_CAPTIONS.is_file(), reason=f"COCO caption archive not found at {COCO_CAPTIONS}"
+)

@@ -1,5 +1,7 @@
 """The CIFAR-10 presets bundled in the package: listed, loadable by name from
-anywhere, accurate, as measured in their metrics.json, and shipped in the wheel."""
+anywhere, accurate, as measured in their metrics.json, and shipped in the wheel.
+
+Three image classifiers and one LIMoE zero-shot classifier (images and text)."""
 
 import json
 import os
@@ -16,7 +18,10 @@ import numpy as np
 import pytest
 
 from keras_vmoe import presets
+from keras_vmoe.data import CIFAR10_CLASS_NAMES
 from keras_vmoe.data import load_cifar10
+from keras_vmoe.models import LIMoEBackbone
+from keras_vmoe.models import LIMoEZeroShotClassifier
 from keras_vmoe.models import SoftMoEImageClassifier
 from keras_vmoe.models import VMoEImageClassifier
 from keras_vmoe.models import count_flops
@@ -30,6 +35,7 @@ CLASSES = {
     "vmoe_tiny_cifar10": VMoEImageClassifier,
     "soft_moe_tiny_cifar10": SoftMoEImageClassifier,
 }
+ZERO_SHOT = "limoe_tiny_cifar10"
 ACCURACY_IMAGES = 500
 
 
@@ -45,13 +51,21 @@ def metrics(name):
     return json.loads((presets.BUNDLED_PRESETS[name].folder / "metrics.json").read_text())
 
 
-def test_the_three_presets_are_bundled_and_listed():
-    assert set(presets.BUNDLED_PRESETS) == set(CLASSES)
+def test_the_four_presets_are_bundled_and_listed():
+    assert set(presets.BUNDLED_PRESETS) == set(CLASSES) | {ZERO_SHOT}
     listed = presets.list_presets()
     infos = {info.name: info for info in presets.preset_infos()}
     # Bundled ones come first in preset_infos.
-    assert [info.name for info in presets.preset_infos()][:3] == sorted(CLASSES)
+    assert [info.name for info in presets.preset_infos()][:4] == sorted(presets.BUNDLED_PRESETS)
+    # Told apart by their task class.
+    zero_shot = presets.BUNDLED_PRESETS[ZERO_SHOT]
+    assert zero_shot.task_class == "LIMoEZeroShotClassifier" and not zero_shot.is_image_classifier
+    assert infos[ZERO_SHOT].zero_shot and infos[ZERO_SHOT].test_top1 == metrics(ZERO_SHOT)["zero_shot_test_top1"]
+    assert infos[ZERO_SHOT].params == metrics(ZERO_SHOT)["parameters"] > 0
+    assert listed[ZERO_SHOT] == zero_shot.description and infos[ZERO_SHOT].offline
+    assert ZERO_SHOT in LIMoEBackbone.presets  # Registered with keras-hub.
     for name in CLASSES:
+        assert presets.BUNDLED_PRESETS[name].is_image_classifier and not infos[name].zero_shot
         bundled = presets.BUNDLED_PRESETS[name]
         assert bundled.folder.is_dir() and (bundled.folder / "config.json").is_file()
         assert listed[name] == bundled.description == metrics(name)["recipe"]["description"]
@@ -135,6 +149,54 @@ def test_accuracy_on_raw_test_images(classifiers):
         assert accuracy >= 0.75, (name, accuracy)
 
 
+@pytest.fixture(scope="module")
+def zero_shot_classifier(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path_factory.mktemp("elsewhere"))
+        return LIMoEZeroShotClassifier.from_preset(ZERO_SHOT)
+
+
+def test_the_limoe_preset_loads_by_name_and_matches_its_metrics(zero_shot_classifier, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    classifier = zero_shot_classifier
+    assert type(classifier) is LIMoEZeroShotClassifier
+    assert type(keras_hub.models.Backbone.from_preset(ZERO_SHOT)) is LIMoEBackbone
+    assert list(tmp_path.iterdir()) == []
+    backbone = classifier.backbone
+    assert (backbone.num_layers, backbone.hidden_dim, backbone.moe_layers) == (6, 192, (3, 5))
+    assert not backbone.route_pairs_together  # Each modality routed on its own.
+    measured = metrics(ZERO_SHOT)
+    assert classifier.class_names == list(CIFAR10_CLASS_NAMES)
+    # Zero-shot on held-out templates, never seen in training.
+    assert classifier.templates == measured["recipe"]["eval_templates"]
+    assert not set(classifier.templates) & set(measured["recipe"]["train_templates"])
+    assert measured["test_images"] == 10000 and measured["zero_shot_test_top1"] >= 0.6
+    assert measured["parameters"] == backbone.count_params()
+    assert measured["training"]["epochs"] == 100 and "H100" in measured["training"]["hardware"]
+    retrieval = measured["coco_retrieval"]
+    assert (retrieval["coco_images"], retrieval["coco_captions"]) == (159, 795)
+    for k in (1, 5):
+        for direction in ("image_to_text", "text_to_image"):
+            assert 0 <= retrieval[f"{direction}_recall@{k}"] <= 1
+    for path in presets.BUNDLED_PRESETS[ZERO_SHOT].folder.glob("*.weights.h5"):
+        with h5py.File(path, "r") as weights:
+            dtypes = []
+            weights.visititems(
+                lambda _, item: dtypes.append(item.dtype) if isinstance(item, h5py.Dataset) else None
+            )
+        assert {d for d in dtypes if d.kind == "f"} == {np.dtype("float16")}, path
+
+
+@requires_cifar10
+def test_the_limoe_preset_zero_shot_accuracy_on_raw_test_images(zero_shot_classifier):
+    images, labels = load_cifar10(CIFAR10, "test", limit=ACCURACY_IMAGES)
+    logits = zero_shot_classifier.predict(images, batch_size=250, verbose=0)
+    accuracy = float(np.mean(np.argmax(logits, -1) == labels))
+    # metrics.json: 0.7283 on all 10,000; a 500-image estimate has a standard
+    # error of 0.02, and 0.08 is four of them.
+    assert abs(accuracy - metrics(ZERO_SHOT)["zero_shot_test_top1"]) <= 0.08, accuracy
+
+
 def package_dirs():
     return sorted(
         ".".join(path.parent.relative_to(ROOT).parts)
@@ -155,9 +217,11 @@ def test_every_package_is_listed_in_pyproject():
         assert (folder / "__init__.py").is_file(), package
     assert package_dir["keras_vmoe.bundled_presets"] == "presets"
     patterns = setuptools["package-data"]["keras_vmoe.bundled_presets"]
-    for name in CLASSES:
-        for path in (ROOT / "presets" / name).iterdir():
-            assert any(path.match(pattern) for pattern in patterns), f"{path} is left out of the wheel"
+    for name in presets.BUNDLED_PRESETS:
+        for path in (ROOT / "presets" / name).rglob("*"):
+            relative = path.relative_to(ROOT / "presets")
+            if path.is_file() and "__pycache__" not in path.parts:
+                assert any(relative.match(pattern) for pattern in patterns), f"{path} is left out of the wheel"
 
 
 WHEEL_CHECK = textwrap.dedent(
@@ -209,11 +273,15 @@ def test_the_wheel_ships_the_presets(tmp_path):
     site = tmp_path / "site"
     subprocess.run(pip + ["install", "--no-deps", "--target", str(site), str(wheel)],
                    check=True, capture_output=True)
-    for name in CLASSES:
+    for name in presets.BUNDLED_PRESETS:
         shipped = site / "keras_vmoe" / "bundled_presets" / name
-        # Every file of the preset folder (pip adds the __pycache__ of recipe.py).
-        assert {p.name for p in shipped.iterdir()} - {"__pycache__"} == {
-            p.name for p in (ROOT / "presets" / name).iterdir()
+        source_folder = ROOT / "presets" / name
+        # Every file of the preset folder, the LIMoE vocabulary under assets/
+        # too (pip adds the __pycache__ of recipe.py).
+        assert {p.relative_to(shipped) for p in shipped.rglob("*") if p.is_file()
+                and "__pycache__" not in p.parts} == {
+            p.relative_to(source_folder) for p in source_folder.rglob("*") if p.is_file()
+            and "__pycache__" not in p.parts
         }
 
     env = dict(os.environ, PYTHONPATH=str(site), KERAS_BACKEND="jax")

@@ -17,11 +17,13 @@ from keras_vmoe import cli
 from keras_vmoe import presets
 from keras_vmoe.data.cifar10 import CIFAR10_CLASS_NAMES
 from keras_vmoe.visualization.routing_map import draw_routing_map
+from tests.helpers import CIFAR10
 from tests.helpers import backend
+from tests.helpers import requires_cifar10
 from tests.helpers import to_numpy
 
 ERROR_PREFIX = "keras-vmoe: error:"
-BUNDLED = ("vmoe_tiny_cifar10", "soft_moe_tiny_cifar10", "vit_tiny_cifar10")
+BUNDLED = ("vmoe_tiny_cifar10", "soft_moe_tiny_cifar10", "vit_tiny_cifar10", "limoe_tiny_cifar10")
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +160,8 @@ def test_presets_lists_every_builtin_preset(capsys, tmp_path, monkeypatch):
         assert presets.list_presets()[name].split()[0] in text  # Its description.
         if name in BUNDLED:
             assert "loads offline" in text and "params unknown" not in text
+            kind = "zero-shot top-1" if name == "limoe_tiny_cifar10" else "CIFAR-10 test top-1"
+            assert kind in text
         else:
             assert "needs a download (or a local mirror)" in text
     assert set(BUNDLED) <= set(blocks)
@@ -245,3 +249,42 @@ def test_console_script_reports_a_missing_image_in_one_line(tmp_path):
     assert last == f"{ERROR_PREFIX} image not found: {missing}"
     assert "Traceback" not in result.stderr
     assert result.stdout == ""
+
+
+def test_classify_and_routing_map_with_the_limoe_preset(capsys, photos, tmp_path, classifiers):
+    path = tmp_path / "routing.png"
+    status, out, err = run(capsys, "classify", "--preset", "limoe_tiny_cifar10", "--top", "3",
+                           "--routing-map", path, *photos)
+    assert status == 0 and ERROR_PREFIX not in err
+    table = predictions(out)
+    classifier = classifiers["limoe_tiny_cifar10"]
+    expected = reference_probabilities(classifier, photos)  # Softmax of the zero-shot logits.
+    for photo, reference in zip(photos, expected):
+        order = np.argsort(-reference)[:3]
+        assert [name for name, _ in table[photo]] == [classifier.class_names[i] for i in order]
+    with Image.open(path) as picture:
+        assert picture.size == reference_size("a title")  # 2 images, MoE blocks 3 and 5.
+
+
+@requires_cifar10
+def test_expert_modality_writes_the_picture(capsys, tmp_path):
+    path = tmp_path / "pictures" / "experts.png"
+    status, out, err = run(capsys, "expert-modality", "--cifar10", CIFAR10, "--pairs", "16",
+                           "--output", path)
+    assert status == 0 and ERROR_PREFIX not in err
+    assert out.splitlines()[-1] == f"Expert-modality picture written to {path}"
+    assert [line.split(":")[0] for line in out.splitlines() if line.startswith("MoE")] == [
+        "MoE block 3", "MoE block 5"]
+    with Image.open(path) as picture:
+        assert picture.format == "PNG" and picture.width > picture.height
+    # Not a classifier of images and text, or not a picture: one error line.
+    for argv, needle in [
+        (["--preset", "vmoe_tiny_cifar10", "--cifar10", CIFAR10], "needs a LIMoE preset"),
+        (["--cifar10", CIFAR10, "--output", tmp_path / "e.jpg"], "--output must name a .png"),
+        (["--coco", tmp_path / "missing.npz"], "data archive not found"),
+    ]:
+        if "--output" not in argv:
+            argv = argv + ["--output", tmp_path / "e.png"]
+        status, out, err = run(capsys, "expert-modality", *argv)
+        assert status == 1 and err.startswith(ERROR_PREFIX) and needle in err, err
+        assert not (tmp_path / "e.png").exists()

@@ -16,7 +16,10 @@ python presets/limoe_tiny_cifar10/recipe.py --cifar10 PATH/cifar10_jpeg.npz \
 trains from scratch, saves the preset (a `LIMoEZeroShotClassifier` over the
 CIFAR-10 classes with the evaluation templates; weights in float16), then
 loads it and measures zero-shot top-1 on the 10,000 test images through
-`predict`, and image-text retrieval on the COCO pairs.
+`predict`, and image-text retrieval on the COCO pairs. With `--weights
+RUN.weights.npz --vocabulary RUN.spm [--record RUN.record.json]` it saves the
+preset from a finished run (e.g. one trained on a GPU elsewhere) instead of
+training, then measures it the same way.
 """
 
 import argparse
@@ -264,6 +267,39 @@ def train(recipe, cifar10_path, epochs=None, train_limit=None, verbose="auto"):
     return model, proto, record
 
 
+def load_weights_file(model, path):
+    """Sets `model`'s weights from an `.npz` of arrays `arr_0, arr_1, ...` in
+    the order of `model.get_weights()` (as a training run saves them, e.g.
+    in float16; they are cast to each variable's dtype).
+
+    Raises:
+        ValueError: naming the first variable whose shape differs, or the
+            counts when the file holds more or fewer arrays than the model.
+    """
+    with np.load(path) as stored:
+        arrays = [stored[f"arr_{index}"] for index in range(len(stored.files))]
+    variables = model.weights
+    if len(arrays) != len(variables):
+        raise ValueError(
+            f"{path}: {len(arrays)} arrays, but the model has {len(variables)} weights; "
+            "the file was saved from another architecture."
+        )
+    for index, (variable, array) in enumerate(zip(variables, arrays)):
+        if tuple(variable.shape) != array.shape:
+            raise ValueError(
+                f"{path}: array arr_{index} has shape {array.shape}, but the model's weight "
+                f"{variable.path!r} has shape {tuple(variable.shape)}."
+            )
+    model.set_weights([array.astype(variable.dtype) for variable, array in zip(variables, arrays)])
+
+
+def rebuild(recipe, weights_path, proto):
+    """The contrastive model of `recipe` with the weights of a finished run."""
+    model = recipe.build_model(vocabulary_size=_vocabulary_size(proto))
+    load_weights_file(model, weights_path)
+    return model
+
+
 def _vocabulary_size(proto):
     import sentencepiece
 
@@ -363,13 +399,31 @@ def main(recipe, recipe_file, argv=None):
     parser.add_argument("--train-limit", type=int, default=None,
                         help="train and evaluate on N random images of each split (smoke runs)")
     parser.add_argument("--verbose", type=int, choices=(0, 1, 2), default=None)
+    parser.add_argument("--weights", type=pathlib.Path, default=None,
+                        help="save the preset from a finished run instead of training: an .npz "
+                        "of the contrastive model's weights in get_weights() order")
+    parser.add_argument("--vocabulary", type=pathlib.Path, default=None,
+                        help="with --weights: the run's SentencePiece model (vocabulary.spm)")
+    parser.add_argument("--record", type=pathlib.Path, default=None,
+                        help="with --weights: the run's training record (JSON), kept in metrics.json")
     parser.add_argument("--skip-training", action="store_true")
     parser.add_argument("--skip-evaluation", action="store_true")
     args = parser.parse_args(argv)
     if args.cifar10 is None or not args.cifar10.is_file():
         parser.error(f"CIFAR-10 archive not found: {args.cifar10} (give --cifar10)")
     verbose = "auto" if args.verbose is None else args.verbose
-    if not args.skip_training:
+    if args.weights is not None:
+        if args.vocabulary is None or not args.vocabulary.is_file():
+            parser.error(f"--weights needs the run's vocabulary: --vocabulary {args.vocabulary}")
+        proto = args.vocabulary.read_bytes()
+        model = rebuild(recipe, args.weights, proto)
+        save_preset(recipe, model, proto, args.output)
+        description = dict(dataclasses.asdict(recipe), description=recipe.description)
+        record = json.loads(args.record.read_text()) if args.record is not None else None
+        if record is not None:
+            description["epochs"] = record.get("epochs", recipe.epochs)
+        update_metrics(args.output, dict(recipe=description, training=record))
+    elif not args.skip_training:
         model, proto, record = train(recipe, args.cifar10, args.epochs, args.train_limit, verbose)
         save_preset(recipe, model, proto, args.output)
         description = dict(dataclasses.asdict(recipe), description=recipe.description)

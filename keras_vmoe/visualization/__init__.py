@@ -1,3 +1,4 @@
-"""Pictures of what a model does (routing maps)."""
+"""Pictures of what a model does (routing maps, LIMoE expert modalities)."""
 
 from keras_vmoe.visualization.routing_map import draw_routing_map
+from keras_vmoe.visualization.expert_modality import draw_expert_modality

@@ -7,3 +7,4 @@ from keras_vmoe.models.limoe.limoe_preprocessor import LIMoEPreprocessor
 from keras_vmoe.models.limoe.limoe_tokenizer import LIMoETokenizer
 from keras_vmoe.models.limoe.limoe_tokenizer import train_limoe_vocabulary
 from keras_vmoe.models.limoe.limoe_zero_shot_classifier import LIMoEZeroShotClassifier
+from keras_vmoe.models.limoe.expert_modality import expert_modality_counts

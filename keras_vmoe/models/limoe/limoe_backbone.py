@@ -192,6 +192,7 @@ class LIMoEBackbone(BuiltinPresetMixin, Backbone):
             embedding_dim, use_bias=False, dtype=dtype, name="text_projection"
         )
         self.image_shape = image_shape
+        self.num_image_tokens = grid_size[0] * grid_size[1]
         self.max_text_length = max_text_length
         self.route_pairs_together = bool(route_pairs_together)
 
@@ -240,6 +241,28 @@ class LIMoEBackbone(BuiltinPresetMixin, Backbone):
                 self.encode(images=images, training=training)[0],
                 self.encode(token_ids=token_ids, padding_mask=padding_mask, training=training)[1],
             )
+        x, token_modalities, attention_mask = self.input_tokens(images, token_ids, padding_mask)
+        x = self.embedding_dropout(x, training=training)
+        for block in self.blocks:
+            x = block(x, training=training, attention_mask=attention_mask, token_modalities=token_modalities)
+        x = self.encoder_norm(x)
+        image_embeddings = text_embeddings = None
+        num_image_tokens = 0
+        if images is not None:
+            num_image_tokens = self.num_image_tokens
+            pooled = self.image_pooling_layer(x[:, :num_image_tokens])
+            image_embeddings = l2_normalize(self.image_projection(pooled))
+        if token_ids is not None:
+            pooled = masked_mean(x[:, num_image_tokens:], ops.equal(token_modalities[:, num_image_tokens:], TEXT))
+            text_embeddings = l2_normalize(self.text_projection(pooled))
+        return image_embeddings, text_embeddings
+
+    def input_tokens(self, images=None, token_ids=None, padding_mask=None):
+        """What enters the first block, for images, texts or pairs (one sequence each).
+
+        Returns (tokens (B, T, D), token_modalities (B, T) int: IMAGE, TEXT
+        or PADDING, attention_mask (B, T, T) bool), image tokens first.
+        """
         parts, modalities = [], []
         if images is not None:
             image_tokens = self.image_position_embedding(self.patch_embedding(images))
@@ -264,20 +287,7 @@ class LIMoEBackbone(BuiltinPresetMixin, Backbone):
         # Each token attends to the real tokens of its own modality (padding
         # to padding, so that no row is empty).
         attention_mask = ops.equal(token_modalities[:, :, None], token_modalities[:, None, :])
-        x = self.embedding_dropout(x, training=training)
-        for block in self.blocks:
-            x = block(x, training=training, attention_mask=attention_mask, token_modalities=token_modalities)
-        x = self.encoder_norm(x)
-        image_embeddings = text_embeddings = None
-        num_image_tokens = 0
-        if images is not None:
-            num_image_tokens = parts[0].shape[1]
-            pooled = self.image_pooling_layer(x[:, :num_image_tokens])
-            image_embeddings = l2_normalize(self.image_projection(pooled))
-        if token_ids is not None:
-            pooled = masked_mean(x[:, num_image_tokens:], ops.equal(token_modalities[:, num_image_tokens:], TEXT))
-            text_embeddings = l2_normalize(self.text_projection(pooled))
-        return image_embeddings, text_embeddings
+        return x, token_modalities, attention_mask
 
     def embed_images(self, images, training=False):
         """(batch, H, W, C) pixels -> (batch, embedding_dim) unit vectors."""

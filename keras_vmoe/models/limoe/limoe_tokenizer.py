@@ -50,6 +50,15 @@ def train_limoe_vocabulary(texts, vocabulary_size):
 class LIMoETokenizer(BuiltinPresetMixin, SentencePieceTokenizer):
     """keras-hub's `SentencePieceTokenizer` with LIMoE's special tokens.
 
+    Survives reseeding: tf-text keeps the SentencePiece model in a
+    kernel-owned TensorFlow resource, and `tf.random.set_seed` (which
+    `keras.utils.set_random_seed` calls) clears TensorFlow's eager kernel
+    cache and that resource with it, so a plain keras-hub tokenizer built
+    before a reseed fails in a `tf.data` pipeline (raw-text `fit` on
+    TensorFlow) with "Resource ... SentencepieceResource does not exist".
+    This tokenizer checks its op before each use (one tiny eager op) and
+    rebuilds it from the proto when TensorFlow dropped it.
+
     Args:
         proto: a SentencePiece model (bytes or a file path), e.g. from
             `train_limoe_vocabulary`; saved with the preset as an asset.
@@ -62,3 +71,19 @@ class LIMoETokenizer(BuiltinPresetMixin, SentencePieceTokenizer):
         self._add_special_token(END, "end_token")
         self._add_special_token(PAD, "pad_token")
         super().__init__(proto=proto, **kwargs)
+
+    def _maybe_initialized_tf(self):
+        super()._maybe_initialized_tf()
+        if self.proto is not None and not self._sentence_piece_alive():
+            self._set_proto_tf(self.proto)
+
+    def _sentence_piece_alive(self):
+        """Whether tf-text's SentencePiece resource still exists (see above)."""
+        import tensorflow as tf
+
+        with tf.init_scope():  # Eagerly, also while a tf.data map is traced.
+            try:
+                self._sentence_piece.vocab_size()
+            except tf.errors.NotFoundError:
+                return False
+        return True

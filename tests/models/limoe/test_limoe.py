@@ -20,11 +20,10 @@ CLASSES = ["cat", "dog", "ship", "truck"]
 
 @pytest.fixture()
 def preprocessor():
-    # Seeds first: reseeding TensorFlow afterwards drops the tokenizer's
-    # SentencePiece resource from tf.data pipelines.
-    keras.utils.set_random_seed(0)
     texts = [f"a photo of a {name}." for name in CLASSES] + ["a blurry picture of the dog."]
     tokenizer = LIMoETokenizer(proto=train_limoe_vocabulary(texts, 300))
+    # After the tokenizer on purpose: it survives TensorFlow's reseeding.
+    keras.utils.set_random_seed(0)
     converter = LIMoEImageConverter(image_size=(16, 16), scale=1 / 127.5, offset=-1.0)
     return LIMoEPreprocessor(tokenizer, converter, sequence_length=8)
 
@@ -53,10 +52,15 @@ def test_pairs_are_routed_per_modality_and_fit_lowers_the_loss(preprocessor):
     images = rng.integers(0, 255, (8, 16, 16, 3)).astype("uint8")
     texts = np.array([f"a photo of a {CLASSES[i % 4]}." for i in range(8)])
     model = LIMoEContrastiveModel(backbone, preprocessor, loss="softmax")
-    model.compile(optimizer=keras.optimizers.Adam(3e-3))
+    model.compile(optimizer=keras.optimizers.Adam(3e-3))  # No weight decay: only gradients move weights.
+    routers = [moe.router.kernel for moe in backbone.moe_blocks]
+    before = [to_numpy(kernel).copy() for kernel in routers]
     history = model.fit({"images": images, "text": texts}, batch_size=8, epochs=6, verbose=0).history
     assert history["loss"][-1] < history["loss"][0]
     assert history["moe_auxiliary_loss"][0] > 0
+    # Gradients reach the routers (through the combine weights and the auxiliary losses).
+    for kernel, start in zip(routers, before):
+        assert np.abs(to_numpy(kernel) - start).max() > 1e-4, kernel.path
     x = preprocessor({"images": images, "text": texts})
     joint = backbone(x)
     # No pairing leaks through routing: a pair embeds as its parts do alone.
@@ -99,3 +103,26 @@ def test_preprocessor_bad_input(preprocessor):
     backbone = tiny_backbone(preprocessor)
     with pytest.raises(ValueError, match="max_text_length=8"):
         backbone.embed_text(np.ones((1, 9), "int32"))
+
+
+def test_the_tokenizer_survives_reseeding_in_a_tf_data_pipeline():
+    """`keras.utils.set_random_seed` clears TensorFlow's eager kernel cache,
+    which holds tf-text's SentencePiece resource: a tokenizer built before it
+    must still tokenize raw text inside `tf.data` (raw-text `fit`)."""
+    import tensorflow as tf
+    from keras_hub.tokenizers import SentencePieceTokenizer
+
+    texts = ["a photo of a cat.", "a photo of a dog."]
+    proto = train_limoe_vocabulary(texts, 300)
+    plain, ours = SentencePieceTokenizer(proto=proto), LIMoETokenizer(proto=proto)
+    expected = [to_numpy(ours.tokenize(text)).tolist() for text in texts]
+    keras.utils.set_random_seed(1)
+
+    def tokenized(tokenizer):
+        dataset = tf.data.Dataset.from_tensor_slices(texts).map(tokenizer.tokenize)
+        return [row.numpy().tolist() for row in dataset]
+
+    # The trap is real: keras-hub's own tokenizer lost its resource.
+    with pytest.raises(tf.errors.NotFoundError, match="does not exist"):
+        tokenized(plain)
+    assert tokenized(ours) == expected

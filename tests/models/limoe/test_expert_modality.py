@@ -1,0 +1,89 @@
+"""The LIMoE expert-modality analysis against the routers' own dispatch tables."""
+
+import numpy as np
+import pytest
+
+from keras_vmoe.models import LIMoEBackbone
+from keras_vmoe.models.limoe.expert_modality import ExpertModalityStats
+from keras_vmoe.models.limoe.expert_modality import expert_modality_counts
+from keras_vmoe.visualization.expert_modality import draw_expert_modality
+from tests.helpers import random_images
+from tests.helpers import to_numpy
+
+
+def recorded_dispatch(backbone, monkeypatch):
+    """Records, per MoE block, the dispatch table (G, E, C) of every router call."""
+    tables = {index: [] for index in backbone.moe_layers}
+    for index in backbone.moe_layers:
+        router = backbone.blocks[index].mlp.router
+        call = router.call
+
+        def recording(*args, _call=call, _index=index, **kwargs):
+            plan, metrics = _call(*args, **kwargs)
+            tables[_index].append(to_numpy(plan.dispatch_index))
+            return plan, metrics
+
+        monkeypatch.setattr(router, "call", recording)
+    return tables
+
+
+def test_counts_and_shares_match_the_dispatch_tables(monkeypatch):
+    backbone = LIMoEBackbone(
+        image_shape=(16, 16, 3), patch_size=4, vocabulary_size=50, max_text_length=8,
+        num_layers=2, hidden_dim=16, mlp_dim=32, num_heads=2, embedding_dim=8,
+        moe_layers=(0, 1), num_experts=4, capacity_factor=0.5,  # Some tokens are dropped.
+    )
+    images = random_images(6, (16, 16, 3))
+    rng = np.random.default_rng(0)
+    token_ids = rng.integers(4, 50, (5, 8)).astype("int32")
+    lengths = np.array([8, 5, 3, 6, 2])
+    padding_mask = np.arange(8)[None] < lengths[:, None]
+    stats = expert_modality_counts(backbone, images, token_ids, padding_mask)
+    assert sorted(stats) == [0, 1]
+
+    # By hand: run each modality through the model's own forward pass and
+    # count the filled slots of each expert (a slot holding token index S
+    # is empty); what no slot holds was dropped.
+    tables = recorded_dispatch(backbone, monkeypatch)
+    backbone.embed_images(images)
+    image_tables = {index: list(calls) for index, calls in tables.items()}
+    for calls in tables.values():
+        calls.clear()
+    backbone.embed_text(token_ids, padding_mask)
+    for index in (0, 1):
+        counts = np.zeros((2, 4), int)
+        for m, (calls, group_size, tokens) in enumerate(
+            [(image_tables[index], 16, 6 * 16), (tables[index], 8, lengths.sum())]
+        ):
+            (table,) = calls  # (G, E, C)
+            counts[m] = (table < group_size).sum(axis=(0, 2))
+            assert stats[index].dropped[m] == tokens - counts[m].sum()
+        np.testing.assert_array_equal(stats[index].counts, counts)
+        assert stats[index].dropped[0] > 0  # Capacity 0.5 drops image tokens.
+        distribution = counts / counts.sum(axis=1, keepdims=True)
+        np.testing.assert_allclose(stats[index].modality_distribution, distribution)
+        np.testing.assert_allclose(stats[index].token_share, counts / counts.sum(axis=0))
+        np.testing.assert_allclose(
+            stats[index].balanced_share, distribution / distribution.sum(axis=0)
+        )
+
+
+def test_shares_and_specific_experts_by_hand():
+    # Expert 0: image only; 1: text only; 2: both; 3: nothing.
+    stats = ExpertModalityStats(counts=np.array([[90, 0, 10, 0], [0, 5, 5, 0]]),
+                                dropped=np.array([20, 0]))
+    np.testing.assert_allclose(stats.modality_distribution, [[0.9, 0, 0.1, 0], [0, 0.5, 0.5, 0]])
+    # Expert 2 takes 10 image and 5 text tokens: 2/3 of its tokens are images,
+    # but 10% of all images against 50% of all texts: 1/6 with both weighted equally.
+    np.testing.assert_allclose(stats.token_share[:, :3], [[1, 0, 2 / 3], [0, 1, 1 / 3]])
+    np.testing.assert_allclose(stats.balanced_share[:, :3], [[1, 0, 1 / 6], [0, 1, 5 / 6]])
+    assert np.isnan(stats.balanced_share[:, 3]).all() and np.isnan(stats.token_share[:, 3]).all()
+    np.testing.assert_allclose(stats.dropped_fraction, [20 / 120, 0])
+    assert stats.specific_experts() == {"image": [0], "text": [1]}
+    assert stats.specific_experts(threshold=0.8) == {"image": [0], "text": [1, 2]}
+    picture = draw_expert_modality({3: stats, 5: stats}, title="by hand")
+    assert picture.mode == "RGB" and picture.size[0] > picture.size[1] > 200
+    with pytest.raises(ValueError, match="no MoE block"):
+        draw_expert_modality({})
+    with pytest.raises(ValueError, match="at least one image and one caption"):
+        expert_modality_counts(None, np.zeros((0, 16, 16, 3)), np.zeros((2, 8), "int32"))
