@@ -340,16 +340,21 @@ class EncoderBlock(keras.layers.Layer):
                 shape=(input_shape[-1],), initializer=initializer, name="mlp_scale"
             )
 
-    def call(self, inputs, training=None, attention_mask=None, token_modalities=None):
-        """`attention_mask`: (batch, tokens, tokens) bool, see the attention.
-        `token_modalities`: (batch, tokens) int, passed to an MLP that takes
-        them (a `SparseMoE`, for its router: LIMoE); -1 marks padding."""
+    def attend(self, inputs, training=None, attention_mask=None):
+        """The block's first half, the attention with its residual: the tokens
+        that `mlp_norm` then feeds the MLP (and so a MoE layer's router)."""
         x = self.attention(
             self.attention_norm(inputs), training=training, attention_mask=attention_mask
         )
         if self.layer_scale_init is not None:
             x = x * ops.cast(self.attention_scale, x.dtype)
-        x = inputs + self.dropout(x, training=training)
+        return inputs + self.dropout(x, training=training)
+
+    def call(self, inputs, training=None, attention_mask=None, token_modalities=None):
+        """`attention_mask`: (batch, tokens, tokens) bool, see the attention.
+        `token_modalities`: (batch, tokens) int, passed to an MLP that takes
+        them (a `SparseMoE`, for its router: LIMoE); -1 marks padding."""
+        x = self.attend(inputs, training=training, attention_mask=attention_mask)
         if token_modalities is None or not getattr(self.mlp, "takes_token_modalities", False):
             y = self.mlp(self.mlp_norm(x), training=training)
         else:

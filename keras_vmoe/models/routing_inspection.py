@@ -38,10 +38,7 @@ def router_inputs(backbone, images):
         block_inputs = [block_inputs]
     tokens = {}
     for index, block, x in zip(backbone.moe_layers, blocks, block_inputs):
-        attended = block.attention(block.attention_norm(x))
-        if block.layer_scale_init is not None:
-            attended = attended * ops.cast(block.attention_scale, attended.dtype)
-        x = block.mlp_norm(x + attended)
+        x = block.mlp_norm(block.attend(x))
         group_size = block.mlp.group_size or x.shape[1]
         tokens[index] = ops.reshape(x, (-1, group_size, x.shape[-1]))
     return tokens

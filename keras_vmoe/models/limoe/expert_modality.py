@@ -126,8 +126,7 @@ class RoutingProbe(keras.Model):
         for index, block in enumerate(backbone.blocks[: max(backbone.moe_layers) + 1]):
             if index in backbone.moe_layers:
                 # The tokens the block's MLP (and so its router) receives.
-                attended = block.attention(block.attention_norm(x), attention_mask=attention_mask)
-                tokens = block.mlp_norm(x + attended)
+                tokens = block.mlp_norm(block.attend(x, attention_mask=attention_mask))
                 group_size = block.mlp.resolve_group_size(tokens.shape)
                 plan, _ = block.mlp.router(
                     ops.reshape(tokens, (-1, group_size, tokens.shape[-1])), training=False,
