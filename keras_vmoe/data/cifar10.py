@@ -37,7 +37,10 @@ def load_cifar10(path, split, limit=None, verbose=False):
         verbose: show a progress bar while decoding.
 
     Returns:
-        `(images, labels)`: uint8 `(N, 32, 32, 3)` and int32 `(N,)`.
+        `(images, labels)`: uint8 `(N, 32, 32, 3)` and int32 `(N,)`, in the
+        archive's order, class by class. Shuffle them before `fit`:
+        keras-hub's `Task.fit` batches arrays in order (it ignores
+        `shuffle=True` for them).
     """
     if split not in SPLITS:
         raise ValueError(f"load_cifar10: split must be one of {SPLITS}, got {split!r}.")
