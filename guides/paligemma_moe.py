@@ -43,14 +43,12 @@ for one epoch without validation (used by the test suite; its outputs mean
 nothing).
 """
 
-import io
 import os
 import pathlib
 import time
 
 import keras
 import numpy as np
-import sentencepiece
 
 from keras_vmoe.data import load_coco_captions
 from keras_vmoe.models import PaliGemmaMoEBackbone
@@ -59,6 +57,7 @@ from keras_vmoe.models import PaliGemmaMoECausalLMPreprocessor
 from keras_vmoe.models import PaliGemmaMoEImageConverter
 from keras_vmoe.models import PaliGemmaMoETokenizer
 from keras_vmoe.models import SoftMoEBackbone
+from keras_vmoe.models import train_pali_gemma_moe_vocabulary
 
 FAST = os.environ.get("KERAS_VMOE_GUIDE_FAST") == "1"
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -115,23 +114,14 @@ print("for example:", train["responses"][:3])
 
 PaliGemma's tokenizer is a 257,152-piece SentencePiece model. We are offline
 and train from scratch, so we make a small word-level SentencePiece model on
-the training captions instead; `PaliGemmaMoETokenizer` is keras-hub's
-PaliGemma tokenizer and takes any SentencePiece proto with the `<pad>`,
+the training captions instead (`train_pali_gemma_moe_vocabulary`);
+`PaliGemmaMoETokenizer` is keras-hub's PaliGemma tokenizer and takes any
+SentencePiece proto with the `<pad>`,
 `<bos>` and `<eos>` pieces. Words it has not seen map to `<unk>`.
 """
 
-proto = io.BytesIO()
-sentencepiece.SentencePieceTrainer.train(
-    sentence_iterator=iter(train["responses"] + [PROMPT]),
-    model_writer=proto,
-    vocab_size=1000,
-    hard_vocab_limit=False,
-    model_type="WORD",
-    pad_id=0, bos_id=1, eos_id=2, unk_id=3,
-    pad_piece="<pad>", bos_piece="<bos>", eos_piece="<eos>", unk_piece="<unk>",
-    minloglevel=2,
-)
-tokenizer = PaliGemmaMoETokenizer(proto=proto.getvalue())
+proto = train_pali_gemma_moe_vocabulary(train["responses"] + [PROMPT], 1000)
+tokenizer = PaliGemmaMoETokenizer(proto=proto)
 print("vocabulary size:", tokenizer.vocabulary_size())
 
 """

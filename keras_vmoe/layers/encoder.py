@@ -355,6 +355,11 @@ class EncoderBlock(keras.layers.Layer):
         `token_modalities`: (batch, tokens) int, passed to an MLP that takes
         them (a `SparseMoE`, for its router: LIMoE); -1 marks padding."""
         x = self.attend(inputs, training=training, attention_mask=attention_mask)
+        return self.feed_forward(x, training=training, token_modalities=token_modalities)
+
+    def feed_forward(self, x, training=None, token_modalities=None):
+        """The block's second half, on the output of `attend`: the MLP with
+        its residual."""
         if token_modalities is None or not getattr(self.mlp, "takes_token_modalities", False):
             y = self.mlp(self.mlp_norm(x), training=training)
         else:

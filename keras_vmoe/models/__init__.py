@@ -16,6 +16,7 @@ from keras_vmoe.models.pali_gemma_moe import PaliGemmaMoECausalLM
 from keras_vmoe.models.pali_gemma_moe import PaliGemmaMoECausalLMPreprocessor
 from keras_vmoe.models.pali_gemma_moe import PaliGemmaMoEImageConverter
 from keras_vmoe.models.pali_gemma_moe import PaliGemmaMoETokenizer
+from keras_vmoe.models.pali_gemma_moe import train_pali_gemma_moe_vocabulary
 from keras_vmoe.models.soft_moe import SOFT_MOE_ARCHITECTURES
 from keras_vmoe.models.soft_moe import SoftMoEBackbone
 from keras_vmoe.models.soft_moe import SoftMoEImageClassifier

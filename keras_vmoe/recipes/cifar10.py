@@ -433,11 +433,12 @@ def default_cifar10_path():
     return pathlib.Path(shared) / "data" / "cifar10_jpeg.npz" if shared else None
 
 
-def main(recipe, recipe_file, argv=None):
-    """Command line of a preset's `recipe.py`."""
+def recipe_parser(recipe, recipe_file, trains):
+    """The command line every preset's `recipe.py` shares; `trains` says
+    what it trains, for the description. Recipes add their own options."""
     parser = argparse.ArgumentParser(
         prog=f"python {recipe_file}",
-        description=f"Train the {recipe.name} preset on CIFAR-10 and measure it. {recipe.description}",
+        description=f"Train the {recipe.name} preset {trains} and measure it. {recipe.description}",
     )
     parser.add_argument("--cifar10", type=pathlib.Path, default=default_cifar10_path(),
                         help="cifar10_jpeg.npz (default: $KERAS_VMOE_SHARED/data/cifar10_jpeg.npz)")
@@ -454,9 +455,20 @@ def main(recipe, recipe_file, argv=None):
                         help="only evaluate the preset already in --output")
     parser.add_argument("--skip-evaluation", action="store_true",
                         help="train and save only (evaluate later, e.g. on another machine)")
+    return parser
+
+
+def parse_recipe_arguments(parser, argv):
+    """`parser.parse_args(argv)`, with the CIFAR-10 archive checked."""
     args = parser.parse_args(argv)
     if args.cifar10 is None or not args.cifar10.is_file():
         parser.error(f"--cifar10: no CIFAR-10 archive at {args.cifar10}; pass the path of cifar10_jpeg.npz")
+    return args
+
+
+def main(recipe, recipe_file, argv=None):
+    """Command line of a preset's `recipe.py`."""
+    args = parse_recipe_arguments(recipe_parser(recipe, recipe_file, "on CIFAR-10"), argv)
     if args.epochs is not None:  # metrics.json records the recipe as run.
         recipe = dataclasses.replace(recipe, epochs=args.epochs)
     if not args.skip_training:

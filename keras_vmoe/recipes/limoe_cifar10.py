@@ -22,7 +22,6 @@ preset from a finished run (e.g. one trained on a GPU elsewhere) instead of
 training, then measures it the same way.
 """
 
-import argparse
 import concurrent.futures
 import dataclasses
 import json
@@ -37,10 +36,11 @@ import numpy as np
 
 from keras_vmoe.data.cifar10 import CIFAR10_CLASS_NAMES
 from keras_vmoe.data.cifar10 import load_cifar10
-from keras_vmoe.recipes.cifar10 import default_cifar10_path
 from keras_vmoe.recipes.cifar10 import hardware
 from keras_vmoe.recipes.cifar10 import make_optimizer
+from keras_vmoe.recipes.cifar10 import parse_recipe_arguments
 from keras_vmoe.recipes.cifar10 import random_crop_and_flip
+from keras_vmoe.recipes.cifar10 import recipe_parser
 from keras_vmoe.recipes.cifar10 import store_weights_as_float16
 from keras_vmoe.recipes.cifar10 import to_model_inputs
 from keras_vmoe.recipes.cifar10 import training_record
@@ -386,19 +386,9 @@ def evaluate_preset(preset, cifar10_path, coco_path=None, limit=None):
 
 def main(recipe, recipe_file, argv=None):
     """Command line of the preset's `recipe.py`."""
-    parser = argparse.ArgumentParser(
-        prog=f"python {recipe_file}",
-        description=f"Train the {recipe.name} preset and measure it. {recipe.description}",
-    )
-    parser.add_argument("--cifar10", type=pathlib.Path, default=default_cifar10_path(),
-                        help="cifar10_jpeg.npz (default: $KERAS_VMOE_SHARED/data/cifar10_jpeg.npz)")
+    parser = recipe_parser(recipe, recipe_file, "on captioned CIFAR-10")
     parser.add_argument("--coco", type=pathlib.Path, default=None,
                         help="coco_mini_captions.npz, for the retrieval check")
-    parser.add_argument("--output", type=pathlib.Path, default=pathlib.Path(recipe_file).parent)
-    parser.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
-    parser.add_argument("--train-limit", type=int, default=None,
-                        help="train and evaluate on N random images of each split (smoke runs)")
-    parser.add_argument("--verbose", type=int, choices=(0, 1, 2), default=None)
     parser.add_argument("--weights", type=pathlib.Path, default=None,
                         help="save the preset from a finished run instead of training: an .npz "
                         "of the contrastive model's weights in get_weights() order")
@@ -406,11 +396,7 @@ def main(recipe, recipe_file, argv=None):
                         help="with --weights: the run's SentencePiece model (vocabulary.spm)")
     parser.add_argument("--record", type=pathlib.Path, default=None,
                         help="with --weights: the run's training record (JSON), kept in metrics.json")
-    parser.add_argument("--skip-training", action="store_true")
-    parser.add_argument("--skip-evaluation", action="store_true")
-    args = parser.parse_args(argv)
-    if args.cifar10 is None or not args.cifar10.is_file():
-        parser.error(f"CIFAR-10 archive not found: {args.cifar10} (give --cifar10)")
+    args = parse_recipe_arguments(parser, argv)
     verbose = "auto" if args.verbose is None else args.verbose
     if args.weights is not None:
         if args.vocabulary is None or not args.vocabulary.is_file():

@@ -124,9 +124,10 @@ class RoutingProbe(keras.Model):
         outputs = {"token_modalities": token_modalities}
         length = x.shape[1]
         for index, block in enumerate(backbone.blocks[: max(backbone.moe_layers) + 1]):
+            x = block.attend(x, training=False, attention_mask=attention_mask)
             if index in backbone.moe_layers:
                 # The tokens the block's MLP (and so its router) receives.
-                tokens = block.mlp_norm(block.attend(x, attention_mask=attention_mask))
+                tokens = block.mlp_norm(x)
                 group_size = block.mlp.resolve_group_size(tokens.shape)
                 plan, _ = block.mlp.router(
                     ops.reshape(tokens, (-1, group_size, tokens.shape[-1])), training=False,
@@ -135,7 +136,7 @@ class RoutingProbe(keras.Model):
                 outputs[f"block_{index}"] = ops.reshape(
                     plan.combine_index, (-1, length, block.mlp.router.num_selected_experts)
                 )
-            x = block(x, training=False, attention_mask=attention_mask, token_modalities=token_modalities)
+            x = block.feed_forward(x, training=False, token_modalities=token_modalities)
         return outputs
 
 

@@ -1,11 +1,10 @@
 """The LIMoE text tokenizer: a SentencePiece vocabulary shipped with the preset."""
 
-import io
-
 import keras
 from keras_hub.tokenizers import SentencePieceTokenizer
 
 from keras_vmoe.models.limoe.limoe_backbone import LIMoEBackbone
+from keras_vmoe.models.sentencepiece_vocabulary import train_sentencepiece
 from keras_vmoe.presets import BuiltinPresetMixin
 
 PAD, UNKNOWN, START, END = "<pad>", "<unk>", "<s>", "</s>"
@@ -24,26 +23,15 @@ def train_limoe_vocabulary(texts, vocabulary_size):
     >>> LIMoETokenizer(proto=proto)("A photo of a cat.").shape
     TensorShape([...])
     """
-    import sentencepiece
-
-    texts = [str(text) for text in texts]
-    if not texts:
-        raise ValueError("train_limoe_vocabulary: `texts` is empty.")
-    model = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts),
-        model_writer=model,
-        vocab_size=vocabulary_size,
-        hard_vocab_limit=False,
+    return train_sentencepiece(
+        texts, vocabulary_size,
+        dict(pad=(0, PAD), unk=(1, UNKNOWN), bos=(2, START), eos=(3, END)),
+        owner="train_limoe_vocabulary",
         model_type="unigram",
         character_coverage=1.0,
         byte_fallback=True,
         normalization_rule_name="nmt_nfkc_cf",  # NFKC and case folding.
-        pad_id=0, unk_id=1, bos_id=2, eos_id=3,
-        pad_piece=PAD, unk_piece=UNKNOWN, bos_piece=START, eos_piece=END,
-        minloglevel=2,
     )
-    return model.getvalue()
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")

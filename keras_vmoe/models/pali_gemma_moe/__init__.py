@@ -7,3 +7,4 @@ from keras_vmoe.models.pali_gemma_moe.pali_gemma_moe_image_converter import (
     PaliGemmaMoEImageConverter,
 )
 from keras_vmoe.models.pali_gemma_moe.pali_gemma_moe_tokenizer import PaliGemmaMoETokenizer
+from keras_vmoe.models.pali_gemma_moe.pali_gemma_moe_tokenizer import train_pali_gemma_moe_vocabulary

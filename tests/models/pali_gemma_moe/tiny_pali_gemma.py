@@ -1,10 +1,7 @@
 """Tiny PaliGemma-style models and a SentencePiece vocabulary made at test time."""
 
-import io
-
 import keras
 import numpy as np
-import sentencepiece
 
 from keras_vmoe.data import load_coco_captions
 from keras_vmoe.models import PaliGemmaMoEBackbone
@@ -14,6 +11,7 @@ from keras_vmoe.models import PaliGemmaMoEImageConverter
 from keras_vmoe.models import PaliGemmaMoETokenizer
 from keras_vmoe.models import SoftMoEBackbone
 from keras_vmoe.models import VMoEBackbone
+from keras_vmoe.models import train_pali_gemma_moe_vocabulary
 from tests.helpers import COCO_CAPTIONS
 
 PROMPT = "caption en"
@@ -21,20 +19,9 @@ IMAGE_SIZE = 32
 
 
 def sentencepiece_proto(texts, vocab_size=64):
-    """A word-level SentencePiece model with PaliGemma's special pieces
-    (<pad>=0, <bos>=1, <eos>=2, <unk>=3), trained on `texts` in milliseconds."""
-    proto = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(list(texts)),
-        model_writer=proto,
-        vocab_size=vocab_size,
-        hard_vocab_limit=False,  # Fewer distinct words than vocab_size is fine.
-        model_type="WORD",
-        pad_id=0, bos_id=1, eos_id=2, unk_id=3,
-        pad_piece="<pad>", bos_piece="<bos>", eos_piece="<eos>", unk_piece="<unk>",
-        minloglevel=2,
-    )
-    return proto.getvalue()
+    """A word-level vocabulary with PaliGemma's special pieces, trained on
+    `texts` in milliseconds."""
+    return train_pali_gemma_moe_vocabulary(texts, vocab_size)
 
 
 def coco_pairs(count):
