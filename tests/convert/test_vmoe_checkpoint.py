@@ -63,21 +63,71 @@ def test_token_choice_fixture_capacity_follows_vmoe_rounding():
     assert router.capacity(34) == 20
 
 
+def bfloat16_flip_spread(model, images, trials=6, relative=2.0**-19, seed=0):
+    """How far the logits move when the values rounded to bfloat16 move by float32 noise.
+
+    vmoe rounds the Soft MoE tokens and expert outputs to bfloat16. A value near
+    a bfloat16 rounding midpoint rounds either way depending on its last float32
+    bits, which depend on the CPU's instructions and the summation order: one
+    bfloat16 step (2^-8 relative) that the following layers carry to the logits.
+    Across our three backends on one CPU the values before the casts differ by
+    at most 9 float32 ulps of the tensor's largest value; here each is moved by
+    up to `relative` (2^-19 = 32 ulps) of that value, `trials` times, and the
+    largest relative move of the logits is returned: the size of the
+    difference that different rounding decisions make, measured on this machine.
+    """
+    rng = np.random.RandomState(seed)
+    clean = to_numpy(model(images, training=False))
+    layers = [layer for layer in model.backbone._flatten_layers() if getattr(layer, "dispatch_dtype", None)]
+    spread = 0.0
+    for _ in range(trials):
+        for layer in layers:
+            def noisy_round(x, layer=layer):
+                scale = relative * float(np.abs(to_numpy(x)).max())
+                noise = rng.uniform(-scale, scale, tuple(x.shape)).astype("float32")
+                return type(layer).round_to_dispatch_dtype(layer, x + keras.ops.convert_to_tensor(noise))
+            layer.round_to_dispatch_dtype = noisy_round
+        try:
+            spread = max(spread, relative_error(to_numpy(model(images, training=False)), clean))
+        finally:
+            for layer in layers:
+                del layer.round_to_dispatch_dtype
+    return spread
+
+
 @requires_fixtures
-def test_soft_moe_fixture_logits_with_and_without_bfloat16_casts():
+def test_soft_moe_fixture_logits_with_bfloat16_casts():
     model, config, io = load_fixture(SOFT)
     assert isinstance(model, SoftMoEImageClassifier)
     logits = to_numpy(model(io["images"], training=False))
-    assert relative_error(logits, io["logits"]) <= 1e-5  # vmoe's casts reproduced
+    # Our rounding decisions and vmoe's may differ where a value sits at a
+    # bfloat16 midpoint: allow twice the spread such decisions make here, plus
+    # float32 noise. (Measured on an AVX-512 BF16 EPYC: spread 1.8e-4 on every
+    # backend; error 1.6e-4 on JAX, 8.2e-5 on TensorFlow, 2.4e-7 on PyTorch.)
+    tolerance = 2 * bfloat16_flip_spread(model, io["images"]) + 1e-5
+    assert relative_error(logits, io["logits"]) <= tolerance
+    # The bound stays well below what leaving the casts out costs, so the test
+    # fails for a model that does not round (measured 6.1e-4 on every backend).
     float32_model, _, _ = load_fixture(SOFT, bfloat16_dispatch=False)
-    float32_logits = to_numpy(float32_model(io["images"], training=False))
-    assert relative_error(float32_logits, io["logits"]) <= 3e-3
-    for block in config["encoder"]["moe"]["layers"]:
+    float32_error = relative_error(to_numpy(float32_model(io["images"], training=False)), io["logits"])
+    assert 2e-4 < float32_error <= 3e-3
+    assert tolerance < float32_error
+
+
+@requires_fixtures
+def test_soft_moe_fixture_router_metrics():
+    model, config, io = load_fixture(SOFT)
+    first, second = config["encoder"]["moe"]["layers"]
+    # The first Soft MoE block routes float32 tokens that no cast has touched:
+    # a strict float32 comparison. The second routes tokens downstream of the
+    # first block's casts, whose rounding decisions may differ (see above);
+    # its metrics are means over slots and move by far less than 1e-4.
+    for block, rtol in ((first, 1e-5), (second, 1e-4)):
         metrics = moe_router_metrics(model, io["images"], block)
         for name in ("combine_weights_min_mean", "combine_weights_max_mean",
                      "dispatch_weights_min_mean", "dispatch_weights_max_mean"):
             expected = io[f"metrics/encoderblock_{block}/{name}"]
-            np.testing.assert_allclose(to_numpy(metrics[name]), expected, rtol=1e-4)
+            np.testing.assert_allclose(to_numpy(metrics[name]), expected, rtol=rtol)
 
 
 @requires_fixtures
