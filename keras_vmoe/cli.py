@@ -1,12 +1,12 @@
 """The `keras-vmoe` command: classify images with a preset, draw its routing, list presets.
 
-    keras-vmoe classify [--preset NAME] [--top K] [--routing-map FILE.png] IMAGE...
+    keras-vmoe classify [--preset NAME] [--top K] [--labels A,B,...] [--routing-map FILE.png] IMAGE...
     keras-vmoe expert-modality [--preset NAME] (--cifar10 | --coco) ARCHIVE [--pairs N] --output FILE.png
     keras-vmoe presets
 
 `classify` takes image classifiers and the LIMoE zero-shot classifier
 (`limoe_tiny_cifar10`: its class names and prompt templates are in the
-preset). `expert-modality` draws, for a LIMoE preset, the share of image and
+preset; `--labels` replaces them with yours). `expert-modality` draws, for a LIMoE preset, the share of image and
 of text tokens each expert of each MoE block takes
 (`keras_vmoe.models.limoe.expert_modality`).
 
@@ -27,22 +27,53 @@ class CommandError(Exception):
     """Bad input to the command: reported as one line, exit status 1."""
 
 
-def load_photo(path, size):
-    """A photo, centre-cropped to a square and downscaled to `size` (H, W) with
-    antialiasing; uint8 (H, W, 3)."""
+def open_image(path, max_pixels=None):
+    """Decodes an image file to RGB, or raises `CommandError` naming the file.
+
+    Images over `max_pixels` (default: Pillow's `Image.MAX_IMAGE_PIXELS`, its
+    guard against decompression bombs) are refused before decoding, with
+    their size; a file that is not an image, or whose decoding fails half-way
+    (truncated, corrupt), is refused with the decoder's reason.
+    """
     from PIL import Image
-    from PIL import UnidentifiedImageError
 
     path = pathlib.Path(path)
     if not path.exists():
         raise CommandError(f"image not found: {path}")
     if not path.is_file():
         raise CommandError(f"not a file: {path}")
+    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    default_limit = Image.MAX_IMAGE_PIXELS
     try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as error:
-        raise CommandError(f"cannot read {path} as an image ({error})") from error
+        # Pillow's own check raises (or warns) at open; ours names the size,
+        # the limit and how to raise it.
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            image = Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = default_limit
+        with image:
+            width, height = image.size
+            if limit and width * height > limit:
+                raise CommandError(
+                    f"{path} is {width}x{height} = {width * height:,} pixels, over the limit of "
+                    f"{limit:,} pixels (Pillow's guard against decompression bombs); pass "
+                    f"--max-pixels {width * height} to read it anyway"
+                )
+            return image.convert("RGB")
+    except CommandError:
+        raise
+    except Exception as error:  # Pillow's decoders raise many kinds.
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise CommandError(f"cannot read {path} as an image ({reason})") from error
+
+
+def load_photo(path, size, max_pixels=None):
+    """A photo, centre-cropped to a square and downscaled to `size` (H, W) with
+    antialiasing; uint8 (H, W, 3)."""
+    from PIL import Image
+
+    image = open_image(path, max_pixels)
     width, height = image.size
     side = min(width, height)
     left, top = (width - side) // 2, (height - side) // 2
@@ -131,8 +162,18 @@ def classify(args):
         )
     if args.routing_map and not str(args.routing_map).lower().endswith(".png"):
         raise CommandError(f"--routing-map must name a .png file, got {args.routing_map}")
+    if args.labels is not None:
+        labels = [label.strip() for label in args.labels.split(",") if label.strip()]
+        if not hasattr(classifier, "set_classes"):
+            raise CommandError(
+                f"--labels needs a zero-shot preset such as limoe_tiny_cifar10; {args.preset!r} "
+                f"is a {type(classifier).__name__} with fixed classes"
+            )
+        if not labels:
+            raise CommandError(f"--labels names no class: {args.labels!r}")
+        classifier.set_classes(labels)
     size = tuple(classifier.preprocessor.image_converter.image_size)
-    photos = [load_photo(path, size) for path in args.images]
+    photos = [load_photo(path, size, args.max_pixels) for path in args.images]
     images = np.stack([model_input for model_input, _ in photos])
     logits = classifier.predict(images, batch_size=32, verbose=0)
     probabilities = keras.ops.convert_to_numpy(keras.ops.softmax(logits, axis=-1))
@@ -266,6 +307,12 @@ def build_parser():
     classify_parser.add_argument("--top", type=positive_int, default=5, help="classes to show per image (default: 5)")
     classify_parser.add_argument("--routing-map", metavar="FILE.png",
                                  help="write a picture of the expert each patch goes to in each MoE layer")
+    classify_parser.add_argument("--labels", metavar="NAME,NAME,...",
+                                 help="zero-shot presets: classify among these comma-separated labels "
+                                 "instead of the preset's")
+    classify_parser.add_argument("--max-pixels", type=positive_int, metavar="N",
+                                 help="largest image to read, in pixels (default: Pillow's limit, "
+                                 "about 89 million)")
     classify_parser.set_defaults(run=classify)
     modality_parser = commands.add_parser(
         "expert-modality", help="picture of the image and text tokens each expert takes (LIMoE)",

@@ -169,10 +169,38 @@ def test_presets_lists_every_builtin_preset(capsys, tmp_path, monkeypatch):
     assert set(list(blocks)[: len(BUNDLED)]) == set(BUNDLED)
 
 
+def png_header(path, width, height):
+    """A PNG file that declares width x height RGB pixels and holds one tiny,
+    undecodable data chunk: what Pillow reads at open, without the gigabytes."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    return path
+
+
+def truncated_copy(source, path, fraction=0.5):
+    data = pathlib.Path(source).read_bytes()
+    path.write_bytes(data[: int(len(data) * fraction)])
+    return path
+
+
 @pytest.fixture
 def bad_inputs(tmp_path, photos):
     text = tmp_path / "notes.txt"
     text.write_text("not an image\n")
+    huge = png_header(tmp_path / "huge.png", 20000, 20000)
+    truncated_png = truncated_copy(photos[0], tmp_path / "half.png")
+    jpeg = tmp_path / "photo.jpg"
+    Image.open(photos[1]).save(jpeg, quality=90)
+    truncated_jpeg = truncated_copy(jpeg, tmp_path / "half.jpg")
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
     not_a_preset = tmp_path / "empty_preset"
     not_a_preset.mkdir()
     missing = tmp_path / "missing.png"
@@ -193,13 +221,29 @@ def bad_inputs(tmp_path, photos):
         ),
         "routing map not a png": (["classify", "--routing-map", tmp_path / "m.jpg", photos[0]],
                                   ["--routing-map must name a .png file", "m.jpg"]),
+        "image over the pixel limit": (
+            ["classify", photos[0], huge],
+            [str(huge), "20000x20000 = 400,000,000 pixels", "over the limit of 89,478,485 pixels",
+             "--max-pixels 400000000"],
+        ),
+        "image over a lower limit": (["classify", "--max-pixels", "1000", photos[0]],
+                                     [photos[0], "over the limit of 1,000 pixels"]),
+        "truncated png": (["classify", truncated_png], ["cannot read", str(truncated_png), "truncated"]),
+        "truncated jpeg": (["classify", truncated_jpeg], ["cannot read", str(truncated_jpeg), "truncated"]),
+        "empty file": (["classify", empty], ["cannot read", str(empty), "as an image"]),
+        "huge image decodes to nothing": (
+            ["classify", "--max-pixels", "400000000", huge], ["cannot read", str(huge)]),
+        "labels for fixed classes": (["classify", "--labels", "cat,dog", photos[0]],
+                                     ["--labels needs a zero-shot preset", "VMoEImageClassifier"]),
     }
 
 
 @pytest.mark.parametrize(
     "case",
     ["missing image", "text file", "directory", "unknown preset", "folder that is not a preset",
-     "dense preset routing map", "routing map not a png"],
+     "dense preset routing map", "routing map not a png", "image over the pixel limit",
+     "image over a lower limit", "truncated png", "truncated jpeg", "empty file",
+     "huge image decodes to nothing", "labels for fixed classes"],
 )
 def test_bad_input_is_one_error_line_and_status_1(capsys, bad_inputs, case, tmp_path):
     argv, needles = bad_inputs[case]
@@ -264,6 +308,25 @@ def test_classify_and_routing_map_with_the_limoe_preset(capsys, photos, tmp_path
         assert [name for name, _ in table[photo]] == [classifier.class_names[i] for i in order]
     with Image.open(path) as picture:
         assert picture.size == reference_size("a title")  # 2 images, MoE blocks 3 and 5.
+
+
+def test_classify_with_your_own_labels(capsys, photos, classifiers):
+    labels = ["cat", "rocket", "tractor"]
+    status, out, err = run(capsys, "classify", "--preset", "limoe_tiny_cifar10", "--labels",
+                           " cat, rocket,tractor ", *photos)
+    classifier = classifiers["limoe_tiny_cifar10"]
+    try:
+        assert status == 0 and ERROR_PREFIX not in err
+        table = predictions(out)
+        assert classifier.class_names == labels
+        expected = reference_probabilities(classifier, photos)
+        for photo, reference in zip(photos, expected):
+            assert sorted(name for name, _ in table[photo]) == sorted(labels)
+            assert [name for name, _ in table[photo]] == [labels[i] for i in np.argsort(-reference)]
+    finally:
+        classifier.set_classes(list(CIFAR10_CLASS_NAMES))  # Other tests share it.
+    status, out, err = run(capsys, "classify", "--preset", "limoe_tiny_cifar10", "--labels", ",", photos[0])
+    assert status == 1 and "--labels names no class" in err
 
 
 @requires_cifar10

@@ -32,6 +32,29 @@ class ClassEmbeddingLogits(keras.layers.Layer):
             trainable=False, name="class_embeddings",
         )
 
+    def set_class_embeddings(self, embeddings):
+        """Stores (classes, P) `embeddings`; the number of classes may change
+        (the weight is then replaced by one of the new shape)."""
+        embeddings = np.asarray(embeddings, "float32")
+        if embeddings.ndim != 2 or embeddings.shape[1] != self.embedding_dim:
+            raise ValueError(
+                f"{self.name}: class embeddings must have shape (classes, "
+                f"{self.embedding_dim}), got {embeddings.shape}."
+            )
+        if embeddings.shape[0] != self.num_classes:
+            del self.class_embeddings  # Untracks the old weight.
+            self.num_classes = embeddings.shape[0]
+            # Keras locks a built layer's variable tracker; a new weight of
+            # another shape is the point here.
+            locked = self._tracker.locked
+            self._tracker.unlock()
+            try:
+                self.build(None)
+            finally:
+                if locked:
+                    self._tracker.lock()
+        self.class_embeddings.assign(embeddings)
+
     def call(self, image_embeddings):
         logits = ops.matmul(ops.cast(image_embeddings, "float32"), ops.transpose(self.class_embeddings))
         return self.scale * logits
@@ -53,7 +76,9 @@ class LIMoEZeroShotClassifier(BuiltinPresetMixin, Task):
     its name in every template (CLIP's prompt ensembling); an image's logits
     are `scale` times its cosine similarity to each class. `predict` takes
     raw images (through the preprocessor's image converter) and returns
-    logits; `set_classes` re-embeds another label set without retraining.
+    logits; `set_classes` embeds another label set, of any size, without
+    retraining, and `from_preset(name, class_names=..., templates=...)` loads
+    a preset for your own labels. Saving keeps the current labels.
 
     Args:
         backbone: a trained `LIMoEBackbone`.
@@ -66,7 +91,10 @@ class LIMoEZeroShotClassifier(BuiltinPresetMixin, Task):
 
     Example:
     ```python
-    classifier = LIMoEZeroShotClassifier.from_preset("limoe_tiny_cifar10")
+    classifier = LIMoEZeroShotClassifier.from_preset(
+        "limoe_tiny_cifar10", class_names=["cat", "dog", "tractor"]
+    )
+    classifier.predict(images)  # (batch, 3) logits
     classifier.set_classes(["cat", "dog"], ["a photo of my {}."])
     classifier.predict(images)  # (batch, 2) logits
     ```
@@ -128,16 +156,37 @@ class LIMoEZeroShotClassifier(BuiltinPresetMixin, Task):
         return np.asarray(ops.convert_to_numpy(l2_normalize(ops.mean(embeddings, axis=1))))
 
     def set_classes(self, class_names, templates=None):
-        """Re-embeds the classes (same number of classes) without retraining."""
-        class_names, templates = self._check_classes(class_names, templates or self.templates)
-        if len(class_names) != self.class_logits.num_classes:
-            raise ValueError(
-                f"LIMoEZeroShotClassifier.set_classes: this classifier has "
-                f"{self.class_logits.num_classes} classes, got {len(class_names)} names; "
-                "build a new LIMoEZeroShotClassifier for another number of classes."
-            )
-        self.class_logits.class_embeddings.assign(self.embed_classes(class_names, templates))
+        """Embeds a new label set, of any size, without retraining.
+
+        `templates` (default: the current ones) each hold one `{}`. The
+        logits then have one column per name, in order.
+        """
+        class_names, templates = self._check_classes(
+            class_names, self.templates if templates is None else templates
+        )
+        self.class_logits.set_class_embeddings(self.embed_classes(class_names, templates))
         self.class_names, self.templates = class_names, templates
+        # Compiled predict / evaluate steps were traced for the old count.
+        self.predict_function = self.test_function = self.train_function = None
+
+    @classmethod
+    def from_preset(cls, preset, class_names=None, templates=None, **kwargs):
+        """Loads a preset; `class_names` / `templates` replace its labels.
+
+        Example:
+        ```python
+        classifier = LIMoEZeroShotClassifier.from_preset(
+            "limoe_tiny_cifar10", class_names=["cat", "dog", "bird"],
+            templates=["a photo of a {}.", "a blurry photo of a {}."],
+        )
+        ```
+        """
+        classifier = super().from_preset(preset, **kwargs)
+        if class_names is not None or templates is not None:
+            classifier.set_classes(
+                classifier.class_names if class_names is None else class_names, templates
+            )
+        return classifier
 
     def get_config(self):
         config = super().get_config()

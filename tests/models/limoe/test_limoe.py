@@ -89,6 +89,44 @@ def test_zero_shot_classifier_predicts_and_round_trips(preprocessor, tmp_path):
         LIMoEZeroShotClassifier(backbone, preprocessor, CLASSES, ["no slot"])
 
 
+@pytest.mark.parametrize("names", [["ship"], ["cat", "dog", "truck"], [f"thing {i}" for i in range(25)]])
+def test_set_classes_takes_any_number_of_labels(preprocessor, names, tmp_path):
+    backbone = tiny_backbone(preprocessor)
+    templates = ["a photo of a {}.", "a picture of the {}."]
+    classifier = LIMoEZeroShotClassifier(backbone, preprocessor, CLASSES, templates, scale=10.0)
+    images = np.random.default_rng(2).integers(0, 255, (3, 16, 16, 3)).astype("uint8")
+    assert classifier.predict(images, verbose=0).shape == (3, 4)  # Compiled for 4 classes first.
+    classifier.set_classes(names)
+    assert classifier.templates == templates and classifier.class_names == names
+    fresh = LIMoEZeroShotClassifier(backbone, preprocessor, names, templates, scale=10.0)
+    logits = classifier.predict(images, verbose=0)
+    assert logits.shape == (3, len(names))
+    np.testing.assert_allclose(logits, fresh.predict(images, verbose=0), atol=1e-5)
+    # One weight of the new shape, no leftover of the old one.
+    weights = [v for v in classifier.non_trainable_variables if "class_embeddings" in v.path]
+    assert [tuple(v.shape) for v in weights] == [(len(names), 8)]
+    # The preset keeps the user's labels.
+    classifier.save_to_preset(str(tmp_path))
+    restored = LIMoEZeroShotClassifier.from_preset(str(tmp_path))
+    assert restored.class_names == names
+    np.testing.assert_allclose(restored.predict(images, verbose=0), logits, atol=1e-5)
+    # Labels and templates straight from the preset.
+    other = LIMoEZeroShotClassifier.from_preset(
+        str(tmp_path), class_names=["truck", "cat"], templates=["a photo of a {}."]
+    )
+    expected = LIMoEZeroShotClassifier(backbone, preprocessor, ["truck", "cat"], ["a photo of a {}."], scale=10.0)
+    np.testing.assert_allclose(other.predict(images, verbose=0), expected.predict(images, verbose=0), atol=1e-5)
+
+
+def test_set_classes_bad_input(preprocessor):
+    classifier = LIMoEZeroShotClassifier(tiny_backbone(preprocessor), preprocessor, CLASSES)
+    with pytest.raises(ValueError, match="`class_names` is empty"):
+        classifier.set_classes([])
+    with pytest.raises(ValueError, match="exactly one '{}'"):
+        classifier.set_classes(["cat"], ["a photo of a cat."])
+    assert classifier.class_names == CLASSES  # Nothing half-changed.
+
+
 def test_preprocessor_bad_input(preprocessor):
     images = np.zeros((2, 16, 16, 3), "uint8")
     with pytest.raises(ValueError, match="2 images but 3 captions"):
