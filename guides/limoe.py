@@ -111,8 +111,8 @@ wordings it never read.
 The classes are just text: `set_classes` embeds other names, any number of
 them, without retraining (`from_preset(..., class_names=[...])` does it at
 load time, `keras-vmoe classify --labels cat,dog,bird` on the command
-line). With "plane", "car", "boat" and "lorry" for four of the classes and the single template "a photo of a {}." (a training
-template) it scores 0.4847 on all 10,000 test images: those four words never
+line). With "plane", "car", "boat" and "lorry" for four of the classes and
+the single template "a photo of a {}." (a training template) it scores 0.4847 on all 10,000 test images: those four words never
 occurred in training (the vocabulary spells them from pieces and bytes), and
 a text tower that learned from ten class names cannot know they mean the same
 things. Zero-shot here means new wordings around known names, not new words.
