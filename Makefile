@@ -12,7 +12,7 @@ BACKENDS := jax tensorflow torch
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[all,test,demo,onnx]"
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[all,test,demo,onnx,export]"
 	touch $@
 
 install: $(VENV)/.installed

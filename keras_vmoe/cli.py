@@ -2,6 +2,7 @@
 
     keras-vmoe classify [--preset NAME] [--top K] [--labels A,B,...] [--routing-map FILE.png] IMAGE...
     keras-vmoe expert-modality [--preset NAME] (--cifar10 | --coco) ARCHIVE [--pairs N] --output FILE.png
+    keras-vmoe export [--preset NAME] [--format saved_model|onnx] [--batch-size N] OUTPUT
     keras-vmoe presets
 
 `classify` takes image classifiers and the LIMoE zero-shot classifier
@@ -270,6 +271,32 @@ def expert_modality(args):
     print(f"Expert-modality picture written to {path}")
 
 
+def export(args):
+    from keras_vmoe.export import ExportError
+    from keras_vmoe.export import export_model
+
+    classifier = load_classifier(args.preset)
+    output = pathlib.Path(args.output)
+    if args.format == "onnx" and output.suffix != ".onnx":
+        raise CommandError(f"--format onnx writes a .onnx file, got {output}")
+    if output.exists() and not args.overwrite:
+        raise CommandError(f"{output} exists; pass --overwrite to replace it")
+    try:
+        export_model(classifier, output, args.format, batch_size=args.batch_size)
+    except ExportError as error:
+        raise CommandError(str(error)) from error
+    converter = classifier.preprocessor.image_converter
+    shape = (args.batch_size or ("1" if args.format == "onnx" else "any"),
+             *classifier.backbone.image_shape)
+    print(f"{args.preset} exported as {args.format} to {output}")
+    print(f"  input: float32 pixels of shape ({', '.join(map(str, shape))}), already preprocessed:")
+    print(f"    resized to {tuple(converter.image_size)}, then x * scale + offset with "
+          f"scale={converter.scale!r}, offset={converter.offset!r} (the preset's image converter)")
+    logits = int(classifier.output.shape[-1])
+    names = getattr(classifier, "class_names", None) or class_names(args.preset, logits)
+    print(f"  output: (batch, {logits}) logits" + (f": {', '.join(names)}" if logits <= 20 else ""))
+
+
 def list_presets(args):
     from keras_vmoe.presets import preset_infos
 
@@ -332,6 +359,22 @@ def build_parser():
                                  help="share that makes an expert modality-specific (default: 0.9)")
     modality_parser.add_argument("--output", required=True, metavar="FILE.png", help="the picture")
     modality_parser.set_defaults(run=expert_modality)
+    export_parser = commands.add_parser(
+        "export", help="a preset as a TensorFlow SavedModel or an ONNX file, for serving",
+        description="Export a preset's forward pass (preprocessed pixels -> logits) for serving: "
+        "a TensorFlow SavedModel (from the JAX or TensorFlow backend) or an ONNX file (any "
+        "backend). Needs `pip install keras-vmoe[export]` for ONNX.",
+    )
+    export_parser.add_argument("output", metavar="OUTPUT", help="SavedModel folder or .onnx file")
+    export_parser.add_argument("--preset", default=DEFAULT_PRESET,
+                               help=f"a built-in preset name or a preset folder (default: {DEFAULT_PRESET})")
+    export_parser.add_argument("--format", choices=("saved_model", "onnx"), default="saved_model",
+                               help="saved_model (default) or onnx")
+    export_parser.add_argument("--batch-size", type=positive_int, metavar="N",
+                               help="fixed batch size (default: any where the exporter allows it, "
+                               "else 1)")
+    export_parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    export_parser.set_defaults(run=export)
     presets_parser = commands.add_parser("presets", help="every built-in preset")
     presets_parser.set_defaults(run=list_presets)
     return parser

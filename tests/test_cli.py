@@ -351,3 +351,41 @@ def test_expert_modality_writes_the_picture(capsys, tmp_path):
         status, out, err = run(capsys, "expert-modality", *argv)
         assert status == 1 and err.startswith(ERROR_PREFIX) and needle in err, err
         assert not (tmp_path / "e.png").exists()
+
+
+def test_export_writes_an_onnx_file_that_classifies_like_the_preset(capsys, tmp_path, photos, classifiers):
+    import onnxruntime
+
+    path = tmp_path / "served" / "vmoe.onnx"
+    status, out, err = run(capsys, "export", "--format", "onnx", path)
+    assert status == 0 and ERROR_PREFIX not in err, err
+    assert out.splitlines()[0] == f"vmoe_tiny_cifar10 exported as onnx to {path}"
+    assert "scale=" in out and "airplane, automobile" in out
+    classifier = classifiers["vmoe_tiny_cifar10"]
+    size = tuple(classifier.preprocessor.image_converter.image_size)
+    pixels = to_numpy(classifier.preprocessor(np.stack([cli.load_photo(photos[0], size)[0]])))
+    session = onnxruntime.InferenceSession(str(path))
+    logits = session.run(None, {session.get_inputs()[0].name: pixels})[0]
+    np.testing.assert_allclose(logits, to_numpy(classifier(pixels)), atol=1e-5)
+    # An existing output is kept unless asked; a wrong suffix is refused.
+    status, _, err = run(capsys, "export", "--format", "onnx", path)
+    assert status == 1 and "exists; pass --overwrite" in err
+    status, _, err = run(capsys, "export", "--format", "onnx", tmp_path / "model.bin")
+    assert status == 1 and "writes a .onnx file" in err and not (tmp_path / "model.bin").exists()
+
+
+@pytest.mark.skipif(backend() != "jax", reason="one process start is enough: on jax only")
+def test_console_script_exports_a_saved_model(tmp_path):
+    import tensorflow as tf
+
+    script = pathlib.Path(sys.executable).parent / "keras-vmoe"
+    path = tmp_path / "saved"
+    result = subprocess.run(
+        [str(script), "export", "--preset", "soft_moe_tiny_cifar10", str(path)],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"soft_moe_tiny_cifar10 exported as saved_model to {path}")
+    served = tf.saved_model.load(str(path))
+    assert tuple(served.serve(np.zeros((3, 32, 32, 3), "float32")).shape) == (3, 10)

@@ -20,6 +20,7 @@ import math
 import keras
 from keras import ops
 
+from keras_vmoe import ops as moe_ops
 from keras_vmoe.ops import group_local
 from keras_vmoe.validation import check_choice
 from keras_vmoe.validation import check_float
@@ -82,7 +83,7 @@ def load_loss(logits, noisy_logits, noise_std, num_selected_experts, token_weigh
     Returns (G,). `token_weights` (G, S): 0 leaves a token out.
     """
     # The K-th largest noisy logit of each token is the bar to clear.
-    threshold = _top_k(noisy_logits, num_selected_experts)[0][..., -1:]
+    threshold = moe_ops.top_k(noisy_logits, num_selected_experts)[0][..., -1:]
     noise_required_to_win = (threshold - logits) / noise_std
     # 1 - Phi(z) = erfc(z / sqrt 2) / 2 = (1 - erf(z / sqrt 2)) / 2.
     p = 0.5 * (1.0 - ops.erf(noise_required_to_win / math.sqrt(2.0)))
@@ -96,7 +97,7 @@ def gshard_loss(gates, token_weights=None):
     gates: (G, S, E) -> (G,). `token_weights` (G, S): 0 leaves a token out.
     """
     num_experts = ops.shape(gates)[-1]
-    top1 = ops.one_hot(ops.argmax(gates, axis=-1), num_experts, dtype=gates.dtype)
+    top1 = moe_ops.one_hot(ops.argmax(gates, axis=-1), num_experts, dtype=gates.dtype)
     loss = ops.mean(
         _token_mean(top1, token_weights) * _token_mean(gates, token_weights), axis=-1
     )
@@ -121,10 +122,6 @@ def _distributed():
     return keras.distribution.distribution() is not None
 
 
-def _top_k(x, k):
-    return group_local.top_k(x, k) if _distributed() else ops.top_k(x, k)
-
-
 def _scatter_table(destinations, values, num_groups, table_size):
     """Writes `values` at `destinations` of a (G, table_size) table, -1 elsewhere.
 
@@ -136,7 +133,7 @@ def _scatter_table(destinations, values, num_groups, table_size):
         return group_local.scatter_table(destinations, values, table_size)
     # An update, not `ops.scatter`: that one adds duplicates, and on torch it
     # is a Python loop over the updates.
-    offsets = ops.arange(num_groups, dtype="int32")[:, None] * (table_size + 1)
+    offsets = ops.arange(0, num_groups, dtype="int32")[:, None] * (table_size + 1)
     flat = ops.reshape(destinations + offsets, (-1, 1))
     table = ops.full((num_groups * (table_size + 1),), -1, dtype="int32")
     table = ops.scatter_update(table, flat, ops.reshape(ops.cast(values, "int32"), (-1,)))
@@ -296,7 +293,7 @@ class TokenChoiceRouter(Router):
             ops.zeros((num_groups,), "float32") if auxiliary is None else auxiliary
         )
 
-        top_gates, top_experts = _top_k(routing_gates, k)  # (G, S, K)
+        top_gates, top_experts = moe_ops.top_k(routing_gates, k)  # (G, S, K)
         top_experts = ops.cast(top_experts, "int32")
         if weights is not None:
             # Padding: gate 0, so BPR serves it last and it combines to 0.
@@ -311,7 +308,7 @@ class TokenChoiceRouter(Router):
             experts_in_order = top_experts
         # (G, K * S): rank-major, so every top-1 choice precedes any top-2.
         priority = ops.reshape(ops.transpose(experts_in_order, (0, 2, 1)), (num_groups, -1))
-        one_hot = ops.one_hot(priority, num_experts, dtype="int32")  # (G, K*S, E)
+        one_hot = moe_ops.one_hot(priority, num_experts, dtype="int32")  # (G, K*S, E)
         if weights is not None:  # Padding takes no slot.
             routed = ops.cast(weights, "int32")
             if self.batch_priority:
@@ -335,7 +332,7 @@ class TokenChoiceRouter(Router):
         combine_index = ops.where(kept, top_experts * capacity + position, dropped_slot)
         combine_weights = ops.where(kept, top_gates, ops.zeros_like(top_gates))
 
-        token_ids = ops.repeat(ops.arange(group_size, dtype="int32")[None, :, None], k, axis=2)
+        token_ids = ops.repeat(ops.arange(0, group_size, dtype="int32")[None, :, None], k, axis=2)
         token_ids = ops.broadcast_to(token_ids, ops.shape(combine_index))
         table = _scatter_table(
             ops.reshape(combine_index, (num_groups, -1)),
@@ -423,12 +420,12 @@ class ExpertChoiceRouter(Router):
         logits, _ = self.add_noise(self.gate_logits(tokens), training)
         gates = ops.softmax(logits, axis=-1)  # (G, S, E)
         # (G, E, C): the tokens each expert takes, best first.
-        top_gates, dispatch_index = _top_k(ops.transpose(gates, (0, 2, 1)), capacity)
+        top_gates, dispatch_index = moe_ops.top_k(ops.transpose(gates, (0, 2, 1)), capacity)
         dispatch_index = ops.cast(dispatch_index, "int32")
         # Token-major view for the combine: (G, S, E) flat slot or E * C.
-        slot_ids = ops.reshape(ops.arange(num_experts * capacity, dtype="int32"), (1, -1))
+        slot_ids = ops.reshape(ops.arange(0, num_experts * capacity, dtype="int32"), (1, -1))
         slot_ids = ops.broadcast_to(slot_ids, (num_groups, num_experts * capacity))
-        experts = ops.reshape(ops.arange(num_experts, dtype="int32"), (1, num_experts, 1))
+        experts = ops.reshape(ops.arange(0, num_experts, dtype="int32"), (1, num_experts, 1))
         destinations = ops.reshape(dispatch_index * num_experts + experts, (num_groups, -1))
         table = _scatter_table(destinations, slot_ids, num_groups, group_size * num_experts)
         table = ops.reshape(table, (num_groups, group_size, num_experts))

@@ -5,11 +5,12 @@ from keras_hub.models import ImageClassifier
 from keras_hub.models import Task
 
 from keras_vmoe.models.router_metrics import RouterMetricsMixin
+from keras_vmoe.export import ExportMixin
 from keras_vmoe.presets import BuiltinPresetMixin
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
-class VisionTransformerImageClassifier(BuiltinPresetMixin, RouterMetricsMixin, ImageClassifier):
+class VisionTransformerImageClassifier(ExportMixin, BuiltinPresetMixin, RouterMetricsMixin, ImageClassifier):
     """A linear head (vmoe's `head`) on the pooled features of a backbone.
 
     The task outputs logits. Calling the model on pixels applies no

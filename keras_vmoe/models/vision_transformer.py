@@ -20,6 +20,7 @@ from keras_vmoe.layers.encoder import SequencePooling
 from keras_vmoe.layers.mlp import Mlp
 from keras_vmoe.layers.moe import MoELayer
 from keras_vmoe.layers.patch_merger import PatchMerger
+from keras_vmoe.export import ExportMixin
 from keras_vmoe.presets import BuiltinPresetMixin
 from keras_vmoe.validation import as_pair
 from keras_vmoe.validation import check_choice
@@ -125,7 +126,7 @@ def rescale_group_size(moe, tokens_before, tokens_after, owner):
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
-class VisionTransformerBackbone(BuiltinPresetMixin, Backbone):
+class VisionTransformerBackbone(ExportMixin, BuiltinPresetMixin, Backbone):
     """Vision Transformer encoder whose blocks take their MLP as a layer.
 
     Subclasses pass `moe_mlp`, a function `(block_index) -> layer` used for the

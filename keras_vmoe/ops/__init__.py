@@ -11,6 +11,7 @@ JAX keeps the reference: under `jit` shapes are static, and on CPU
 `jax.lax.ragged_dot` costs about E times a dense matmul.
 """
 
+import contextlib
 import functools
 import importlib
 import os
@@ -18,6 +19,7 @@ import os
 import keras
 
 from keras_vmoe.ops import generic
+from keras_vmoe.ops import group_local
 
 OP_NAMES = (
     "dispatch",
@@ -44,14 +46,76 @@ def _backend_overrides():
 
 
 OVERRIDES = _backend_overrides()
+_portable_depth = 0  # See `portable()`.
 dispatch = OVERRIDES.get("dispatch", generic.dispatch)
 combine = OVERRIDES.get("combine", generic.combine)
-sparse_moe = OVERRIDES.get(
+_fast_sparse_moe = OVERRIDES.get(
     "sparse_moe", functools.partial(generic.sparse_moe, dispatch=dispatch, combine=combine)
 )
 expert_dense = OVERRIDES.get("expert_dense", generic.expert_dense)
 soft_dispatch = OVERRIDES.get("soft_dispatch", generic.soft_dispatch)
 soft_combine = OVERRIDES.get("soft_combine", generic.soft_combine)
-soft_moe = OVERRIDES.get(
+_fast_soft_moe = OVERRIDES.get(
     "soft_moe", functools.partial(generic.soft_moe, dispatch=soft_dispatch, combine=soft_combine)
 )
+
+
+def sparse_moe(tokens, plan, experts):
+    """`generic.sparse_moe` with the active backend's ops (the reference ones
+    in a `portable()` context, where shapes must not depend on the routing)."""
+    if _portable_depth:
+        return generic.sparse_moe(tokens, plan, experts)
+    return _fast_sparse_moe(tokens, plan, experts)
+
+
+def soft_moe(tokens, dispatch_weights, combine_weights, experts):
+    """`generic.soft_moe` with the active backend's ops (the reference ones in
+    a `portable()` context)."""
+    if _portable_depth:
+        return generic.soft_moe(tokens, dispatch_weights, combine_weights, experts)
+    return _fast_soft_moe(tokens, dispatch_weights, combine_weights, experts)
+
+
+
+@contextlib.contextmanager
+def portable():
+    """Within this context the ops trace to what every exporter can serialise.
+
+    Used by `keras_vmoe.export` while a model is traced for serving: on JAX,
+    `jax.lax.top_k` lowers to a StableHLO composite (`vhlo.composite_v2`) that
+    the TensorFlow of a SavedModel's reader may not deserialise, and ONNX has
+    no stable sort; a sort-based top-k and the reference ops avoid both.
+    """
+    global _portable_depth
+    _portable_depth += 1
+    try:
+        yield
+    finally:
+        _portable_depth -= 1
+
+
+def is_portable():
+    """Whether a `portable()` context is active."""
+    return _portable_depth > 0
+
+
+def top_k(x, k):
+    """`keras.ops.top_k` along the last axis (ties: the lower index first).
+
+    Under a `keras.distribution` or in a `portable()` context, a stable sort
+    (`group_local.top_k`): XLA's TopK is not partitioned by GSPMD, and its JAX
+    lowering does not survive every export.
+    """
+    if _portable_depth or keras.distribution.distribution() is not None:
+        return group_local.top_k(x, k)
+    return keras.ops.top_k(x, k)
+
+
+def one_hot(indices, depth, dtype="float32"):
+    """`keras.ops.one_hot`, written as a comparison with `arange(depth)`:
+    the same values, and it converts to ONNX at any rank (tf2onnx converts
+    TensorFlow's OneHot at rank 1 only)."""
+    indices = keras.ops.convert_to_tensor(indices)
+    return keras.ops.cast(
+        keras.ops.equal(indices[..., None], keras.ops.arange(0, depth, dtype=indices.dtype)), dtype
+    )

@@ -19,7 +19,7 @@ def dispatch_rows(dispatch_index, group_size):
     """
     dispatch_index = ops.convert_to_tensor(dispatch_index, "int32")
     num_groups = ops.shape(dispatch_index)[0]
-    offsets = ops.arange(num_groups, dtype="int32")[:, None, None] * group_size
+    offsets = ops.arange(0, num_groups, dtype="int32")[:, None, None] * group_size
     rows = ops.where(
         dispatch_index == group_size, num_groups * group_size, dispatch_index + offsets
     )
@@ -31,7 +31,7 @@ def combine_rows(combine_index, num_experts, capacity):
     outputs; a dropped choice (E * C) points at the extra last row."""
     combine_index = ops.convert_to_tensor(combine_index, "int32")
     num_groups = ops.shape(combine_index)[0]
-    groups = ops.arange(num_groups, dtype="int32")[:, None, None]
+    groups = ops.arange(0, num_groups, dtype="int32")[:, None, None]
     expert, slot = combine_index // capacity, combine_index % capacity
     rows = (expert * num_groups + groups) * capacity + slot
     rows = ops.where(combine_index == num_experts * capacity, num_experts * num_groups * capacity, rows)

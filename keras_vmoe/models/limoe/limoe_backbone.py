@@ -15,6 +15,7 @@ from keras_vmoe.layers.moe import SparseMoE
 from keras_vmoe.layers.multimodal_routing import MultimodalTokenChoiceRouter
 from keras_vmoe.models.vision_transformer import check_image_and_patch_size
 from keras_vmoe.models.vision_transformer import check_moe_layers
+from keras_vmoe.export import ExportMixin
 from keras_vmoe.presets import BuiltinPresetMixin
 from keras_vmoe.validation import check_choice
 from keras_vmoe.validation import check_int
@@ -34,8 +35,14 @@ def l2_normalize(x, epsilon=1e-12):
     return x * ops.rsqrt(ops.maximum(ops.sum(ops.square(x), axis=-1, keepdims=True), epsilon))
 
 
+def pad_to_length(x, length):
+    """(B, L) with L <= `length` unknown until run time -> (B, length), zero-padded."""
+    padded = ops.concatenate([x, ops.repeat(ops.zeros_like(x[:, :1]), length, axis=1)], axis=1)
+    return ops.reshape(padded[:, :length], (-1, length))
+
+
 @keras.saving.register_keras_serializable(package="keras_vmoe")
-class LIMoEBackbone(BuiltinPresetMixin, Backbone):
+class LIMoEBackbone(ExportMixin, BuiltinPresetMixin, Backbone):
     """LIMoE ("Multimodal Contrastive Learning with LIMoE", arXiv:2206.02770).
 
     Images (patch embedding + learned 2D position embedding) and text (token
@@ -278,6 +285,13 @@ class LIMoEBackbone(BuiltinPresetMixin, Backbone):
                 )
             if padding_mask is None:
                 padding_mask = ops.ones_like(token_ids, dtype="bool")
+            if length is None:
+                # A graph traced for any text length (a SavedModel signature,
+                # a tf.data pipeline): pad to max_text_length, so that the MoE
+                # layers know how many tokens they route. Padding is masked.
+                token_ids, padding_mask = (
+                    pad_to_length(x, self.max_text_length) for x in (token_ids, padding_mask)
+                )
             text_tokens = self.token_embedding(token_ids)
             text_tokens = text_tokens + self.text_position_embedding(text_tokens)
             parts.append(text_tokens)

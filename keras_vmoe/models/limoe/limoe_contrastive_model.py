@@ -11,6 +11,7 @@ from keras_vmoe.models.limoe.contrastive_loss import contrastive_loss
 from keras_vmoe.models.limoe.limoe_backbone import LIMoEBackbone
 from keras_vmoe.models.limoe.limoe_preprocessor import LIMoEPreprocessor
 from keras_vmoe.models.router_metrics import RouterMetricsMixin
+from keras_vmoe.export import ExportMixin
 from keras_vmoe.presets import BuiltinPresetMixin
 from keras_vmoe.validation import check_choice
 
@@ -60,7 +61,7 @@ class ContrastiveLogits(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
-class LIMoEContrastiveModel(BuiltinPresetMixin, RouterMetricsMixin, Task):
+class LIMoEContrastiveModel(ExportMixin, BuiltinPresetMixin, RouterMetricsMixin, Task):
     """Trains a `LIMoEBackbone` contrastively on image-caption pairs.
 
     The model maps a batch of pairs to the (images, texts) similarity logits;

@@ -8,6 +8,7 @@ from keras_hub.models import Task
 from keras_vmoe.models.limoe.limoe_backbone import LIMoEBackbone
 from keras_vmoe.models.limoe.limoe_backbone import l2_normalize
 from keras_vmoe.models.limoe.limoe_preprocessor import LIMoEPreprocessor
+from keras_vmoe.export import ExportMixin
 from keras_vmoe.presets import BuiltinPresetMixin
 
 # Templates in the style of CLIP's ImageNet prompts.
@@ -69,7 +70,7 @@ class ClassEmbeddingLogits(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
-class LIMoEZeroShotClassifier(BuiltinPresetMixin, Task):
+class LIMoEZeroShotClassifier(ExportMixin, BuiltinPresetMixin, Task):
     """Classifies images by their similarity to embedded class descriptions.
 
     Each class is embedded as the normalised mean of the text embeddings of

@@ -14,6 +14,8 @@ Gemma / Gemma 2 options). Everything after the image tower is keras-hub's
 it weight for weight (`keras_vmoe.convert.from_keras_hub_pali_gemma`).
 """
 
+import math
+
 import keras
 from keras import ops
 from keras.layers import ReversibleEmbedding
@@ -22,6 +24,7 @@ from keras_hub.src.models.gemma.rms_normalization import RMSNormalization
 from keras_hub.src.models.pali_gemma.pali_gemma_decoder_block import PaliGemmaDecoderBlock
 
 from keras_vmoe.models.vision_transformer import VisionTransformerBackbone
+from keras_vmoe.export import ExportMixin
 from keras_vmoe.presets import BuiltinPresetMixin
 from keras_vmoe.validation import check_float
 from keras_vmoe.validation import check_int
@@ -43,7 +46,7 @@ def check_image_encoder(image_encoder, owner):
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
-class PaliGemmaMoEBackbone(BuiltinPresetMixin, Backbone):
+class PaliGemmaMoEBackbone(ExportMixin, BuiltinPresetMixin, Backbone):
     """PaliGemma with a pluggable image tower (dense, V-MoE or Soft MoE).
 
     Image tokens, projected to the decoder width, prefix the text; the
@@ -180,7 +183,9 @@ class PaliGemmaMoEBackbone(BuiltinPresetMixin, Backbone):
         response_mask_input = keras.Input(shape=(None,), dtype="int32", name="response_mask")
         image_embeddings = self.embed_images(image_input)  # (B, N, D)
         text_embeddings = self.token_embedding(token_id_input)  # (B, T, D)
-        text_embeddings = text_embeddings * ops.cast(ops.sqrt(hidden_dim), text_embeddings.dtype)
+        # A Python number, not a tensor computed now: a captured constant
+        # becomes a stray input of the ONNX graph tf2onnx writes.
+        text_embeddings = text_embeddings * math.sqrt(hidden_dim)
         x = ops.concatenate((image_embeddings, text_embeddings), axis=1)
         for transformer_layer in self.transformer_layers:
             x = transformer_layer(

@@ -6,11 +6,12 @@ from keras_vmoe.models.pali_gemma_moe.pali_gemma_moe_causal_lm_preprocessor impo
     PaliGemmaMoECausalLMPreprocessor,
 )
 from keras_vmoe.models.router_metrics import RouterMetricsMixin
+from keras_vmoe.export import ExportMixin
 from keras_vmoe.presets import BuiltinPresetMixin
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
-class PaliGemmaMoECausalLM(BuiltinPresetMixin, RouterMetricsMixin, PaliGemmaCausalLM):
+class PaliGemmaMoECausalLM(ExportMixin, BuiltinPresetMixin, RouterMetricsMixin, PaliGemmaCausalLM):
     """A PaliGemma-style captioning / VQA model whose image tower may be a MoE.
 
     keras-hub's `PaliGemmaCausalLM` on a `PaliGemmaMoEBackbone`: the same
