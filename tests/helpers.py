@@ -93,14 +93,9 @@ def gradients(layer, inputs, seed=0, **call_kwargs):
 
 def moe_block_tokens(backbone, images, index):
     """The (G, S, D) tokens the router of MoE block `index` sees on `images`."""
-    block = backbone.get_layer(f"encoder_block_{index}")
-    x = keras.Model(backbone.input, block.input)(images)
-    attended = block.attention(block.attention_norm(x))
-    if block.layer_scale_init is not None:  # LayerScale (DINOv2).
-        attended = attended * block.attention_scale
-    tokens = block.mlp_norm(x + attended)
-    group_size = block.mlp.group_size or tokens.shape[1]
-    return keras.ops.reshape(tokens, (-1, group_size, tokens.shape[-1]))
+    from keras_vmoe.models.routing_inspection import router_inputs
+
+    return router_inputs(backbone, images)[index]
 
 
 def routing_decisions(backbone, images):
@@ -112,8 +107,8 @@ def routing_decisions(backbone, images):
     decisions = {}
     for index in backbone.moe_layers:
         moe = backbone.get_layer(f"encoder_block_{index}").mlp
-        outputs = moe.router(moe_block_tokens(backbone, images, index), training=False)
-        decisions[index] = to_numpy(outputs[0].dispatch_index if moe.drops_tokens else outputs[0])
+        plan, _ = moe.router(moe_block_tokens(backbone, images, index), training=False)
+        decisions[index] = to_numpy(plan[0])  # Sparse: dispatch_index; soft: dispatch_weights.
     return decisions
 COCO_CAPTIONS = DATA / "coco_mini_captions.npz"
 requires_coco_captions = pytest.mark.skipif(

@@ -19,6 +19,15 @@ from keras_vmoe.convert.vmoe_checkpoint_reader import read_vmoe_checkpoint
 TOKEN_CHOICE_ROUTERS = ("NoisyTopExpertsPerItemRouter",)
 EXPERT_CHOICE_ROUTERS = ("NoisyTopItemsPerExpertRouter",)
 SOFT_ROUTERS = ("SoftRouter",)
+# vmoe's optimal-transport routers (projects/sparsity_constrained_ot): class
+# name -> (our router name, its fixed options).
+OT_ROUTERS = {
+    "KLProjectionNoisyTopExpertsPerItemRouter": ("sinkhorn_token_choice", {}),
+    "KLProjectionNoisyTopItemsPerExpertRouter": ("sinkhorn_expert_choice", {}),
+    "KSparseProjectionTransportTopExpertsPerItemRouter": ("sparse_token_choice", {}),
+    "KSparseProjectionTransportTopItemsPerExpertRouter": ("sparse_expert_choice", {"projection": "k_sparse"}),
+    "SparseProjectionTransportTopItemsPerExpertRouter": ("sparse_expert_choice", {"projection": "dense"}),
+}
 _MODEL_KEYS = {
     "name", "num_classes", "patch_size", "hidden_size", "encoder", "classifier",
     "representation_size", "deterministic", "head_bias_init", "head_kernel_zero_init",
@@ -28,6 +37,9 @@ _ENCODER_KEYS = {
     "attention_qk_norm", "moe", "position_emb", "deterministic",
 }
 _MOE_KEYS = {"layers", "num_experts", "group_size", "router", "dropout_rate", "split_rngs", "deterministic"}
+
+
+OT_KINDS = frozenset(kind for kind, _ in OT_ROUTERS.values())
 
 
 def _check_keys(where, mapping, known):
@@ -48,7 +60,37 @@ def _router_kind(router):
     ):
         if name in names:
             return kind
-    raise ValueError(f"vmoe model config: unsupported router {router.get('name')!r}.")
+    if name in OT_ROUTERS:
+        return OT_ROUTERS[name][0]
+    known = TOKEN_CHOICE_ROUTERS + EXPERT_CHOICE_ROUTERS + SOFT_ROUTERS + tuple(OT_ROUTERS)
+    raise ValueError(
+        f"vmoe model config: unsupported router {router.get('name')!r}; this converter knows "
+        f"{', '.join(known)}."
+    )
+
+
+def _ot_router_options(router, kind):
+    """Our router's own options from a vmoe OT router config (vmoe's defaults)."""
+    name = str(router["name"]).rsplit(".", 1)[-1]
+    options = dict(OT_ROUTERS[name][1])
+    maxiter = router.get("maxiter", 20)
+    softmax_combine = router.get("use_softmax_combine_weights", True)
+    if kind.startswith("sinkhorn"):
+        if router.get("use_lbfgs", False):
+            raise ValueError(
+                f"vmoe model config: {name} with use_lbfgs=True (jaxopt's LBFGS) is not supported; "
+                "the Sinkhorn solver (use_lbfgs=False) is."
+            )
+        # ott runs its fixed loop in steps of 10 iterations.
+        options.update(num_iterations=10 * (maxiter // 10),
+                       combine_weights="softmax" if softmax_combine else "plan")
+    else:
+        if not softmax_combine:
+            raise ValueError(
+                f"vmoe model config: {name} with use_softmax_combine_weights=False is not supported."
+            )
+        options.update(max_steps=maxiter, learning_rate=router.get("adam_lr", 1e-2))
+    return options
 
 
 def _moe_arguments(moe, bfloat16_dispatch):
@@ -88,6 +130,8 @@ def _moe_arguments(moe, bfloat16_dispatch):
         capacity_multiple_of=dispatcher.get("capacity_multiple_of", 4),
         dispatch_dtype="bfloat16" if use_bfloat16 else None,
     )
+    if kind in OT_KINDS:
+        options.update(_ot_router_options(router, kind))
     if kind == "token_choice":
         options.update(
             # vmoe's router class defaults.
@@ -95,6 +139,15 @@ def _moe_arguments(moe, bfloat16_dispatch):
             load_loss_weight=router.get("load_loss_weight", 1.0),
             gshard_loss_weight=router.get("gshard_loss_weight", 0.0),
         )
+    elif kind == "sinkhorn_token_choice":  # Its own defaults; no GShard loss.
+        options.update(
+            importance_loss_weight=router.get("importance_loss_weight", 0.0),
+            load_loss_weight=router.get("load_loss_weight", 0.0),
+            gshard_loss_weight=0.0,
+        )
+    elif kind == "sparse_token_choice":  # vmoe computes no loss for it.
+        options.update(importance_loss_weight=0.0, load_loss_weight=0.0, gshard_loss_weight=0.0)
+    if kind in ("token_choice", "sinkhorn_token_choice", "sparse_token_choice"):
         arguments.update(
             num_selected_experts=router.get("num_selected_experts", 1),
             batch_priority=dispatcher.get("batch_priority", False),

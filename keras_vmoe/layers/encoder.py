@@ -357,6 +357,12 @@ class EncoderBlock(keras.layers.Layer):
         x = self.attend(inputs, training=training, attention_mask=attention_mask)
         return self.feed_forward(x, training=training, token_modalities=token_modalities)
 
+    def router_tokens(self, attended):
+        """(G, S, D): the routing groups this block's MoE router receives,
+        from the output of `attend` (the one place that says what a router
+        sees; routing inspection and the LIMoE probe use it)."""
+        return self.mlp.group_tokens(self.mlp_norm(attended))
+
     def feed_forward(self, x, training=None, token_modalities=None):
         """The block's second half, on the output of `attend`: the MLP with
         its residual."""

@@ -1,9 +1,12 @@
 """Mixture-of-Experts MLPs: drop-in replacements for a block's dense `Mlp`.
 
-Both layers map (batch, tokens, hidden_dim) to the same shape. They reshape
-the tokens into routing groups, (G, group_size, D), over the whole batch as
-vmoe does (`group_size=None`: one group per image), let a router make a plan,
-and run dispatch -> experts -> combine through `keras_vmoe.ops`.
+Both layers map (batch, tokens, hidden_dim) to the same shape, along one
+path (`MoELayer.call`): reshape the tokens into routing groups, (G,
+group_size, D), over the whole batch as vmoe does (`group_size=None`: one
+group per image); let the router make a plan; run dispatch -> experts ->
+combine through `keras_vmoe.ops`, the sparse ops for a `RoutingPlan`, the
+soft ones for a `SoftRoutingPlan`. `SparseMoE` and `SoftMoE` differ only in
+the router they build from their arguments.
 """
 
 import keras
@@ -12,10 +15,12 @@ from keras import ops
 from keras_vmoe import ops as moe_ops
 from keras_vmoe.distribution.expert_exchange import ExpertExchange
 from keras_vmoe.distribution.layout_map import check_expert_layouts
-from keras_vmoe.layers.routing import ROUTERS
 from keras_vmoe.layers.routing import Router
 from keras_vmoe.layers.routing import SoftRouter
-from keras_vmoe.layers.routing import compute_capacity
+from keras_vmoe.layers.routing import router_names
+from keras_vmoe.layers.routing import make_router
+from keras_vmoe.layers.routing_plans import SoftRoutingPlan
+from keras_vmoe.layers.routing_plans import compute_capacity
 from keras_vmoe.validation import check_float
 from keras_vmoe.validation import check_int
 
@@ -33,9 +38,15 @@ class MoELayer(keras.layers.Layer):
     After each call, `router_metrics` holds that call's router metrics
     (scalars, averaged over groups); tasks report them during `fit`.
     Layers that can drop tokens (`drops_tokens`) report `dropped_tokens`.
+    Subclasses set `self.router` (a `keras_vmoe.layers.Router`).
     """
 
     drops_tokens = False
+
+    @property
+    def takes_token_modalities(self):
+        """Whether `call` takes `token_modalities`: its router uses them."""
+        return getattr(getattr(self, "router", None), "uses_token_modalities", False)
 
     def __init__(
         self,
@@ -138,6 +149,46 @@ class MoELayer(keras.layers.Layer):
         h = self.dropout(h, training=training)
         return self.dropout(dense(h, kernel_1, bias_1), training=training)
 
+    def group_tokens(self, inputs):
+        """(batch, tokens, D) -> (G, group_size, D): the routing groups."""
+        group_size = self.resolve_group_size(inputs.shape)
+        return ops.reshape(inputs, (-1, group_size, ops.shape(inputs)[-1]))
+
+    def call(self, inputs, training=None, token_mask=None, token_modalities=None):
+        """`token_mask` (batch, tokens) bool: False marks padding, which no
+        expert processes (its output is zero; the block's residual carries
+        it). `token_modalities` (batch, tokens) int: each token's modality,
+        for routers that use them (LIMoE's); -1 marks padding."""
+        shape = ops.shape(inputs)
+        tokens = self.group_tokens(inputs)  # (G, S, D)
+        group_size = tokens.shape[1]
+        # Expert parallelism when a distribution lays out this layer's slots.
+        exchange = ExpertExchange.for_layer(self, tokens.shape[0])
+        if exchange is not None:
+            tokens = exchange.split_groups(tokens)
+        mask = None if token_mask is None else ops.reshape(ops.cast(token_mask, "bool"), (-1, group_size))
+        options = {}
+        if token_modalities is not None:
+            if not self.router.uses_token_modalities:
+                raise ValueError(
+                    f"{self.name}: got `token_modalities`, but its router "
+                    f"{type(self.router).__name__} does not use them; use a "
+                    "keras_vmoe.layers.MultimodalTokenChoiceRouter (or `token_mask` for padding)."
+                )
+            options["token_modalities"] = ops.reshape(
+                ops.cast(token_modalities, "int32"), (-1, group_size)
+            )
+        plan, metrics = self.router(tokens, training=training, token_mask=mask, **options)
+        tokens, experts = self.round_to_dispatch_dtype(tokens), self.rounded_experts(training)
+        if isinstance(plan, SoftRoutingPlan):
+            soft_moe = exchange.soft_moe if exchange is not None else moe_ops.soft_moe
+            outputs = soft_moe(tokens, plan.dispatch_weights, plan.combine_weights, experts)
+        else:
+            sparse_moe = exchange.sparse_moe if exchange is not None else moe_ops.sparse_moe
+            outputs = sparse_moe(tokens, plan, experts)
+        self.record(metrics, training)
+        return ops.reshape(outputs, shape)
+
     def record(self, metrics, training):
         """Keeps the call's metrics and, in training, adds the auxiliary loss."""
         scalars = {name: ops.mean(value) for name, value in metrics.items()}
@@ -199,7 +250,6 @@ class SparseMoE(MoELayer):
     """
 
     drops_tokens = True
-    takes_token_modalities = True
 
     def __init__(
         self,
@@ -221,6 +271,7 @@ class SparseMoE(MoELayer):
         dropout_rate=0.0,
         dispatch_dtype=None,
         seed=None,
+        router_options=None,
         **kwargs,
     ):
         super().__init__(
@@ -230,34 +281,26 @@ class SparseMoE(MoELayer):
         if isinstance(router, dict):
             router = keras.saving.deserialize_keras_object(router)
         if isinstance(router, str):
-            if router not in ROUTERS:
-                raise ValueError(
-                    f"SparseMoE: unknown router {router!r}; expected one of "
-                    f"{sorted(ROUTERS)} or a keras_vmoe.layers.Router instance."
-                )
-            options = dict(
-                num_experts=num_experts,
-                capacity_factor=capacity_factor,
-                noise_std=noise_std,
-                capacity_rounding=capacity_rounding,
-                capacity_multiple_of=capacity_multiple_of,
-                seed=seed,
-                name="router",
+            if router == "soft":
+                raise ValueError("SparseMoE: Soft MoE routing is the SoftMoE layer.")
+            shared = dict(
+                num_experts=num_experts, num_selected_experts=num_selected_experts,
+                capacity_factor=capacity_factor, batch_priority=batch_priority,
+                noise_std=noise_std, importance_loss_weight=importance_loss_weight,
+                load_loss_weight=load_loss_weight, gshard_loss_weight=gshard_loss_weight,
+                z_loss_weight=z_loss_weight, capacity_rounding=capacity_rounding,
+                capacity_multiple_of=capacity_multiple_of, seed=seed, name="router",
             )
-            if router == "token_choice":
-                options.update(
-                    num_selected_experts=num_selected_experts,
-                    batch_priority=batch_priority,
-                    importance_loss_weight=importance_loss_weight,
-                    load_loss_weight=load_loss_weight,
-                    gshard_loss_weight=gshard_loss_weight,
-                    z_loss_weight=z_loss_weight,
-                )
-            router = ROUTERS[router](**options)
-        if not isinstance(router, Router):
+            try:
+                router = make_router(router, shared, router_options)
+            except ValueError as error:
+                raise ValueError(f"SparseMoE: {error}") from None
+        elif router_options:
+            raise ValueError("SparseMoE: `router_options` apply to a router given by name.")
+        if not isinstance(router, Router) or isinstance(router, SoftRouter):
             raise ValueError(
-                f"SparseMoE: `router` must be 'token_choice', 'expert_choice' or a "
-                f"Router instance, got {router!r}."
+                f"SparseMoE: `router` must be one of {', '.join(map(repr, router_names()))} or a "
+                f"sparse keras_vmoe.layers.Router instance, got {router!r}."
             )
         if router.num_experts != self.num_experts:
             raise ValueError(
@@ -271,36 +314,6 @@ class SparseMoE(MoELayer):
         if not self.router.built:  # A router from a config or the user may be built.
             self.router.build((None, None, dim))
         self.build_experts(dim)
-
-    def call(self, inputs, training=None, token_modalities=None):
-        """`token_modalities` (batch, tokens) int, for routers that take it
-        (`MultimodalTokenChoiceRouter`); -1 marks padding, which is not routed."""
-        group_size = self.resolve_group_size(inputs.shape)
-        shape = ops.shape(inputs)
-        tokens = ops.reshape(inputs, (-1, group_size, shape[-1]))  # (G, S, D)
-        # Expert parallelism when a distribution lays out this layer's slots.
-        exchange = ExpertExchange.for_layer(self, tokens.shape[0])
-        if exchange is not None:
-            tokens = exchange.split_groups(tokens)
-        if token_modalities is None:
-            plan, metrics = self.router(tokens, training=training)
-        elif getattr(self.router, "uses_token_modalities", False):
-            plan, metrics = self.router(
-                tokens, training=training,
-                token_modalities=ops.reshape(token_modalities, (-1, group_size)),
-            )
-        else:
-            raise ValueError(
-                f"{self.name}: got `token_modalities`, but its router "
-                f"{type(self.router).__name__} does not use them; use a "
-                "keras_vmoe.layers.MultimodalTokenChoiceRouter."
-            )
-        sparse_moe = exchange.sparse_moe if exchange is not None else moe_ops.sparse_moe
-        outputs = sparse_moe(
-            self.round_to_dispatch_dtype(tokens), plan, self.rounded_experts(training)
-        )
-        self.record(metrics, training)
-        return ops.reshape(outputs, shape)
 
     def get_config(self):
         config = super().get_config()
@@ -402,22 +415,6 @@ class SoftMoE(MoELayer):
         )
         self.router.build((None, None, dim))
         self.build_experts(dim)
-
-    def call(self, inputs, training=None):
-        group_size = self.resolve_group_size(inputs.shape)
-        shape = ops.shape(inputs)
-        tokens = ops.reshape(inputs, (-1, group_size, shape[-1]))  # (G, S, D)
-        exchange = ExpertExchange.for_layer(self, tokens.shape[0])
-        if exchange is not None:
-            tokens = exchange.split_groups(tokens)
-        dispatch_weights, combine_weights, metrics = self.router(tokens, training=training)
-        soft_moe = exchange.soft_moe if exchange is not None else moe_ops.soft_moe
-        outputs = soft_moe(
-            self.round_to_dispatch_dtype(tokens), dispatch_weights, combine_weights,
-            self.rounded_experts(training),
-        )
-        self.record(metrics, training)
-        return ops.reshape(outputs, shape)
 
     def get_config(self):
         config = super().get_config()

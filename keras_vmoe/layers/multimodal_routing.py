@@ -23,6 +23,7 @@ import keras
 from keras import ops
 
 from keras_vmoe.layers.routing import TokenChoiceRouter
+from keras_vmoe.layers.routing import _weights
 from keras_vmoe.validation import check_float
 
 PAPER_MODALITIES = ("image", "text")
@@ -146,12 +147,24 @@ class MultimodalTokenChoiceRouter(TokenChoiceRouter):
             math.log(max(num_experts / 2, 1.0)),
         )
 
-    def call(self, tokens, training=None, token_modalities=None):
+    def call(self, tokens, training=None, token_mask=None, token_modalities=None):
         if token_modalities is None:
-            return super().call(tokens, training=training)
+            return super().call(tokens, training=training, token_mask=token_mask)
         token_modalities = ops.cast(token_modalities, "int32")  # (G, S)
-        plan, metrics = super().call(tokens, training=training, token_mask=ops.greater_equal(token_modalities, 0))
-        gates = ops.softmax(self.gate_logits(tokens), axis=-1)  # (G, S, E), clean
+        routed = ops.greater_equal(token_modalities, 0)
+        if token_mask is not None:
+            routed = ops.logical_and(routed, ops.cast(token_mask, "bool"))
+        return super().call(
+            tokens, training=training, token_mask=routed, token_modalities=token_modalities
+        )
+
+    def route_gates(self, tokens, training, token_mask, token_modalities=None):
+        """Token choice's gates and losses, plus the entropy losses per modality."""
+        logits = self.gate_logits(tokens)
+        routing_gates, metrics = self.softmax_gates_and_losses(logits, training, _weights(token_mask))
+        if token_modalities is None:
+            return routing_gates, routing_gates, metrics
+        gates = ops.softmax(logits, axis=-1)  # (G, S, E), clean
         num_groups = ops.shape(tokens)[0]
         auxiliary = metrics["auxiliary_loss"]
         for index, modality in enumerate(self.modalities):
@@ -168,7 +181,7 @@ class MultimodalTokenChoiceRouter(TokenChoiceRouter):
                 + self.global_entropy_weights[modality] * global_
             )
         metrics["auxiliary_loss"] = auxiliary
-        return plan, metrics
+        return routing_gates, routing_gates, metrics
 
     def get_config(self):
         config = super().get_config()

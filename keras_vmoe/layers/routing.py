@@ -1,67 +1,43 @@
 """Routers: tokens in, a routing plan plus auxiliary losses and metrics out.
 
-A router owns only its gating weights. `SparseMoE` owns the experts and runs
-dispatch -> experts -> combine through `keras_vmoe.ops` with the plan. The
+One contract for every router: `router(tokens, training=None,
+token_mask=None) -> (plan, metrics)`, tokens (G, S, D) in routing groups,
+`token_mask` (G, S) bool with False for padding (it takes no slot and is left
+out of the losses and metrics), metrics {name: (G,) per group}, among them
+`auxiliary_loss`, which the MoE layer adds to the training loss. Sparse
+routers return a `RoutingPlan` (index tables), Soft MoE's router a
+`SoftRoutingPlan` (weights); `keras_vmoe.layers.routing_plans` builds them.
+
+A router owns only its gating weights; the MoE layer owns the experts. The
 semantics are google-research/vmoe's (`vmoe/nn/routing.py`, `vmoe/moe.py`):
+gates in float32 whatever the layer's dtype policy, each group routed on its
+own, losses per group. A sparse router computes scores and combine gates
+(`route_gates`), and a pure function makes the plan; a new router overrides
+`route_gates` and keeps the plan code.
 
-- tokens arrive in groups, (G, S, D), and each group is routed on its own;
-- gates are computed in float32 whatever the layer's dtype policy;
-- auxiliary losses are computed per group, shape (G,).
-
-A plan is an index table, never a one-hot (G, S, E, C) tensor:
-`dispatch_index` (G, E, C) names the token each expert slot holds (S for an
-empty slot); `combine_index` (G, S, K) names the flat slot `e * C + c` of each
-of a token's K choices (E * C for a dropped choice), with `combine_weights`.
+The registry `ROUTERS` maps the names `SparseMoE(router=...)`, the
+backbones and `upcycle` accept to their classes (`router_class(name)`).
 """
 
-import collections
+import inspect
 import math
 
 import keras
 from keras import ops
 
 from keras_vmoe import ops as moe_ops
-from keras_vmoe.ops import group_local
+from keras_vmoe.ops import values as values_ops
+from keras_vmoe.layers.routing_plans import RoutingPlan  # noqa: F401 (public here too)
+from keras_vmoe.layers.routing_plans import SoftRoutingPlan
+from keras_vmoe.layers.routing_plans import compute_capacity
+from keras_vmoe.layers.routing_plans import expert_choice_metrics
+from keras_vmoe.layers.routing_plans import token_choice_metrics
+from keras_vmoe.layers.routing_plans import token_mean
+from keras_vmoe.layers.routing_plans import top_c_tokens_plan
+from keras_vmoe.layers.routing_plans import top_k_experts_plan
 from keras_vmoe.validation import check_choice
 from keras_vmoe.validation import check_float
 from keras_vmoe.validation import check_int
-
-RoutingPlan = collections.namedtuple(
-    "RoutingPlan", ["dispatch_index", "combine_index", "combine_weights"]
-)
-
-
-def compute_capacity(num_tokens, num_experts, capacity_factor, rounding="ceil", multiple_of=4):
-    """Slots per expert for `num_tokens` token choices (vmoe's `compute_capacity`).
-
-    `ceil` (or `round`) of `num_tokens * capacity_factor / num_experts`, then
-    rounded up to a multiple of `multiple_of` (None or 0: no rounding up).
-    """
-    check_choice("capacity_rounding", rounding, ("ceil", "round"))
-    if rounding == "ceil":
-        capacity = int(math.ceil(num_tokens * capacity_factor / num_experts))
-    else:
-        capacity = int(round(num_tokens * capacity_factor / num_experts))
-    if capacity < 1:
-        raise ValueError(
-            f"num_tokens={num_tokens}, num_experts={num_experts} and "
-            f"capacity_factor={capacity_factor} give a capacity of {capacity} "
-            "slots per expert; it must be at least 1. Raise capacity_factor or "
-            "group_size."
-        )
-    if multiple_of:
-        capacity += (-capacity) % multiple_of
-    return capacity
-
-
-def _token_mean(x, token_weights):
-    """Mean over the tokens (axis 1) of (G, S, ...) x; with (G, S) 0/1
-    `token_weights`, over the weighted (real) tokens only."""
-    if token_weights is None:
-        return ops.mean(x, axis=1)
-    weights = ops.reshape(token_weights, ops.shape(token_weights) + (1,) * (len(x.shape) - 2))
-    count = ops.maximum(ops.sum(token_weights, axis=1), 1.0)
-    return ops.sum(x * weights, axis=1) / ops.reshape(count, ops.shape(count) + (1,) * (len(x.shape) - 2))
 
 
 def importance_loss(gates, token_weights=None):
@@ -87,7 +63,7 @@ def load_loss(logits, noisy_logits, noise_std, num_selected_experts, token_weigh
     noise_required_to_win = (threshold - logits) / noise_std
     # 1 - Phi(z) = erfc(z / sqrt 2) / 2 = (1 - erf(z / sqrt 2)) / 2.
     p = 0.5 * (1.0 - ops.erf(noise_required_to_win / math.sqrt(2.0)))
-    p_mean = _token_mean(p, token_weights)
+    p_mean = token_mean(p, token_weights)
     return (ops.std(p_mean, axis=-1) / ops.mean(p_mean, axis=-1)) ** 2
 
 
@@ -99,7 +75,7 @@ def gshard_loss(gates, token_weights=None):
     num_experts = ops.shape(gates)[-1]
     top1 = moe_ops.one_hot(ops.argmax(gates, axis=-1), num_experts, dtype=gates.dtype)
     loss = ops.mean(
-        _token_mean(top1, token_weights) * _token_mean(gates, token_weights), axis=-1
+        token_mean(top1, token_weights) * token_mean(gates, token_weights), axis=-1
     )
     return loss * float(num_experts**2)
 
@@ -109,45 +85,38 @@ def z_loss(logits):
     return ops.mean(ops.square(ops.logsumexp(logits, axis=-1)), axis=-1)
 
 
-def _weighted_sum(*weighted_terms):
-    # As vmoe: terms whose weight is 0 are left out, so a loss that is
-    # ill-defined in some setting (NaN) cannot leak into the total.
+def _weights(token_mask):
+    """(G, S) float32 weights (1 real token, 0 padding) of a mask, or None."""
+    return None if token_mask is None else ops.cast(token_mask, "float32")
+
+
+def _weighted_sum(like, *weighted_terms):
+    """sum(weight * term), (G,); zeros shaped by `like` (G, ...) when no
+    weight is positive. As vmoe, terms of weight 0 are left out, so a loss that
+    is ill-defined in some setting (NaN) cannot leak into the total."""
     terms = [weight * term for weight, term in weighted_terms if weight > 0]
-    return sum(terms[1:], terms[0]) if terms else None
-
-
-def _distributed():
-    # Under a keras.distribution the groups are sharded over devices: route
-    # with ops a sharding compiler splits by group (`ops.group_local`).
-    return keras.distribution.distribution() is not None
-
-
-def _scatter_table(destinations, values, num_groups, table_size):
-    """Writes `values` at `destinations` of a (G, table_size) table, -1 elsewhere.
-
-    destinations: (G, N) int in [0, table_size]; table_size itself is a
-    scratch entry that takes whatever is written there and is cut off.
-    values: (G, N) int >= 0; no two (group, destination < table_size) repeat.
-    """
-    if _distributed():
-        return group_local.scatter_table(destinations, values, table_size)
-    # An update, not `ops.scatter`: that one adds duplicates, and on torch it
-    # is a Python loop over the updates.
-    offsets = ops.arange(0, num_groups, dtype="int32")[:, None] * (table_size + 1)
-    flat = ops.reshape(destinations + offsets, (-1, 1))
-    table = ops.full((num_groups * (table_size + 1),), -1, dtype="int32")
-    table = ops.scatter_update(table, flat, ops.reshape(ops.cast(values, "int32"), (-1,)))
-    return ops.reshape(table, (num_groups, table_size + 1))[:, :table_size]
+    if not terms:
+        return ops.zeros(ops.shape(like)[:1], "float32")
+    return sum(terms[1:], terms[0])
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
 class Router(keras.layers.Layer):
-    """Base class: a bias-free float32 gating layer (vmoe's `Router/dense`).
+    """Base class of every router: float32, with vmoe's bias-free gating layer.
 
-    Subclasses implement `call(tokens, training) -> (plan, metrics)` where
-    tokens are (G, S, D) and metrics hold per-group (G,) values; the entry
-    `"auxiliary_loss"` is what the MoE layer adds to the training loss.
+    Subclasses implement `call(tokens, training=None, token_mask=None) ->
+    (plan, metrics)` (the module docstring states the contract) and
+    `capacity(group_size)`, the slots per expert of their plans. The gating
+    layer (`kernel`, (D, E), vmoe's `Router/dense`) and the routing noise
+    live here; Soft MoE's router replaces the kernel by its slot parameters.
+
+    Class attributes: `drops_tokens` (a sparse plan may leave a token
+    without an expert) and `uses_token_modalities` (`call` also takes
+    `token_modalities`, as LIMoE's router does).
     """
+
+    drops_tokens = True
+    uses_token_modalities = False
 
     def __init__(self, num_experts, noise_std=1.0, seed=None, **kwargs):
         # Routing is computed in float32 even under a mixed precision policy.
@@ -168,16 +137,28 @@ class Router(keras.layers.Layer):
     def gate_logits(self, tokens):
         return ops.matmul(ops.cast(tokens, "float32"), ops.cast(self.kernel, "float32"))
 
-    def add_noise(self, logits, training):
-        """vmoe's routing noise: Gaussian, std `noise_std / num_experts`."""
+    def add_noise(self, logits, training, scale=None):
+        """vmoe's routing noise: Gaussian, std `noise_std / num_experts` (or
+        `noise_std / scale`). Returns (logits, the std used or None)."""
         if not training or self.noise_std == 0.0:
             return logits, None
-        std = self.noise_std / self.num_experts
+        std = self.noise_std / (scale or self.num_experts)
         noise = keras.random.normal(ops.shape(logits), seed=self.seed_generator)
         return logits + std * noise, std
 
     def capacity(self, group_size):
         raise NotImplementedError
+
+    def check_gates(self, values, what, training):
+        """Non-finite gates raise, in eager calls outside training (a traced
+        graph has no values to check; in training a NaN loss shows it): they
+        would make every routing decision arbitrary."""
+        if training or values_ops.all_finite(values) is not False:
+            return
+        raise ValueError(
+            f"{type(self).__name__} {self.name!r}: the {what} hold NaN or infinite values; "
+            "check the tokens (and the router's kernel) for non-finite values."
+        )
 
     def get_config(self):
         config = super().get_config()
@@ -264,92 +245,51 @@ class TokenChoiceRouter(Router):
             self.capacity_multiple_of,
         )
 
-    def call(self, tokens, training=None, token_mask=None):
-        num_groups, group_size, _ = ops.shape(tokens)
-        num_experts, k = self.num_experts, self.num_selected_experts
-        capacity = self.capacity(group_size)
-        weights = None if token_mask is None else ops.cast(token_mask, "float32")  # (G, S)
+    def call(self, tokens, training=None, token_mask=None, **gate_options):
+        """`gate_options` go to `route_gates` (a subclass's extra inputs)."""
+        weights = _weights(token_mask)  # (G, S) float or None
+        scores, combine_gates, metrics = self.route_gates(tokens, training, token_mask, **gate_options)
+        self.check_gates(combine_gates, "gates", training)
+        plan, kept = top_k_experts_plan(
+            scores, combine_gates, self.num_selected_experts, self.capacity(tokens.shape[1]),
+            batch_priority=self.batch_priority, token_mask=token_mask,
+            renormalize=self.renormalize_combine_weights,
+        )
+        metrics.update(token_choice_metrics(kept, weights))
+        return plan, metrics
 
+    def route_gates(self, tokens, training, token_mask):
+        """(scores, combine_gates, metrics): what tokens choose their experts
+        by, the combine weight of each (token, expert) pair, both (G, S, E),
+        and the losses (padding, `token_mask` False, left out). Here both are
+        the (noisy, in training) softmax gates."""
         logits = self.gate_logits(tokens)  # (G, S, E)
+        gates, metrics = self.softmax_gates_and_losses(logits, training, _weights(token_mask))
+        return gates, gates, metrics
+
+    def softmax_gates_and_losses(self, logits, training, token_weights):
+        """vmoe's gates and auxiliary losses from (G, S, E) logits: the
+        routing gates (noisy in training) and {loss name: (G,)}."""
+        k = self.num_selected_experts
         gates = ops.softmax(logits, axis=-1)
         noisy_logits, noise_std = self.add_noise(logits, training)
         routing_gates = gates if noise_std is None else ops.softmax(noisy_logits, axis=-1)
         metrics = {
-            "importance_loss": importance_loss(gates, weights),
-            "gshard_loss": gshard_loss(routing_gates, weights),
+            "importance_loss": importance_loss(gates, token_weights),
+            "gshard_loss": gshard_loss(routing_gates, token_weights),
         }
         weighted = [
             (self.gshard_loss_weight, metrics["gshard_loss"]),
             (self.importance_loss_weight, metrics["importance_loss"]),
         ]
         if noise_std is not None:
-            metrics["load_loss"] = load_loss(logits, noisy_logits, noise_std, k, weights)
+            metrics["load_loss"] = load_loss(logits, noisy_logits, noise_std, k, token_weights)
             weighted.append((self.load_loss_weight, metrics["load_loss"]))
         if self.z_loss_weight > 0:
             metrics["z_loss"] = z_loss(logits)
             weighted.append((self.z_loss_weight, metrics["z_loss"]))
-        auxiliary = _weighted_sum(*weighted)
-        metrics["auxiliary_loss"] = (
-            ops.zeros((num_groups,), "float32") if auxiliary is None else auxiliary
-        )
-
-        top_gates, top_experts = moe_ops.top_k(routing_gates, k)  # (G, S, K)
-        top_experts = ops.cast(top_experts, "int32")
-        if weights is not None:
-            # Padding: gate 0, so BPR serves it last and it combines to 0.
-            top_gates = top_gates * weights[..., None]
-        if self.batch_priority:
-            # Serve tokens in decreasing order of their top-1 gate.
-            order = ops.cast(ops.argsort(-top_gates[..., 0], axis=-1), "int32")
-            experts_in_order = ops.take_along_axis(
-                top_experts, ops.repeat(order[..., None], k, axis=-1), axis=1
-            )
-        else:
-            experts_in_order = top_experts
-        # (G, K * S): rank-major, so every top-1 choice precedes any top-2.
-        priority = ops.reshape(ops.transpose(experts_in_order, (0, 2, 1)), (num_groups, -1))
-        one_hot = moe_ops.one_hot(priority, num_experts, dtype="int32")  # (G, K*S, E)
-        if weights is not None:  # Padding takes no slot.
-            routed = ops.cast(weights, "int32")
-            if self.batch_priority:
-                routed = ops.take_along_axis(routed, order, axis=1)
-            one_hot = one_hot * ops.tile(routed, (1, k))[..., None]
-        # Position of each choice in its expert's buffer.
-        position = ops.sum(ops.cumsum(one_hot, axis=1) * one_hot, axis=-1) - 1
-        position = ops.transpose(ops.reshape(position, (num_groups, k, group_size)), (0, 2, 1))
-        if self.batch_priority:
-            inverse = ops.cast(ops.argsort(order, axis=-1), "int32")
-            position = ops.take_along_axis(
-                position, ops.repeat(inverse[..., None], k, axis=-1), axis=1
-            )
-        if self.renormalize_combine_weights:
-            # After BPR's ordering, which ranks tokens by their raw top-1 gate.
-            top_gates = top_gates / ops.sum(top_gates, axis=-1, keepdims=True)
-        kept = position < capacity
-        if weights is not None:
-            kept = ops.logical_and(kept, ops.cast(token_mask, "bool")[..., None])
-        dropped_slot = num_experts * capacity
-        combine_index = ops.where(kept, top_experts * capacity + position, dropped_slot)
-        combine_weights = ops.where(kept, top_gates, ops.zeros_like(top_gates))
-
-        token_ids = ops.repeat(ops.arange(0, group_size, dtype="int32")[None, :, None], k, axis=2)
-        token_ids = ops.broadcast_to(token_ids, ops.shape(combine_index))
-        table = _scatter_table(
-            ops.reshape(combine_index, (num_groups, -1)),
-            ops.reshape(token_ids, (num_groups, -1)),
-            num_groups,
-            dropped_slot,
-        )
-        dispatch_index = ops.where(table < 0, group_size, table)
-        dispatch_index = ops.reshape(dispatch_index, (num_groups, num_experts, capacity))
-
-        kept_float = ops.cast(kept, "float32")
-        metrics["dropped_choices"] = 1.0 - ops.mean(_token_mean(kept_float, weights), axis=-1)
-        metrics["dropped_tokens"] = _token_mean(
-            ops.cast(ops.max(kept_float, axis=-1) == 0, "float32"), weights
-        )
-        plan = RoutingPlan(dispatch_index, combine_index, combine_weights)
-        return plan, metrics
+        metrics["auxiliary_loss"] = _weighted_sum(logits, *weighted)
+        return routing_gates, metrics
 
     def get_config(self):
         config = super().get_config()
@@ -413,35 +353,23 @@ class ExpertChoiceRouter(Router):
             )
         return capacity
 
-    def call(self, tokens, training=None):
-        num_groups, group_size, _ = ops.shape(tokens)
-        num_experts = self.num_experts
-        capacity = self.capacity(group_size)
+    def call(self, tokens, training=None, token_mask=None):
+        scores, combine_gates, metrics = self.route_gates(tokens, training, token_mask)
+        self.check_gates(combine_gates, "gates", training)
+        plan, taken, top_scores = top_c_tokens_plan(
+            scores, combine_gates, self.capacity(tokens.shape[1]), token_mask
+        )
+        metrics.update(expert_choice_metrics(taken, top_scores, token_mask))
+        if "auxiliary_loss" not in metrics:
+            metrics["auxiliary_loss"] = ops.zeros(ops.shape(scores)[:1], "float32")
+        return plan, metrics
+
+    def route_gates(self, tokens, training, token_mask):
+        """(scores, combine_gates, metrics), as `TokenChoiceRouter.route_gates`:
+        here both are the softmax of the (noisy, in training) logits."""
         logits, _ = self.add_noise(self.gate_logits(tokens), training)
         gates = ops.softmax(logits, axis=-1)  # (G, S, E)
-        # (G, E, C): the tokens each expert takes, best first.
-        top_gates, dispatch_index = moe_ops.top_k(ops.transpose(gates, (0, 2, 1)), capacity)
-        dispatch_index = ops.cast(dispatch_index, "int32")
-        # Token-major view for the combine: (G, S, E) flat slot or E * C.
-        slot_ids = ops.reshape(ops.arange(0, num_experts * capacity, dtype="int32"), (1, -1))
-        slot_ids = ops.broadcast_to(slot_ids, (num_groups, num_experts * capacity))
-        experts = ops.reshape(ops.arange(0, num_experts, dtype="int32"), (1, num_experts, 1))
-        destinations = ops.reshape(dispatch_index * num_experts + experts, (num_groups, -1))
-        table = _scatter_table(destinations, slot_ids, num_groups, group_size * num_experts)
-        table = ops.reshape(table, (num_groups, group_size, num_experts))
-        chosen = table >= 0
-        combine_index = ops.where(chosen, table, num_experts * capacity)
-        combine_weights = ops.where(chosen, gates, ops.zeros_like(gates))
-        experts_per_token = ops.sum(ops.cast(chosen, "float32"), axis=-1)
-        metrics = {
-            "auxiliary_loss": ops.zeros((num_groups,), "float32"),
-            "dropped_tokens": ops.mean(ops.cast(experts_per_token == 0, "float32"), axis=1),
-            "experts_per_token_min": ops.min(experts_per_token, axis=1),
-            "experts_per_token_max": ops.max(experts_per_token, axis=1),
-            "min_selected_gate": ops.min(top_gates, axis=(1, 2)),
-            "max_selected_gate": ops.max(top_gates, axis=(1, 2)),
-        }
-        return RoutingPlan(dispatch_index, combine_index, combine_weights), metrics
+        return gates, gates, {}
 
     def get_config(self):
         config = super().get_config()
@@ -453,37 +381,41 @@ class ExpertChoiceRouter(Router):
         return config
 
 
-ROUTERS = {"token_choice": TokenChoiceRouter, "expert_choice": ExpertChoiceRouter}
-
-
 def l2_normalize(x, axis, epsilon=1e-6):
     """vmoe's Soft MoE normalisation: `x * rsqrt(sum(x^2) + eps)`."""
     return x * ops.rsqrt(ops.sum(ops.square(x), axis=axis, keepdims=True) + epsilon)
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
-class SoftRouter(keras.layers.Layer):
+class SoftRouter(Router):
     """Soft MoE's router (vmoe `projects/soft_moe/router.py`): slot logits and
-    the two softmaxes taken from them.
+    the two softmaxes taken from them, as a `SoftRoutingPlan`.
 
     Tokens (L2-normalised) meet the slot parameters `mu` (D, E, P)
     (L2-normalised along D); a learned scalar `scale` multiplies whichever
     operand is smaller. From the logits (G, S, E, P), computed once:
     dispatch = softmax over the tokens S, combine = softmax over all E * P
     slots. In training, optional Gaussian logit noise of std `noise_std`.
-    Everything runs in float32.
+    Everything runs in float32. Padding (`token_mask` False) gets dispatch
+    weight 0 (no slot averages it in) and combine weights 0, and is left out
+    of the metrics. Nothing is dropped; there is no auxiliary loss.
+
+    Metrics, per group: `combine_weights_min_mean` / `_max_mean` (the mean
+    over tokens of a token's smallest / largest combine weight) and
+    `dispatch_weights_min_mean` / `_max_mean` (the mean over slots of a
+    slot's smallest / largest dispatch weight), as vmoe reports them.
     """
 
+    drops_tokens = False
+
     def __init__(self, num_experts, slots_per_expert, noise_std=0.0, seed=None, **kwargs):
-        kwargs["dtype"] = "float32"
-        super().__init__(**kwargs)
-        self.num_experts = check_int("num_experts", num_experts, minimum=1, owner="SoftRouter")
+        super().__init__(num_experts, noise_std=noise_std, seed=seed, **kwargs)
         self.slots_per_expert = check_int(
             "slots_per_expert", slots_per_expert, minimum=1, owner="SoftRouter"
         )
-        self.noise_std = check_float("noise_std", noise_std, minimum=0.0)
-        self.seed = seed
-        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def capacity(self, group_size):
+        return self.slots_per_expert
 
     def build(self, input_shape):
         self.mu = self.add_weight(
@@ -493,7 +425,7 @@ class SoftRouter(keras.layers.Layer):
         )
         self.scale = self.add_weight(shape=(), initializer="ones", name="scale")
 
-    def call(self, tokens, training=None):
+    def call(self, tokens, training=None, token_mask=None):
         num_groups, group_size, dim = ops.shape(tokens)
         x = l2_normalize(ops.cast(tokens, "float32"), axis=-1)
         mu = l2_normalize(ops.cast(self.mu, "float32"), axis=0)
@@ -510,25 +442,88 @@ class SoftRouter(keras.layers.Layer):
         if training and self.noise_std > 0:
             noise = keras.random.normal(ops.shape(logits), seed=self.seed_generator)
             logits = logits + self.noise_std * noise
-        dispatch_weights = ops.softmax(logits, axis=1)
+        self.check_gates(logits, "slot logits", training)
+        real = None if token_mask is None else ops.cast(token_mask, "bool")[:, :, None, None]
+        # Padding: a logit far below any real one (not -inf: a group of
+        # padding only would divide 0 by 0).
+        dispatch_logits = logits if real is None else ops.where(real, logits, -1e30)
+        dispatch_weights = ops.softmax(dispatch_logits, axis=1)
         flat = ops.reshape(logits, (num_groups, group_size, -1))
         combine_weights = ops.reshape(ops.softmax(flat, axis=-1), ops.shape(logits))
+        if real is not None:
+            combine_weights = ops.where(real, combine_weights, 0.0)
+        weights = None if token_mask is None else ops.cast(token_mask, "float32")
+        dispatch_for_min = dispatch_weights if real is None else ops.where(real, dispatch_weights, math.inf)
         metrics = {
-            "auxiliary_loss": ops.zeros((), "float32"),
-            "combine_weights_min_mean": ops.mean(ops.min(combine_weights, axis=(2, 3))),
-            "combine_weights_max_mean": ops.mean(ops.max(combine_weights, axis=(2, 3))),
-            "dispatch_weights_min_mean": ops.mean(ops.min(dispatch_weights, axis=1)),
-            "dispatch_weights_max_mean": ops.mean(ops.max(dispatch_weights, axis=1)),
+            "auxiliary_loss": ops.zeros((num_groups,), "float32"),
+            "combine_weights_min_mean": token_mean(ops.min(combine_weights, axis=(2, 3)), weights),
+            "combine_weights_max_mean": token_mean(ops.max(combine_weights, axis=(2, 3)), weights),
+            "dispatch_weights_min_mean": ops.mean(ops.min(dispatch_for_min, axis=1), axis=(1, 2)),
+            "dispatch_weights_max_mean": ops.mean(ops.max(dispatch_weights, axis=1), axis=(1, 2)),
         }
-        return dispatch_weights, combine_weights, metrics
+        return SoftRoutingPlan(dispatch_weights, combine_weights), metrics
 
     def get_config(self):
         config = super().get_config()
-        config.pop("dtype", None)
-        config.update(
-            num_experts=self.num_experts,
-            slots_per_expert=self.slots_per_expert,
-            noise_std=self.noise_std,
-            seed=self.seed,
-        )
+        config.update(slots_per_expert=self.slots_per_expert)
         return config
+
+
+ROUTERS = {
+    "token_choice": TokenChoiceRouter,
+    "expert_choice": ExpertChoiceRouter,
+}
+
+
+def register_router(name, cls):
+    """Adds a router class under `name` to the names the layers accept."""
+    ROUTERS[name] = cls
+    return cls
+
+
+def router_names():
+    """The registered names: V-MoE's two first, then the others, each sorted."""
+    return sorted(ROUTERS, key=lambda name: (name not in ("token_choice", "expert_choice"), name))
+
+
+def router_class(name):
+    """The router class registered under `name`; the error lists the known names."""
+    if name not in ROUTERS:
+        raise ValueError(
+            f"unknown router {name!r}; expected one of {', '.join(map(repr, router_names()))}."
+        )
+    return ROUTERS[name]
+
+
+def router_arguments(cls):
+    """The keyword arguments `cls.__init__` takes, its base classes' included."""
+    names = set()
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass) or klass is keras.layers.Layer:
+            continue
+        parameters = inspect.signature(klass.__init__).parameters.values()
+        names |= {p.name for p in parameters if p.kind is p.POSITIONAL_OR_KEYWORD and p.name != "self"}
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters) or klass is Router:
+            break
+    return names
+
+
+def make_router(name, shared_options, router_options=None):
+    """The router registered as `name`.
+
+    `shared_options`: the routing arguments every MoE layer has
+    (`num_selected_experts`, `capacity_factor`, ...); those the class does not
+    take are left out (expert choice has no K). `router_options`: arguments of
+    this router class only; an unknown one raises, listing the known ones.
+    """
+    cls = router_class(name)
+    known = router_arguments(cls)
+    options = {key: value for key, value in shared_options.items() if key in known or key == "name"}
+    unknown = sorted(set(router_options or {}) - known)
+    if unknown:
+        raise ValueError(
+            f"router {name!r} ({cls.__name__}) does not take {unknown}; its arguments are "
+            f"{sorted(known)}."
+        )
+    options.update(router_options or {})
+    return cls(**options)

@@ -22,6 +22,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_vmoe.layers.routing_plans import SoftRoutingPlan
+
 
 def router_inputs(backbone, images):
     """{block index: (G, S, D) tokens} that each MoE block's router sees.
@@ -36,12 +38,23 @@ def router_inputs(backbone, images):
     block_inputs = keras.Model(backbone.input, [block.input for block in blocks])(images)
     if len(blocks) == 1:  # A functional model returns a lone output unwrapped.
         block_inputs = [block_inputs]
-    tokens = {}
-    for index, block, x in zip(backbone.moe_layers, blocks, block_inputs):
-        x = block.mlp_norm(block.attend(x))
-        group_size = block.mlp.group_size or x.shape[1]
-        tokens[index] = ops.reshape(x, (-1, group_size, x.shape[-1]))
-    return tokens
+    return {
+        index: block.router_tokens(block.attend(x))
+        for index, block, x in zip(backbone.moe_layers, blocks, block_inputs)
+    }
+
+
+def plan_experts(plan, capacity):
+    """(G, S, K) int: the expert of each of a token's choices in a sparse
+    `RoutingPlan`, -1 where dropped; kept choices first (top-1 before top-2,
+    the rest in expert order for expert choice), so [..., 0] is the first
+    kept choice, or -1 when the token has none."""
+    slots = np.asarray(keras.ops.convert_to_numpy(plan.combine_index))  # (G, S, K)
+    num_slots = np.asarray(keras.ops.convert_to_numpy(plan.dispatch_index)).shape[1] * capacity
+    kept = slots < num_slots
+    experts = np.where(kept, slots // capacity, -1)
+    order = np.argsort(~kept, axis=-1, kind="stable")  # Kept choices first, in order.
+    return np.take_along_axis(experts, order, axis=-1)
 
 
 def expert_assignments(backbone, images):
@@ -55,17 +68,12 @@ def expert_assignments(backbone, images):
     for index, tokens in router_inputs(backbone, images).items():
         moe = backbone.get_layer(f"encoder_block_{index}").mlp
         batch = ops.shape(images)[0]
-        if moe.drops_tokens:
-            plan, _ = moe.router(tokens, training=False)
-            capacity = moe.router.capacity(tokens.shape[1])
-            slots = keras.ops.convert_to_numpy(plan.combine_index)  # (G, S, K)
-            kept = slots < moe.num_experts * capacity
-            first_kept = np.argmax(kept, axis=-1)[..., None]  # (G, S, 1)
-            expert = np.take_along_axis(slots // capacity, first_kept, axis=-1)[..., 0]
-            expert = np.where(kept.any(axis=-1), expert, -1)
-        else:
-            _, combine_weights, _ = moe.router(tokens, training=False)  # (G, S, E, P)
-            share = keras.ops.convert_to_numpy(ops.sum(combine_weights, axis=-1))
+        plan, _ = moe.router(tokens, training=False)
+        if isinstance(plan, SoftRoutingPlan):  # (G, S, E, P) combine weights
+            share = keras.ops.convert_to_numpy(ops.sum(plan.combine_weights, axis=-1))
             expert = np.argmax(share, axis=-1)
+        else:
+            expert = plan_experts(plan, moe.router.capacity(tokens.shape[1]))
+            expert = np.where(expert >= 0, expert, -1)[..., 0]
         assignments[index] = expert.reshape(int(batch), -1).astype("int32")
     return assignments

@@ -43,7 +43,7 @@ def export_onnx(model, path, example_inputs):
     flat = [torch.as_tensor(x) for x in tree.flatten(example_inputs)]
     names = sorted(example_inputs) if isinstance(example_inputs, dict) else None
     module = _FlatInputs(model, example_inputs)
-    module.eval()
+    module.train(False)  # Inference mode.
     program = torch.onnx.export(
         module, tuple(flat), dynamo=True, verbose=False, input_names=names,
         custom_translation_table={torch.ops.aten.sort.stable: _sort_stable},

@@ -127,7 +127,8 @@ def test_soft_moe_fixture_router_metrics():
         for name in ("combine_weights_min_mean", "combine_weights_max_mean",
                      "dispatch_weights_min_mean", "dispatch_weights_max_mean"):
             expected = io[f"metrics/encoderblock_{block}/{name}"]
-            np.testing.assert_allclose(to_numpy(metrics[name]), expected, rtol=rtol)
+            # vmoe reports these over the batch, the router per group (all of one size).
+            np.testing.assert_allclose(np.mean(to_numpy(metrics[name])), expected, rtol=rtol)
 
 
 @requires_fixtures

@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_vmoe.layers.routing import _scatter_table
+from keras_vmoe.layers.routing_plans import scatter_table as _scatter_table
 from keras_vmoe.ops import generic
 from keras_vmoe.ops import group_local
 from tests.helpers import to_numpy

@@ -126,12 +126,10 @@ class RoutingProbe(keras.Model):
         for index, block in enumerate(backbone.blocks[: max(backbone.moe_layers) + 1]):
             x = block.attend(x, training=False, attention_mask=attention_mask)
             if index in backbone.moe_layers:
-                # The tokens the block's MLP (and so its router) receives.
-                tokens = block.mlp_norm(x)
-                group_size = block.mlp.resolve_group_size(tokens.shape)
+                tokens = block.router_tokens(x)  # (G, S, D)
                 plan, _ = block.mlp.router(
-                    ops.reshape(tokens, (-1, group_size, tokens.shape[-1])), training=False,
-                    token_modalities=ops.reshape(token_modalities, (-1, group_size)),
+                    tokens, training=False,
+                    token_modalities=ops.reshape(token_modalities, (-1, tokens.shape[1])),
                 )
                 outputs[f"block_{index}"] = ops.reshape(
                     plan.combine_index, (-1, length, block.mlp.router.num_selected_experts)
@@ -166,9 +164,12 @@ def routed_experts(backbone, images=None, token_ids=None, padding_mask=None, bat
     outputs = model.predict(inputs, batch_size=batch_size, verbose=0)
     experts = {}
     for index in backbone.moe_layers:
-        router = backbone.blocks[index].mlp.router
+        moe = backbone.blocks[index].mlp
         slots = np.asarray(outputs[f"block_{index}"])
-        capacity = router.capacity(slots.shape[1])
+        # Slots are numbered with the capacity of a routing group, which is
+        # the image's (or caption's) tokens unless the layer sets group_size.
+        capacity = moe.router.capacity(moe.group_size or slots.shape[1])
+        router = moe.router
         experts[index] = np.where(slots < router.num_experts * capacity, slots // capacity, -1)
     return experts, np.asarray(outputs["token_modalities"])
 

@@ -1,11 +1,16 @@
 """The V-MoE backbone: a ViT whose `moe_layers` blocks hold a `SparseMoE`."""
 
+import inspect
+
 import keras
 
 from keras_vmoe.layers.moe import SparseMoE
 from keras_vmoe.models.vision_transformer import VisionTransformerBackbone
 from keras_vmoe.models.vmoe.vmoe_architectures import VMOE_ARCHITECTURES
 from keras_vmoe.models.vmoe.vmoe_architectures import architecture_config
+
+
+SPARSE_MOE_ARGUMENTS = frozenset(inspect.signature(SparseMoE.__init__).parameters) - {"self", "kwargs"}
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
@@ -26,12 +31,16 @@ class VMoEBackbone(VisionTransformerBackbone):
         num_selected_experts: int. K (token choice).
         capacity_factor: float.
         group_size: int or None. Tokens routed together, over the whole batch.
-        router: `"token_choice"` or `"expert_choice"`.
+        router: a router name (`keras_vmoe.layers.ROUTERS`: `"token_choice"`,
+            `"expert_choice"`, `"sinkhorn_token_choice"`,
+            `"sinkhorn_expert_choice"`, `"sparse_token_choice"`,
+            `"sparse_expert_choice"`, `"sparse_top_k"`).
         batch_priority: bool. Batch Priority Routing.
         router_options: dict of further `SparseMoE` arguments (`noise_std`,
             `importance_loss_weight`, `load_loss_weight`, `gshard_loss_weight`,
             `z_loss_weight`, `capacity_rounding`, `capacity_multiple_of`,
-            `dispatch_dtype`, `seed`).
+            `dispatch_dtype`, `seed`) and the named router's own arguments
+            (e.g. `num_iterations` for Sinkhorn).
         moe_dropout_rate: float or None. Dropout in the experts (default:
             `dropout_rate`).
 
@@ -76,6 +85,11 @@ class VMoEBackbone(VisionTransformerBackbone):
         dropout_rate = kwargs.get("dropout_rate", 0.0)
         moe_dropout = dropout_rate if moe_dropout_rate is None else moe_dropout_rate
 
+        # `router_options` holds SparseMoE arguments and, for a router given
+        # by name, that router's own ones (e.g. Sinkhorn's num_iterations).
+        layer_options = {k: v for k, v in router_options.items() if k in SPARSE_MOE_ARGUMENTS}
+        own_options = {k: v for k, v in router_options.items() if k not in SPARSE_MOE_ARGUMENTS}
+
         def moe_mlp(index):
             return SparseMoE(
                 num_experts,
@@ -89,7 +103,8 @@ class VMoEBackbone(VisionTransformerBackbone):
                 dropout_rate=moe_dropout,
                 dtype=kwargs.get("dtype"),
                 name="moe",
-                **router_options,
+                router_options=own_options or None,
+                **layer_options,
             )
 
         if moe_layers:
