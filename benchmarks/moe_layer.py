@@ -21,6 +21,10 @@ What it measures
       (`moe_references.OneHotEinsumMoE`), same groups and capacities.
     - `dense_masked`: keras-hub's Mixtral block, every expert on every token
       (`moe_references.DenseMaskedMoE`); it costs about E / K x dense.
+    - `--parts routers`: `SparseMoE` with each router of the router study
+      (token choice, Sinkhorn token / expert choice, sparsity-constrained
+      token / expert choice, sparse top-k, expert choice) at groups of one
+      image and equal per-token compute; compare each to token choice.
     Each backend runs the layers the way Keras runs them: `jax-jit`
     (`jax.jit` of `stateless_call`), `tf-graph` (`tf.function(jit_compile=
     False)`: what `jit_compile="auto"` picks on a CPU-only machine) and
@@ -78,7 +82,10 @@ MODES = {"jax": ("jax-jit",), "tensorflow": ("tf-graph", "tf-xla"), "torch": ("t
 # tf-graph is also what Keras runs on a CPU-only machine).
 MEMORY_MODES = {"jax": "jax-jit", "tensorflow": "tf-graph", "torch": "torch-eager"}
 MEMORY_CANDIDATES = ("dense", "sparse_moe", "vmoe_einsum")
-PARTS = ("headline", "sweeps", "memory")
+PARTS = ("headline", "sweeps", "memory", "routers")
+# The router study's routers, timed against token choice at the headline workload.
+STUDY_ROUTERS = ("token_choice", "sinkhorn_token_choice", "sinkhorn_expert_choice",
+                 "sparse_token_choice", "sparse_expert_choice", "sparse_top_k", "expert_choice")
 PHASES = ("forward", "train")
 # Tokens of the tiny copy a memory probe warms its process up on.
 WARM_UP_TOKENS = 16
@@ -103,6 +110,7 @@ class Case:
     candidate: str
     group_size: int | None = None
     capacity_factor: float | None = None
+    router: str = "token_choice"
 
     def tiny(self):
         """The same candidate for `Benchmark.tiny` inputs."""
@@ -161,6 +169,8 @@ class Benchmark:
             return f"dense mlp={self.dense_mlp_dim}"
         if case.candidate == "soft_moe":
             return f"soft_moe P={self.slots_per_expert}"
+        if case.router != "token_choice":
+            return f"{case.router} g={case.group_size} cf={case.capacity_factor}"
         if case.group_size is not None:
             return f"{case.candidate} g={case.group_size} cf={case.capacity_factor}"
         return case.candidate
@@ -249,6 +259,18 @@ def headline_benchmark(scale):
         Case("dense_masked"),
     ]
     return make_benchmark(scale, "headline", 8, 2, cases)
+
+
+def routers_benchmark(scale):
+    """Every router of the router study in a `SparseMoE` at the headline
+    workload (groups of one image), at equal per-token compute: capacity
+    factor 1.0 for token choice (K x S slots), K = 2 for expert choice."""
+    image = scale.tokens_per_image
+    cases = [Case("dense")]
+    for router in STUDY_ROUTERS:
+        capacity_factor = 2.0 if router.endswith("expert_choice") else 1.0
+        cases.append(Case("sparse_moe", image, capacity_factor, router))
+    return make_benchmark(scale, "routers", 8, 2, cases)
 
 
 def sweep_benchmarks(scale):
@@ -552,6 +574,8 @@ def main(argv=None):
         benchmarks.append(headline_benchmark(scale))
     if "sweeps" in args.parts:
         benchmarks += sweep_benchmarks(scale)
+    if "routers" in args.parts:
+        benchmarks.append(routers_benchmark(scale))
     if benchmarks:
         answers = run_timings(args.backends, benchmarks)
         report["benchmarks"] = collect(benchmarks, answers)

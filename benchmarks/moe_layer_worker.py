@@ -69,6 +69,7 @@ def build_layer(benchmark, case):
         layer = SparseMoE(
             num_experts=num_experts,
             mlp_dim=mlp_dim,
+            router=getattr(case, "router", "token_choice"),
             num_selected_experts=k,
             capacity_factor=case.capacity_factor,
             group_size=case.group_size,

@@ -18,7 +18,8 @@ moe.compile(...); moe.fit(images, labels)
 
 import keras
 
-ROUTERS = ("token_choice", "expert_choice", "soft")
+from keras_vmoe.layers import ROUTERS
+from keras_vmoe.layers.routing import router_names
 
 
 def _vmoe_arguments(router, num_selected_experts, capacity_factor, group_size, options):
@@ -103,8 +104,10 @@ def upcycle(
             decoder and projection are kept.
         num_experts: int >= 2.
         moe_layers: block indices whose dense MLP becomes a MoE layer.
-        router: `"token_choice"` or `"expert_choice"` (a `VMoEBackbone` with
-            `SparseMoE` layers), or `"soft"` (a `SoftMoEBackbone`).
+        router: a sparse router's name (`keras_vmoe.layers.ROUTERS`:
+            `"token_choice"`, `"expert_choice"`, `"sinkhorn_token_choice"`,
+            ...; a `VMoEBackbone` with `SparseMoE` layers), or `"soft"` (a
+            `SoftMoEBackbone`).
         num_selected_experts: K, for token choice.
         capacity_factor: sparse routers: default 1.0; Soft MoE: slots from
             the group size instead of `slots_per_expert`.
@@ -137,8 +140,9 @@ def upcycle(
     from keras_vmoe.models import VisionTransformerImageClassifier
     from keras_vmoe.models import VMoEImageClassifier
 
-    if router not in ROUTERS:
-        raise ValueError(f"upcycle: router must be one of {ROUTERS}, got {router!r}.")
+    if router != "soft" and router not in ROUTERS:
+        known = ", ".join(map(repr, [*router_names(), "soft"]))
+        raise ValueError(f"upcycle: router must be one of {known}, got {router!r}.")
     vlm = _upcycle_vlm_image_tower(
         model, num_experts, moe_layers, router=router, num_selected_experts=num_selected_experts,
         capacity_factor=capacity_factor, slots_per_expert=slots_per_expert,

@@ -52,6 +52,17 @@ def test_all_experts_selected_computes_the_dense_function():
     assert moe.count_params() == dense_params + 2 * ((NUM_EXPERTS - 1) * mlp_params(d, h) + router_params)
 
 
+@pytest.mark.parametrize("router", ["sinkhorn_token_choice", "sparse_token_choice", "sparse_top_k"])
+def test_every_token_choice_router_with_all_experts_computes_the_dense_function(router):
+    # Each token takes all E experts; the combine weights are its softmax
+    # gates (or their relaxed top-E mask, all ones), summing to 1.
+    dense = dense_classifier()
+    images = random_images(4)
+    moe = keras_vmoe.upcycle(dense, NUM_EXPERTS, (1,), router=router, num_selected_experts=NUM_EXPERTS)
+    assert moe.backbone.router == router
+    np.testing.assert_allclose(to_numpy(moe(images)), to_numpy(dense(images)), atol=1e-5, rtol=0)
+
+
 def test_experts_are_copies_and_other_weights_are_kept():
     dense = dense_classifier()
     moe = keras_vmoe.upcycle(dense, NUM_EXPERTS, (2,), router="expert_choice")

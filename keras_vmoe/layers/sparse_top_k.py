@@ -86,7 +86,7 @@ def _mask(x, tau, regularization, exponent):
     return ops.clip(ops.power(ops.relu(x - tau) / regularization, exponent), 0.0, 1.0)
 
 
-def sparse_top_k_mask(x, k, regularization=0.1, p=2.0, num_bisections=40):
+def sparse_top_k_mask(x, k, regularization=0.1, p=2.0, num_bisections=30):
     """The relaxed top-k mask of `x` along its last axis (see the module docstring).
 
     Args:

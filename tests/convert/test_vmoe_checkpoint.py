@@ -131,6 +131,82 @@ def test_soft_moe_fixture_router_metrics():
             np.testing.assert_allclose(np.mean(to_numpy(metrics[name])), expected, rtol=rtol)
 
 
+SINKHORN = FIXTURES / "sinkhorn_token_choice_tiny"
+KSPARSE = FIXTURES / "ksparse_expert_choice_tiny"
+# vmoe's metric names -> ours (the rest are the same).
+VMOE_METRIC_NAMES = {
+    "num_experts_per_item_min": "experts_per_token_min",
+    "num_experts_per_item_max": "experts_per_token_max",
+    "num_items_per_expert_min": "plan_nonzeros_per_expert_min",
+    "num_items_per_expert_max": "plan_nonzeros_per_expert_max",
+    "num_items_per_expert_avg": "plan_nonzeros_per_expert_avg",
+}
+
+
+def our_metric_name(vmoe_name):
+    return VMOE_METRIC_NAMES.get(
+        vmoe_name, vmoe_name.replace("ratio_processed_items_by_at_least_", "tokens_with_at_least_")
+    )
+
+
+@requires_fixtures
+@pytest.mark.parametrize("folder, router", [
+    (SINKHORN, "SinkhornTokenChoiceRouter"), (KSPARSE, "SparseExpertChoiceRouter"),
+])
+def test_optimal_transport_fixture_logits_plans_and_metrics(folder, router):
+    model, config, io = load_fixture(folder)
+    assert isinstance(model, VMoEImageClassifier)
+    logits = to_numpy(model(io["images"], training=False))
+    assert relative_error(logits, io["logits"]) <= 1e-4
+    for block in config["encoder"]["moe"]["layers"]:
+        moe = model.backbone.get_layer(f"encoder_block_{block}").mlp
+        assert type(moe.router).__name__ == router
+        tokens = moe_block_tokens(model.backbone, io["images"], block)
+        # The transport plan vmoe dispatched by (its debug output), to 1e-5.
+        plan, _, _ = moe.router.route_gates(tokens, False, None)
+        np.testing.assert_allclose(to_numpy(plan), io[f"debug/encoderblock_{block}/gates_plan"], atol=1e-5)
+        # Which token sits in which slot: vmoe's dispatch tensor, exactly.
+        routing, metrics = moe.router(tokens, training=False)
+        dispatch = io[f"debug/encoderblock_{block}/dispatch_weights"]  # (G, S, E, C) 0/1
+        ours = np.zeros(dispatch.shape, "uint8")
+        index = to_numpy(routing.dispatch_index)  # (G, E, C)
+        for g, e, c in zip(*np.nonzero(index < dispatch.shape[1])):
+            ours[g, index[g, e, c], e, c] = 1
+        np.testing.assert_array_equal(ours, dispatch)
+        prefix = f"metrics/encoderblock_{block}/"
+        for key in (key for key in io.files if key.startswith(prefix)):
+            expected = io[key]
+            np.testing.assert_allclose(to_numpy(metrics[our_metric_name(key[len(prefix):])]),
+                                       np.broadcast_to(expected, (2,)), rtol=1e-4, atol=1e-6, err_msg=key)
+
+
+@requires_fixtures
+def test_optimal_transport_configs_convert_with_vmoe_defaults():
+    config = json.loads((SINKHORN / "config.json").read_text())
+    router = config["encoder"]["moe"]["router"]
+    router.update(maxiter=35, use_softmax_combine_weights=False)
+    model = load_vmoe_checkpoint(str(SINKHORN / "ckpt"), config)
+    moe = model.backbone.moe_blocks[0]
+    # ott runs its fixed loop in steps of 10: maxiter 35 -> 30 iterations.
+    assert (moe.router.num_iterations, moe.router.combine_weights) == (30, "plan")
+    # vmoe's defaults: no load loss for the Sinkhorn token router.
+    assert (moe.router.importance_loss_weight, moe.router.load_loss_weight) == (0.005, 0.0)
+    config = json.loads((KSPARSE / "config.json").read_text())
+    config["encoder"]["moe"]["router"].update(
+        name="vmoe.projects.sparsity_constrained_ot.sparse_projection_routing."
+             "SparseProjectionTransportTopItemsPerExpertRouter", maxiter=7, adam_lr=0.05)
+    router = load_vmoe_checkpoint(str(KSPARSE / "ckpt"), config).backbone.moe_blocks[0].router
+    assert (router.projection, router.max_steps, router.learning_rate) == ("dense", 7, 0.05)
+    for update, needle in [
+        ({"use_lbfgs": True}, "use_lbfgs=True"),
+        ({"name": "vmoe.projects.sparsity_constrained_ot.foo.BregmanRouter"}, r"BregmanRouter.*knows"),
+    ]:
+        config = json.loads((SINKHORN / "config.json").read_text())
+        config["encoder"]["moe"]["router"].update(update)
+        with pytest.raises(ValueError, match=needle):
+            load_vmoe_checkpoint(str(SINKHORN / "ckpt"), config)
+
+
 @requires_fixtures
 def test_reader_returns_every_parameter_once():
     params = read_vmoe_checkpoint(str(TOKEN_CHOICE / "ckpt"))

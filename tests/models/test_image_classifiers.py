@@ -58,6 +58,47 @@ def test_fit_lowers_the_loss(family):
         assert "moe_auxiliary_loss" not in history
 
 
+STUDY_ROUTERS = ["sinkhorn_token_choice", "sinkhorn_expert_choice", "sparse_token_choice",
+                 "sparse_expert_choice", "sparse_top_k"]
+
+
+@pytest.mark.parametrize("router", STUDY_ROUTERS)
+def test_fit_lowers_the_loss_with_every_router(router, tmp_path):
+    kwargs = dict(router=router, capacity_factor=2.0 if "expert" in router else 1.0)
+    if "expert" in router:
+        kwargs["num_selected_experts"] = 1
+    model = build("vmoe", **kwargs)
+    assert type(model.backbone.moe_blocks[0].router).__name__.lower().startswith(router.split("_")[0])
+    model.compile(optimizer=keras.optimizers.Adam(3e-3))
+    images, labels = tiny_data()
+    history = model.fit(images, labels, batch_size=8, epochs=8, verbose=0).history
+    assert history["loss"][-1] < 0.7 * history["loss"][0]
+    assert {"moe_auxiliary_loss", "moe_dropped_tokens"} <= set(history)
+    assert all(np.isfinite(history["moe_auxiliary_loss"]))
+    if router in ("sinkhorn_token_choice", "sparse_top_k"):  # Importance and load losses.
+        assert all(value > 0 for value in history["moe_auxiliary_loss"])
+    # Saved and loaded as a preset, it predicts the same.
+    model.save_to_preset(str(tmp_path / "preset"))
+    loaded = VMoEImageClassifier.from_preset(str(tmp_path / "preset"))
+    assert type(loaded.backbone.moe_blocks[0].router) is type(model.backbone.moe_blocks[0].router)
+    images = random_images(2)
+    np.testing.assert_allclose(to_numpy(loaded(images)), to_numpy(model(images)), atol=1e-5)
+
+
+@pytest.mark.parametrize("router", STUDY_ROUTERS)
+def test_every_router_routes_in_float32_under_mixed_bfloat16(router):
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    model = build("vmoe", router=router, num_selected_experts=1)
+    moe = model.backbone.moe_blocks[0]
+    tokens = keras.ops.cast(keras.ops.ones((2, 16, 32)), "bfloat16")
+    plan, metrics = moe.router(tokens)
+    assert moe.compute_dtype == "bfloat16" and moe.router.compute_dtype == "float32"
+    assert keras.backend.standardize_dtype(plan.combine_weights.dtype) == "float32"
+    assert all(keras.backend.standardize_dtype(v.dtype) == "float32" for v in metrics.values())
+    logits = model(random_images(2), training=True)
+    assert keras.backend.standardize_dtype(logits.dtype) == "bfloat16"
+
+
 def test_training_loss_includes_the_auxiliary_losses():
     # Without routing noise or dropout, a training forward pass equals the
     # eval one, so the training loss must be cross-entropy + auxiliary losses.
