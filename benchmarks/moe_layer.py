@@ -381,6 +381,34 @@ def run_worker(backend, task):
         return json.loads(result_path.read_text())
 
 
+def run_script_worker(script, backend, task):
+    """Runs `script --worker TASK RESULT` in a fresh one-thread process of
+    `backend` (the pattern of patch_merger.py and serving.py); returns the
+    JSON it wrote, or {"error": ...} with the end of its stderr."""
+    with tempfile.TemporaryDirectory() as folder:
+        task_path, result_path = Path(folder, "task.json"), Path(folder, "result.json")
+        task_path.write_text(json.dumps(task))
+        process = subprocess.run(
+            [sys.executable, str(script), "--worker", str(task_path), str(result_path)],
+            env=worker_env(backend), stdout=sys.stderr, stderr=subprocess.PIPE, text=True,
+        )
+        if not result_path.exists():
+            return {"error": f"{backend} worker exited with {process.returncode}:\n{process.stderr[-4000:]}"}
+        return json.loads(result_path.read_text())
+
+
+def answer_task(run, task_path, result_path):
+    """A worker's side of `run_script_worker`: `run(task)`, or the traceback."""
+    import traceback
+
+    task = json.loads(Path(task_path).read_text())
+    try:
+        answer = run(task)
+    except Exception:
+        answer = {"error": traceback.format_exc()}
+    Path(result_path).write_text(json.dumps(answer))
+
+
 def run_timings(backends, benchmarks):
     """{backend: worker answer} for the timing of `benchmarks`."""
     task = {"task": "timing", "benchmarks": [dataclasses.asdict(b) for b in benchmarks]}

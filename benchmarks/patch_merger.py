@@ -41,11 +41,8 @@ import datetime
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-import traceback
 from pathlib import Path
 
 BENCHMARK_DIR = Path(__file__).resolve().parent
@@ -55,7 +52,8 @@ sys.path.insert(0, str(BENCHMARK_DIR))
 from moe_layer import format_table  # noqa: E402
 from moe_layer import limit_threads  # noqa: E402
 from moe_layer import machine_info  # noqa: E402
-from moe_layer import worker_env  # noqa: E402
+from moe_layer import answer_task  # noqa: E402
+from moe_layer import run_script_worker  # noqa: E402
 from moe_layer import write_report  # noqa: E402
 
 BACKENDS = ("jax", "tensorflow", "torch")
@@ -239,32 +237,6 @@ def run_worker(task):
     return {"mode": MODES[backend], "results": results, "configs": configs}
 
 
-def worker_main(task_path, result_path):
-    task = json.loads(Path(task_path).read_text())
-    try:
-        answer = run_worker(task)
-    except Exception:
-        answer = {"error": traceback.format_exc()}
-    Path(result_path).write_text(json.dumps(answer))
-
-
-# Parent ------------------------------------------------------------------------------
-
-
-def run_backend(backend, task):
-    """Runs the worker for `backend` in a fresh one-thread process."""
-    with tempfile.TemporaryDirectory() as folder:
-        task_path, result_path = Path(folder, "task.json"), Path(folder, "result.json")
-        task_path.write_text(json.dumps(task))
-        process = subprocess.run(
-            [sys.executable, __file__, "--worker", str(task_path), str(result_path)],
-            env=worker_env(backend), stdout=sys.stderr, stderr=subprocess.PIPE, text=True,
-        )
-        if not result_path.exists():
-            return {"error": f"{backend} worker exited with {process.returncode}:\n{process.stderr[-4000:]}"}
-        return json.loads(result_path.read_text())
-
-
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
@@ -291,7 +263,7 @@ def main(argv=None):
     report = {"machine": machine_info(), "quick": args.quick, "batch_size": batch_size,
               "scale": scale, "backends": {}, "errors": []}
     for backend in args.backends:
-        answer = run_backend(backend, task)
+        answer = run_script_worker(__file__, backend, task)
         if "error" in answer:
             report["errors"].append(f"{backend}: {answer['error']}")
         else:
@@ -325,6 +297,6 @@ def main(argv=None):
 if __name__ == "__main__":
     arguments = parse_args(sys.argv[1:])
     if arguments.worker:
-        worker_main(*arguments.worker)
+        answer_task(run_worker, *arguments.worker)
     else:
         sys.exit(1 if main()["errors"] else 0)
