@@ -2,7 +2,8 @@
 
 Run from the repository root:
 
-    python benchmarks/router_study.py                  # the CPU budget (~2 hours on 2 cores)
+    python benchmarks/router_study.py                  # the CPU budget: one seed, ~2 hours on 2 cores
+    python benchmarks/router_study.py --seeds 2        # two seeds and their spread (~4 hours)
     python benchmarks/router_study.py --full           # the presets' recipe: 100 epochs, on an accelerator
     python benchmarks/router_study.py --quick          # a smoke test (seconds per arm)
     python benchmarks/router_study.py --report FILE.json   # table and chart again from a result
@@ -22,7 +23,7 @@ What it trains
     cosine decay, label smoothing) from the same seed.
 
     The CPU budget (default) shrinks the encoder (4 blocks of width 128, MoE in
-    blocks 1 and 3), the data (the first 10,000 training images, shuffled) and
+    blocks 1 and 3), the data (a random 10,000 of the training images) and
     the epochs (8); `--full` trains the presets' encoder (6 blocks of width
     192, MoE in blocks 3 and 5) on all 50,000 images for 100 epochs.
 
@@ -75,7 +76,7 @@ class Budget:
 CPU = Budget(
     encoder=dict(image_shape=(32, 32, 3), patch_size=4, num_layers=4, hidden_dim=128, mlp_dim=512,
                  num_heads=4, pooling="gap", attention_qk_norm=False, dropout_rate=0.0),
-    moe_layers=(1, 3), epochs=8, train_images=10000, batch_size=128, warmup_epochs=1, seeds=2,
+    moe_layers=(1, 3), epochs=8, train_images=10000, batch_size=128, warmup_epochs=1, seeds=1,
     timing_rounds=10,
 )
 FULL = Budget(encoder=None, moe_layers=(3, 5), epochs=100, train_images=None, batch_size=256,
