@@ -15,8 +15,10 @@ What it measures
       backend, run by an ONNX Runtime session (one thread);
     - `saved_model`: the SavedModel exported from this backend (JAX and
       TensorFlow), loaded with `tf.saved_model.load` and called.
-    Ratios are to `predict` in the same process; the exported artifacts are
-    checked against `predict` (max |difference| in the JSON).
+    `predict` and `predict_on_batch` take the raw uint8 image (the task
+    preprocesses it), the exported models the preprocessed pixels. Ratios
+    are to `predict` in the same process; every way's logits are checked
+    against the model's forward pass on the pixels (max |difference| in the JSON).
 
 How it measures
     One process per backend, one thread each (benchmarks/moe_layer.py's
@@ -52,8 +54,10 @@ def log(message):
     print(message, file=sys.stderr, flush=True)
 
 
-def ways_to_call(classifier, pixels, folder, backend):
-    """{way: zero-argument function returning numpy logits}."""
+def ways_to_call(classifier, image, pixels, folder, backend):
+    """{way: zero-argument function returning numpy logits}: the task's own
+    ways on the raw uint8 `image` (they preprocess it), the exported model's on
+    the preprocessed `pixels`."""
     import numpy as np
     import onnxruntime
     import tensorflow as tf
@@ -61,8 +65,8 @@ def ways_to_call(classifier, pixels, folder, backend):
     from keras_vmoe.export import export_model
 
     ways = {
-        "predict": lambda: classifier.predict(pixels, verbose=0),
-        "predict_on_batch": lambda: np.asarray(classifier.predict_on_batch(pixels)),
+        "predict": lambda: classifier.predict(image, verbose=0),
+        "predict_on_batch": lambda: np.asarray(classifier.predict_on_batch(image)),
     }
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = options.inter_op_num_threads = 1
@@ -92,8 +96,8 @@ def run_worker(task):
         image = np.random.default_rng(0).integers(0, 256, (1, 32, 32, 3)).astype("uint8")
         pixels = np.asarray(keras.ops.convert_to_numpy(classifier.preprocessor(image)), "float32")
         with tempfile.TemporaryDirectory() as folder:
-            ways = ways_to_call(classifier, pixels, folder, backend)
-            reference = ways["predict"]()
+            ways = ways_to_call(classifier, image, pixels, folder, backend)
+            reference = np.asarray(keras.ops.convert_to_numpy(classifier(pixels, training=False)))
             differences = {way: float(np.abs(call() - reference).max()) for way, call in ways.items()}
             times = {way: [] for way in ways}
             for _ in range(task["rounds"]):

@@ -94,7 +94,7 @@ def class_names(preset, num_classes):
     if preset in BUNDLED_PRESETS and num_classes == len(CIFAR10_CLASS_NAMES):
         return list(CIFAR10_CLASS_NAMES)
     if num_classes == 1000:
-        from keras_hub.src.utils.imagenet.imagenet_utils import imagenet_id_to_name
+        from keras_hub.utils import imagenet_id_to_name
 
         return [imagenet_id_to_name(i) for i in range(1000)]
     return [f"class {i}" for i in range(num_classes)]

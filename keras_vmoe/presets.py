@@ -38,124 +38,24 @@ import tempfile
 import urllib.parse
 
 import keras
-from keras_hub.src.utils.preset_utils import register_presets
 
-VMOE_BUCKET = "gs://vmoe_checkpoints"
+from keras_vmoe.convert.vmoe_checkpoint import load_vmoe_checkpoint
+from keras_vmoe.convert.vmoe_checkpoint_reader import checkpoint_data_files
+from keras_vmoe.errors import PresetError  # noqa: F401 (raised here; importable from here, as before)
+from keras_vmoe.keras_hub_internals import register_presets
+from keras_vmoe.models.limoe.limoe_backbone import LIMoEBackbone
+from keras_vmoe.models.preset_mixin import BuiltinPresetMixin  # noqa: F401 (importable from here, as before)
+from keras_vmoe.models.preset_mixin import set_preset_resolver
+from keras_vmoe.models.soft_moe.soft_moe_backbone import SoftMoEBackbone
+from keras_vmoe.models.vmoe.vmoe_backbone import VMoEBackbone
+from keras_vmoe.models.vmoe.vmoe_image_classifier_preprocessor import VMoEImageClassifierPreprocessor
+from keras_vmoe.models.vmoe.vmoe_image_converter import VMoEImageConverter
+from keras_vmoe.models.vmoe.vmoe_presets import VMOE_BUCKET
+from keras_vmoe.models.vmoe.vmoe_presets import VMOE_CHECKPOINT_PRESETS
+from keras_vmoe.models.vmoe.vmoe_presets import VMoECheckpointPreset  # noqa: F401 (as before)
+from keras_vmoe.models.vmoe.vmoe_presets import vmoe_paper_model_config  # noqa: F401 (as before)
+
 VMOE_BUCKET_URL = "https://storage.googleapis.com/vmoe_checkpoints"
-
-
-class PresetError(ValueError):
-    """A preset name is unknown or its weights cannot be fetched."""
-
-
-@dataclasses.dataclass(frozen=True)
-class VMoECheckpointPreset:
-    """A released vmoe checkpoint and the vmoe model config that reads it.
-
-    `model_config` is the `config.model` dict of vmoe's own config for the
-    checkpoint; `image_size` the resolution it was trained or fine-tuned at.
-    """
-
-    name: str
-    description: str
-    model_config: dict
-    image_size: int
-    params: int
-
-    @property
-    def source(self):
-        return f"{VMOE_BUCKET}/{self.name}"
-
-
-def vmoe_paper_model_config(
-    variant, patch_size, num_experts, num_selected_experts, moe_layers,
-    num_classes, representation_size, capacity_factor,
-):
-    """vmoe's `configs/vmoe_paper/common.get_vmoe_config`, as a plain dict.
-
-    One difference, for presets: `group_size` is None (each image is routed
-    on its own), so that any batch size can be classified. vmoe routes groups
-    of 8 images; with an evaluation capacity that drops no token (the S/32
-    ILSVRC-2012 presets) both give the same outputs.
-    """
-    num_layers, hidden_size, mlp_dim, num_heads = {
-        "S": (8, 512, 2048, 8), "B": (12, 768, 3072, 12),
-    }[variant]
-    router = dict(
-        num_selected_experts=num_selected_experts,
-        noise_std=1.0,
-        importance_loss_weight=0.005,
-        load_loss_weight=0.005,
-        dispatcher=dict(
-            name="einsum", bfloat16=True, capacity_factor=capacity_factor,
-            batch_priority=False,
-        ),
-    )
-    return dict(
-        name="VisionTransformerMoe",
-        num_classes=num_classes,
-        patch_size=(patch_size, patch_size),
-        hidden_size=hidden_size,
-        classifier="token",
-        representation_size=representation_size,
-        encoder=dict(
-            num_layers=num_layers, mlp_dim=mlp_dim, num_heads=num_heads,
-            moe=dict(layers=tuple(moe_layers), num_experts=num_experts, group_size=None,
-                     router=router),
-        ),
-    )
-
-
-# The checkpoints vmoe's README lists. Capacity factors are the ones vmoe
-# evaluates these models with (4.0 for the S/32 pre-training runs, an
-# evaluation override in their config; the fine-tuning configs' 1.5).
-_S32_LAST2 = dict(variant="S", patch_size=32, num_experts=8, num_selected_experts=2,
-                  moe_layers=(5, 7))
-_B16_EVERY2 = dict(variant="B", patch_size=16, num_experts=8, num_selected_experts=2,
-                   moe_layers=(1, 3, 5, 7, 9, 11))
-VMOE_CHECKPOINT_PRESETS = {
-    preset.name: preset
-    for preset in (
-        VMoECheckpointPreset(
-            "vmoe_s32_last2_ilsvrc2012_randaug_light1",
-            "V-MoE S/32, 8 experts on the last two odd blocks, K=2, trained on ILSVRC-2012 "
-            "for 300 epochs (RandAugment light1); 224x224, 1000 classes.",
-            vmoe_paper_model_config(**_S32_LAST2, num_classes=1000,
-                                    representation_size=512, capacity_factor=4.0),
-            224, 56_999_400,
-        ),
-        VMoECheckpointPreset(
-            "vmoe_s32_last2_ilsvrc2012_randaug_light1_ft_ilsvrc2012",
-            "vmoe_s32_last2_ilsvrc2012_randaug_light1 fine-tuned on ILSVRC-2012 at 384x384.",
-            vmoe_paper_model_config(**_S32_LAST2, num_classes=1000,
-                                    representation_size=None, capacity_factor=1.5),
-            384, 56_785_384,
-        ),
-        VMoECheckpointPreset(
-            "vmoe_s32_last2_ilsvrc2012_randaug_medium",
-            "V-MoE S/32, 8 experts on the last two odd blocks, K=2, trained on ILSVRC-2012 "
-            "for 1000 epochs (RandAugment medium); 224x224, 1000 classes.",
-            vmoe_paper_model_config(**_S32_LAST2, num_classes=1000,
-                                    representation_size=512, capacity_factor=4.0),
-            224, 56_999_400,
-        ),
-        VMoECheckpointPreset(
-            "vmoe_b16_imagenet21k_randaug_strong",
-            "V-MoE B/16, 8 experts on every odd block, K=2, trained on ImageNet-21k "
-            "(RandAugment strong); 224x224, 21843 classes.",
-            vmoe_paper_model_config(**_B16_EVERY2, num_classes=21843,
-                                    representation_size=None, capacity_factor=1.05),
-            224, 300_974_931,
-        ),
-        VMoECheckpointPreset(
-            "vmoe_b16_imagenet21k_randaug_strong_ft_ilsvrc2012",
-            "vmoe_b16_imagenet21k_randaug_strong fine-tuned on ILSVRC-2012 at 384x384.",
-            vmoe_paper_model_config(**_B16_EVERY2, num_classes=1000,
-                                    representation_size=None, capacity_factor=1.5),
-            384, 285_238_504,
-        ),
-    )
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,10 +118,6 @@ BUNDLED_PRESETS = _find_bundled_presets()
 
 def register_bundled_presets():
     """Makes the bundled names known to keras-hub's own `from_preset` loaders."""
-    from keras_vmoe.models.limoe.limoe_backbone import LIMoEBackbone
-    from keras_vmoe.models.soft_moe.soft_moe_backbone import SoftMoEBackbone
-    from keras_vmoe.models.vmoe.vmoe_backbone import VMoEBackbone
-
     backbones = {cls.__name__: cls for cls in (VMoEBackbone, SoftMoEBackbone, LIMoEBackbone)}
     for preset in BUNDLED_PRESETS.values():
         register_presets(
@@ -242,8 +138,6 @@ def register_bundled_presets():
 def register_vmoe_checkpoint_preset(preset):
     """Adds a `VMoECheckpointPreset` to the built-in names (e.g. your own
     checkpoints on a mirror)."""
-    from keras_vmoe.models.vmoe.vmoe_backbone import VMoEBackbone
-
     VMOE_CHECKPOINT_PRESETS[preset.name] = preset
     register_presets(
         {
@@ -346,8 +240,6 @@ def _download(preset, filename, folder):
 
 def _download_checkpoint(preset, folder):
     """Downloads `<name>.index`, then the data files it names; returns the prefix."""
-    from keras_vmoe.convert.vmoe_checkpoint_reader import checkpoint_data_files
-
     folder.mkdir(parents=True, exist_ok=True)
     prefix = folder / preset.name
     _download(preset, f"{preset.name}.index", folder)
@@ -358,10 +250,6 @@ def _download_checkpoint(preset, folder):
 
 def _convert_vmoe_checkpoint(preset):
     """Downloads, converts and caches a released checkpoint as a keras-hub preset."""
-    from keras_vmoe.convert import load_vmoe_checkpoint
-    from keras_vmoe.models import VMoEImageClassifierPreprocessor
-    from keras_vmoe.models import VMoEImageConverter
-
     target = cache_folder(preset.name)
     downloads = home() / "downloads" / preset.name
     prefix = _download_checkpoint(preset, downloads)
@@ -415,32 +303,9 @@ def resolve_preset(preset):
     )
 
 
-def _unreadable_weight_files(folder):
-    import h5py
-
-    unreadable = []
-    for path in sorted(pathlib.Path(folder).glob("*.weights.h5")):
-        try:
-            h5py.File(path, "r").close()
-        except OSError as error:
-            unreadable.append(f"{path} ({error})")
-    return unreadable
-
-
-class BuiltinPresetMixin:
-    """Lets `from_preset` take the built-in names of `keras_vmoe.presets`, and
-    names the file when a local preset's weights are truncated or corrupt."""
-
-    @classmethod
-    def from_preset(cls, preset, *args, **kwargs):
-        path = resolve_preset(preset)
-        try:
-            return super().from_preset(path, *args, **kwargs)
-        except OSError as error:
-            unreadable = _unreadable_weight_files(path) if os.path.isdir(str(path)) else []
-            if not unreadable:
-                raise
-            raise PresetError(
-                f"Preset {preset!r}: unreadable weights file (truncated or corrupt): "
-                f"{'; '.join(unreadable)}. Save or download the preset again."
-            ) from error
+# Registered once, when keras_vmoe imports this module: keras-hub's loaders
+# and our `from_preset` then know every built-in name.
+register_bundled_presets()
+for _preset in list(VMOE_CHECKPOINT_PRESETS.values()):
+    register_vmoe_checkpoint_preset(_preset)
+set_preset_resolver(resolve_preset)

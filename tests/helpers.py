@@ -30,6 +30,31 @@ def to_numpy(x):
     return np.asarray(keras.ops.convert_to_numpy(x))
 
 
+FLOAT32_EPS = float(np.finfo(np.float32).eps)
+
+
+def f32_atol(reference, ulps=256):
+    """An absolute tolerance of `ulps` float32 ulps of the reference's scale.
+
+    For outputs computed by two different programs (another backend, an
+    exported graph, a sharded or compiled step, another CPU's kernels): their
+    float32 sums run in other orders, a few to tens of ulps apart after a
+    deep network. 256 ulps (3e-5 relative) covers that with room, and stays
+    far below the error of any wrong weight or op.
+    """
+    return ulps * FLOAT32_EPS * max(1.0, float(np.max(np.abs(reference))))
+
+
+def decision_margin(gates, k=1):
+    """The smallest gap, over tokens, between a token's k-th and (k+1)-th
+    largest gate (G, S, E): a last-bit difference flips a routing decision only
+    where this is about as small as float32 noise."""
+    ordered = -np.sort(-np.asarray(gates, np.float64), axis=-1)
+    if ordered.shape[-1] <= k:
+        return np.inf
+    return float(np.min(ordered[..., k - 1] - ordered[..., k]))
+
+
 def backend():
     return keras.backend.backend()
 

@@ -27,7 +27,7 @@ import re
 
 import numpy as np
 
-from keras_vmoe.convert.vmoe_checkpoint_reader import CheckpointError
+from keras_vmoe.errors import CheckpointError
 
 _LAYER = re.compile(r"(?:^|\.)encoder\.layer\.(\d+)\.")
 

@@ -19,7 +19,7 @@ layers of copied experts.
 import keras
 import numpy as np
 
-from keras_vmoe.convert.vmoe_checkpoint_reader import CheckpointError
+from keras_vmoe.errors import CheckpointError
 
 
 def _vit_pairs(vit, tower, projection):

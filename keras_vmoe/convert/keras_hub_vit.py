@@ -8,7 +8,7 @@ final LayerNorm, so the result has `pooling=None` unless you ask otherwise.
 
 import keras
 
-from keras_vmoe.convert.vmoe_checkpoint_reader import CheckpointError
+from keras_vmoe.errors import CheckpointError
 
 
 def keras_hub_vit_name_table(backbone):

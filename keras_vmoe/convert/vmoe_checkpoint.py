@@ -13,7 +13,7 @@ import math
 import keras
 import numpy as np
 
-from keras_vmoe.convert.vmoe_checkpoint_reader import CheckpointError
+from keras_vmoe.errors import CheckpointError
 from keras_vmoe.convert.vmoe_checkpoint_reader import read_vmoe_checkpoint
 
 TOKEN_CHOICE_ROUTERS = ("NoisyTopExpertsPerItemRouter",)

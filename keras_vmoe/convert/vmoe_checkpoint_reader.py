@@ -19,13 +19,11 @@ import ml_dtypes
 import msgpack
 import numpy as np
 
+from keras_vmoe.errors import CheckpointError  # noqa: F401 (also importable from here, as before)
+
 _ARRAY_CHUNKS_MAGIC_KEY = "__msgpack_array_chunk_a87ca2__"
 # vmoe's `_MsgpackExtType` codes.
 _NDARRAY, _NPSCALAR, _SHAPED_ARRAY, _SLICE, _SLICE_ND, _INDEX_INFO = 1, 3, 4, 5, 6, 8
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, truncated, corrupt or does not fit."""
 
 
 def _dtype(name):

@@ -30,6 +30,3 @@ from keras_vmoe.models.vmoe import VMoEBackbone
 from keras_vmoe.models.vmoe import VMoEImageClassifier
 from keras_vmoe.models.vmoe import VMoEImageClassifierPreprocessor
 from keras_vmoe.models.vmoe import VMoEImageConverter
-from keras_vmoe.presets import register_bundled_presets
-
-register_bundled_presets()

@@ -6,7 +6,7 @@ from keras_hub.models import Task
 
 from keras_vmoe.models.router_metrics import RouterMetricsMixin
 from keras_vmoe.export import ExportMixin
-from keras_vmoe.presets import BuiltinPresetMixin
+from keras_vmoe.models.preset_mixin import BuiltinPresetMixin
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")

@@ -21,7 +21,7 @@ from keras_vmoe.layers.mlp import Mlp
 from keras_vmoe.layers.moe import MoELayer
 from keras_vmoe.layers.patch_merger import PatchMerger
 from keras_vmoe.export import ExportMixin
-from keras_vmoe.presets import BuiltinPresetMixin
+from keras_vmoe.models.preset_mixin import BuiltinPresetMixin
 from keras_vmoe.validation import as_pair
 from keras_vmoe.validation import check_choice
 from keras_vmoe.validation import check_float

@@ -12,6 +12,7 @@ from keras_vmoe.layers.moe import SparseMoE
 from keras_vmoe.models import PaliGemmaMoEBackbone
 from keras_vmoe.models import PaliGemmaMoECausalLM
 from keras_vmoe.models import VMoEBackbone
+from tests.helpers import f32_atol
 from tests.helpers import to_numpy
 from tests.models.pali_gemma_moe.tiny_pali_gemma import random_uint8_images
 from tests.models.pali_gemma_moe.tiny_pali_gemma import sentencepiece_proto
@@ -73,7 +74,7 @@ def test_converted_preset_gives_keras_hub_logits_and_greedy_tokens(keras_hub_and
     for expected, actual in zip((x, y, sample_weight), ours):
         for key in expected if isinstance(expected, dict) else [None]:
             e, a = (expected[key], actual[key]) if key else (expected, actual)
-            np.testing.assert_allclose(to_numpy(a), to_numpy(e), atol=1e-7, err_msg=str(key))
+            np.testing.assert_allclose(to_numpy(a), to_numpy(e), atol=1e-6, err_msg=str(key))
     # The image tokens at the decoder width, then the text logits.
     np.testing.assert_allclose(
         to_numpy(converted.backbone.embed_images(x["images"])),
@@ -107,7 +108,8 @@ def test_upcycled_tower_with_all_experts_computes_the_dense_vlm(keras_hub_and_co
     tower = moe.backbone.image_encoder
     assert isinstance(tower, VMoEBackbone) and tower.moe_layers == (0, 1)
     assert all(isinstance(block, SparseMoE) for block in tower.moe_blocks)
-    np.testing.assert_allclose(to_numpy(moe(x)), to_numpy(dense(x)), atol=1e-5, rtol=0)
+    expected = to_numpy(dense(x))
+    np.testing.assert_allclose(to_numpy(moe(x)), expected, atol=f32_atol(expected), rtol=0)
     # The decoder is a copy, not the same variables.
     ours, theirs = moe.backbone.token_embedding.embeddings, dense.backbone.token_embedding.embeddings
     assert ours is not theirs

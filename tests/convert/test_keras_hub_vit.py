@@ -32,7 +32,9 @@ def test_dense_backbone_matches_keras_hub_vit(use_class_token):
     expected = to_numpy(vit(images))
     got = to_numpy(ours(images))
     assert got.shape == expected.shape
-    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+    # Two implementations (keras-hub's MultiHeadAttention, our einsums): 1e-5
+    # of the tokens' scale.
+    np.testing.assert_allclose(got, expected, atol=1e-5 * max(1.0, np.abs(expected).max()), rtol=0)
 
 
 def test_rejects_non_vit():

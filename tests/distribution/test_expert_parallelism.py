@@ -14,6 +14,8 @@ import sys
 import keras
 import pytest
 
+from tests.helpers import f32_atol
+
 from tests.helpers import ROOT
 
 pytestmark = pytest.mark.skipif(
@@ -67,8 +69,8 @@ def test_vmoe_e8_on_a_2x4_mesh_matches_one_device(results):
     # E / 4 = 2 experts of every bank on each of the 8 devices.
     assert_banks_split(vmoe["shards"], num_experts=8, expert_shards=4)
     # predict (a batch of 8 through the exchange, a last batch of 4 without).
-    assert vmoe["logits_max_difference"] <= 1e-5, vmoe
-    assert vmoe["evaluate_difference"] <= 1e-5, vmoe
+    assert vmoe["logits_max_difference"] <= f32_atol(vmoe["logits_scale"]), vmoe
+    assert vmoe["evaluate_difference"] <= f32_atol(3.0), vmoe  # Losses about 2.5.
     # Five fit steps, routing noise on, the same losses.
     assert len(vmoe["single_losses"]) == len(vmoe["distributed_losses"]) == 5
     assert vmoe["losses_max_difference"] <= 1e-4, vmoe
@@ -95,14 +97,14 @@ def test_dispatch_and_combine_are_all_to_alls_and_no_expert_weight_is_gathered(r
 def test_vmoe_layout_on_one_axis_needs_no_all_gather(results):
     one_axis = check(results, "one_axis")
     assert_banks_split(one_axis["shards"], num_experts=8, expert_shards=8)
-    assert one_axis["logits_max_difference"] <= 1e-5
+    assert one_axis["logits_max_difference"] <= f32_atol(one_axis["logits_scale"])
     assert one_axis["predict_step_counts"]["all-to-all"] == 2
     assert one_axis["predict_step_counts"]["all-gather"] == 0
 
 
 def test_model_axis_shards_attention_and_dense_mlps(results):
     model_axis = check(results, "model_axis")
-    assert model_axis["logits_max_difference"] <= 1e-5
+    assert model_axis["logits_max_difference"] <= f32_atol(model_axis["logits_scale"])
     # query (D=32, heads=4, 8) over 4 devices: one head each; dense_0 (32, 48): 12 units each.
     assert model_axis["query_kernel_shards"] == [[32, 1, 8]]
     assert model_axis["dense_0_kernel_shards"] == [[32, 12]]
@@ -111,17 +113,18 @@ def test_model_axis_shards_attention_and_dense_mlps(results):
 def test_soft_moe_and_expert_choice_match_one_device(results):
     soft = check(results, "soft_moe")
     assert_banks_split(soft["shards"], num_experts=8, expert_shards=4)
-    assert soft["logits_max_difference"] <= 1e-5
+    assert soft["logits_max_difference"] <= f32_atol(soft["logits_scale"])
     assert soft["losses_max_difference"] <= 1e-4
     assert soft["predict_step_counts"]["all-to-all"] == 2
-    assert check(results, "expert_choice")["logits_max_difference"] <= 1e-5
+    expert_choice = check(results, "expert_choice")
+    assert expert_choice["logits_max_difference"] <= f32_atol(expert_choice["logits_scale"])
 
 
 @pytest.mark.parametrize("name", ["from_preset", "vmoe_checkpoint"])
 def test_models_loaded_inside_the_scope_match_one_device(results, name):
     loaded = check(results, name)
     assert_banks_split(loaded["shards"], num_experts=8, expert_shards=4)
-    assert loaded["logits_max_difference"] <= 1e-5 * max(1.0, loaded["logits_scale"])
+    assert loaded["logits_max_difference"] <= f32_atol(loaded["logits_scale"])
 
 
 def test_clear_errors(results):

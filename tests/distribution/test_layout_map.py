@@ -18,6 +18,7 @@ from keras_vmoe.layers.routing import TokenChoiceRouter
 from keras_vmoe.models import VMoEBackbone
 from tests.helpers import backend
 from tests.helpers import tiny_vit_arguments
+from tests.helpers import f32_atol
 from tests.helpers import to_numpy
 
 jax_only = pytest.mark.skipif(backend() != "jax", reason="keras.distribution shards only on JAX")
@@ -119,6 +120,7 @@ def test_layers_through_the_exchange_equal_the_single_device_path(layer_class):
     with distribution.scope():
         assert keras_vmoe.distribution.ExpertExchange.for_layer(layer, 4) is not None
         got = jax.jit(jax.value_and_grad(loss, has_aux=True))(values, inputs)
-    np.testing.assert_allclose(got[0][1], expected[0][1], rtol=1e-5, atol=1e-6)
+    # Another program (sharded dots, other shapes): float32 noise of each array's scale.
+    np.testing.assert_allclose(got[0][1], expected[0][1], rtol=0, atol=f32_atol(expected[0][1]))
     for g, e in zip(got[1], expected[1]):
-        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(g, e, rtol=0, atol=f32_atol(e))

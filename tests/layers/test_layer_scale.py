@@ -15,6 +15,7 @@ from keras_vmoe.models import router_inputs
 from tests.helpers import backend
 from tests.helpers import random_images
 from tests.helpers import tiny_vit_arguments
+from tests.helpers import f32_atol
 from tests.helpers import to_numpy
 
 DIM = 32
@@ -171,7 +172,8 @@ def test_upcycling_copies_the_scales(upcycled):
     # compiles the MoE model once, where JAX's eager ops would each compile.)
     images = random_images(2)
     expected = to_numpy(dense(images))
-    np.testing.assert_allclose(moe.predict(images, verbose=0), expected, atol=1e-5, rtol=0)
+    # Compiled predict against the eager dense model: float32 noise of the output's scale.
+    np.testing.assert_allclose(moe.predict(images, verbose=0), expected, atol=f32_atol(expected), rtol=0)
 
 
 def test_running_the_upcycled_model_leaves_the_dense_one_intact(upcycled):

@@ -26,7 +26,7 @@ def entropy(p):
 
 def test_local_entropy_is_the_mean_token_entropy_of_the_modality():
     expected = (entropy([0.5, 0.5]) + entropy([1.0, 0.0]) + entropy([0.2, 0.8])) / 3
-    assert float(to_numpy(local_entropy_loss(GATES, IMAGE_MASK))) == pytest.approx(expected, rel=1e-6)
+    assert float(to_numpy(local_entropy_loss(GATES, IMAGE_MASK))) == pytest.approx(expected, rel=1e-5)
 
 
 def test_global_entropy_is_thresholded_entropy_of_the_mean_routing():
@@ -56,8 +56,12 @@ def test_padding_is_not_routed_and_leaves_the_losses_alone():
         assert not np.isin(to_numpy(plan.dispatch_index), [6, 7]).any()
         # The losses equal those of the real tokens routed alone.
         _, alone = router(tokens[:, :6])
-        np.testing.assert_allclose(to_numpy(metrics["importance_loss"]), to_numpy(alone["importance_loss"]), rtol=1e-5)
-        np.testing.assert_allclose(to_numpy(metrics["gshard_loss"]), to_numpy(alone["gshard_loss"]), rtol=1e-5)
+        # Other matmul shapes: last-bit gate differences, which the squared
+        # coefficient of variation can magnify where a group is balanced.
+        np.testing.assert_allclose(to_numpy(metrics["importance_loss"]), to_numpy(alone["importance_loss"]),
+                                   rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(to_numpy(metrics["gshard_loss"]), to_numpy(alone["gshard_loss"]),
+                                   rtol=1e-5, atol=1e-7)
 
 
 def test_multimodal_router_adds_weighted_entropy_losses_and_trains_the_router():
@@ -71,7 +75,7 @@ def test_multimodal_router_adds_weighted_entropy_losses_and_trains_the_router():
     gates = to_numpy(ops.softmax(router.gate_logits(tokens), axis=-1))
     image = modalities == 0
     assert to_numpy(metrics["image_local_entropy"])[0] == pytest.approx(
-        float(to_numpy(local_entropy_loss(gates, image))), rel=1e-6)
+        float(to_numpy(local_entropy_loss(gates, image))), rel=1e-5)
     plain = TokenChoiceRouter(4, batch_priority=True, noise_std=0.0)
     plain.build(tokens.shape)
     plain.kernel.assign(router.kernel)

@@ -48,12 +48,13 @@ def build(name, dim=6, num_experts=4, seed=0, scale=3.0, **options):
     return router
 
 
-def call(router, tokens, token_mask=None):
-    """(plan, metrics) as numpy; JAX compiles once per router config and shape."""
+def call(router, tokens, token_mask=None, compiled=True):
+    """(plan, metrics) as numpy; JAX compiles once per router config and shape
+    (eagerly with `compiled=False`)."""
     def run(trainable, non_trainable, x, mask, _router=router):
         return _router.stateless_call(trainable, non_trainable, x, training=False, token_mask=mask)[0]
 
-    if backend() == "jax":
+    if backend() == "jax" and compiled:
         import jax
 
         key = (type(router), repr(sorted(router.get_config().items())), tokens.shape, token_mask is None)
@@ -125,7 +126,9 @@ def test_sinkhorn_plan_marginals(seed):
         plan = to_numpy(sinkhorn_plan(logits.astype("float32"), iterations, mask)).astype(np.float64)
         rows = plan.sum(axis=2)
         # The last update is u: every real token's row sums to 1; padding's to 0.
-        np.testing.assert_allclose(rows[mask], 1.0, rtol=2e-6)
+        # exp of arguments up to ~20 (log u + log v + logits): a few ulps each,
+        # exp implemented differently by XLA, Eigen, Sleef and per CPU.
+        np.testing.assert_allclose(rows[mask], 1.0, rtol=1e-5)
         np.testing.assert_array_equal(rows[~mask], 0.0)
         columns = plan.sum(axis=1) / (mask.sum(axis=1, keepdims=True) / 8)
         if column_tolerance is not None:  # Converged: every expert holds (real tokens) / E.
@@ -191,7 +194,11 @@ def test_every_router_keeps_capacity_and_padding(name, group_size, capacity_fact
     if padding:
         token_mask = rng.rand(2, group_size) > 0.3
         token_mask[:, 0] = True
-    plan, metrics = call(router, tokens, token_mask)
+    # The semi-dual routers' Adam steps can turn last-bit differences between
+    # a compiled and an eager run into visible ones: their plan is checked
+    # against scores from the same (eager) computation.
+    semi_dual = name in ("sparse_token_choice", "sparse_expert_choice")
+    plan, metrics = call(router, tokens, token_mask, compiled=not semi_dual)
     capacity = router.capacity(group_size)
     check_plan(plan, capacity, token_mask)
     for value in metrics.values():
@@ -260,7 +267,7 @@ def test_sparse_plans_are_sparse_and_meet_their_marginals(seed, capacity_factor)
     plan, _ = scores_of(router, tokens)
     assert ((plan > 0).sum(axis=1) <= capacity).all()
     np.testing.assert_allclose(plan.sum(axis=1), 24 / 4, rtol=1e-5)
-    _, metrics = call(router, tokens)
+    _, metrics = call(router, tokens, compiled=False)  # Counted on the same computation.
     np.testing.assert_array_equal(metrics["plan_nonzeros_per_expert_max"], (plan > 0).sum(axis=1).max(axis=1))
     # The dense projection: the same columns, no sparsity bound.
     dense, _ = scores_of(build("sparse_expert_choice", seed=seed, projection="dense"), tokens)
@@ -270,7 +277,7 @@ def test_sparse_plans_are_sparse_and_meet_their_marginals(seed, capacity_factor)
     plan, _ = scores_of(router, tokens)
     assert ((plan > 0).sum(axis=2) <= 2).all()
     np.testing.assert_allclose(plan.sum(axis=2), 1.0, rtol=1e-5)
-    _, metrics = call(router, tokens)
+    _, metrics = call(router, tokens, compiled=False)
     np.testing.assert_allclose(metrics["plan_nonzeros_per_token_avg"], (plan > 0).sum(axis=2).mean(axis=1))
 
 

@@ -91,7 +91,7 @@ def test_images_are_merged_independently():
     merger = built_merger()
     tokens = random_tokens(batch=3)
     alone = to_numpy(merger(tokens[1:2]))
-    np.testing.assert_allclose(to_numpy(merger(tokens))[1:2], alone, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(to_numpy(merger(tokens))[1:2], alone, rtol=1e-5, atol=1e-5)
 
 
 def test_prefix_tokens_pass_through_unmerged():
@@ -152,7 +152,7 @@ def test_mixed_bfloat16_merges_with_float32_weights():
     assert keras.backend.standardize_dtype(merger.kernel.dtype) == "float32"
     weights = merger.merge_weights(tokens)
     assert keras.backend.standardize_dtype(weights.dtype) == "float32"
-    np.testing.assert_allclose(to_numpy(weights).sum(-1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(to_numpy(weights).astype(np.float64).sum(-1), 1.0, atol=1e-6)
     reference = PatchMerger(4)
     reference.build((None, 16, 8))
     reference.set_weights(merger.get_weights())

@@ -175,7 +175,9 @@ def test_total_agrees_with_xla_cost_analysis(model):
     # the dense total) or a block's MLP (29%) would leave that window.
     backbone = model()
     images = np.zeros((2, 32, 32, 3), "float32")
-    analysis = jax.jit(lambda x: backbone(x)).lower(images).compile().cost_analysis()
+    # The lowered program's count: the compiled one depends on the CPU target
+    # (a dot rewritten into a library call would drop out of it).
+    analysis = jax.jit(lambda x: backbone(x)).lower(images).cost_analysis()
     if isinstance(analysis, (list, tuple)):  # Older jax: one dict per device.
         analysis = analysis[0]
     xla_per_image = analysis["flops"] / len(images)

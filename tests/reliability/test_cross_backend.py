@@ -17,8 +17,11 @@ from keras_vmoe.models import SoftMoEBackbone
 from keras_vmoe.models import SoftMoEImageClassifier
 from keras_vmoe.models import VMoEBackbone
 from keras_vmoe.models import VMoEImageClassifier
+from keras_vmoe.models import router_inputs
 from tests.helpers import ROOT
 from tests.helpers import backend
+from tests.helpers import decision_margin
+from tests.helpers import f32_atol
 from tests.helpers import random_images
 from tests.helpers import routing_decisions
 from tests.helpers import tiny_vit_arguments
@@ -61,6 +64,18 @@ def test_same_logits_and_routing_on_every_backend(tmp_path, family):
     images = random_images(8, seed=3)
     logits = to_numpy(model(images, training=False))
     decisions = routing_decisions(model.backbone, images)
+    # Routing tables compare exactly only if no decision sits within float32
+    # noise (~1e-7 between backends) of flipping: every gap that orders them
+    # (top-1 / top-2 gates, BPR's order, expert-choice columns) is >= 1e-5.
+    for index, tokens in router_inputs(model.backbone, images).items():
+        router = model.backbone.get_layer(f"encoder_block_{index}").mlp.router
+        if hasattr(router, "kernel"):
+            gates = to_numpy(keras.ops.softmax(router.gate_logits(tokens), axis=-1)).astype(np.float64)
+            gaps = [decision_margin(gates, k) for k in range(1, gates.shape[-1])]
+            top1 = np.sort(gates.max(-1), axis=-1)
+            columns = np.sort(gates, axis=1)
+            gaps += [np.diff(top1, axis=-1).min(), np.diff(columns, axis=1).min()]
+            assert min(gaps) >= 1e-5, (family, index, min(gaps))
     model.save_to_preset(str(tmp_path / "preset"))
     np.savez(tmp_path / "images.npz", images=images)
     script = tmp_path / "load.py"
@@ -74,7 +89,7 @@ def test_same_logits_and_routing_on_every_backend(tmp_path, family):
         )
         assert result.returncode == 0, result.stderr[-3000:]
         theirs = np.load(out)
-        assert np.abs(theirs["logits"] - logits).max() <= 1e-5, (other, family)
+        assert np.abs(theirs["logits"] - logits).max() <= f32_atol(logits), (other, family)
         assert sorted(theirs.files) == sorted(["logits"] + [f"block_{i}" for i in decisions])
         for index, decision in decisions.items():
             if decision.dtype.kind == "i":  # which token sits in which expert slot

@@ -16,7 +16,7 @@ from keras_vmoe.layers.multimodal_routing import MultimodalTokenChoiceRouter
 from keras_vmoe.models.vision_transformer import check_image_and_patch_size
 from keras_vmoe.models.vision_transformer import check_moe_layers
 from keras_vmoe.export import ExportMixin
-from keras_vmoe.presets import BuiltinPresetMixin
+from keras_vmoe.models.preset_mixin import BuiltinPresetMixin
 from keras_vmoe.validation import check_choice
 from keras_vmoe.validation import check_int
 

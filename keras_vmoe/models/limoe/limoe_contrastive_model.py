@@ -12,7 +12,7 @@ from keras_vmoe.models.limoe.limoe_backbone import LIMoEBackbone
 from keras_vmoe.models.limoe.limoe_preprocessor import LIMoEPreprocessor
 from keras_vmoe.models.router_metrics import RouterMetricsMixin
 from keras_vmoe.export import ExportMixin
-from keras_vmoe.presets import BuiltinPresetMixin
+from keras_vmoe.models.preset_mixin import BuiltinPresetMixin
 from keras_vmoe.validation import check_choice
 
 

@@ -2,7 +2,7 @@ import keras
 from keras_hub.layers import ImageConverter
 
 from keras_vmoe.models.limoe.limoe_backbone import LIMoEBackbone
-from keras_vmoe.presets import BuiltinPresetMixin
+from keras_vmoe.models.preset_mixin import BuiltinPresetMixin
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")

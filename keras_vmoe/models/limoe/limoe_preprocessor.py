@@ -3,12 +3,12 @@
 import keras
 from keras_hub.layers import StartEndPacker
 from keras_hub.models import Preprocessor
-from keras_hub.src.utils.tensor_utils import preprocessing_function
+from keras_vmoe.keras_hub_internals import preprocessing_function
 
 from keras_vmoe.models.limoe.limoe_backbone import LIMoEBackbone
 from keras_vmoe.models.limoe.limoe_image_converter import LIMoEImageConverter
 from keras_vmoe.models.limoe.limoe_tokenizer import LIMoETokenizer
-from keras_vmoe.presets import BuiltinPresetMixin
+from keras_vmoe.models.preset_mixin import BuiltinPresetMixin
 
 
 def _require(condition, message):

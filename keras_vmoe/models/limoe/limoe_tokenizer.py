@@ -5,7 +5,7 @@ from keras_hub.tokenizers import SentencePieceTokenizer
 
 from keras_vmoe.models.limoe.limoe_backbone import LIMoEBackbone
 from keras_vmoe.models.sentencepiece_vocabulary import train_sentencepiece
-from keras_vmoe.presets import BuiltinPresetMixin
+from keras_vmoe.models.preset_mixin import BuiltinPresetMixin
 
 PAD, UNKNOWN, START, END = "<pad>", "<unk>", "<s>", "</s>"
 

@@ -9,7 +9,7 @@ from keras_vmoe.models.limoe.limoe_backbone import LIMoEBackbone
 from keras_vmoe.models.limoe.limoe_backbone import l2_normalize
 from keras_vmoe.models.limoe.limoe_preprocessor import LIMoEPreprocessor
 from keras_vmoe.export import ExportMixin
-from keras_vmoe.presets import BuiltinPresetMixin
+from keras_vmoe.models.preset_mixin import BuiltinPresetMixin
 
 # Templates in the style of CLIP's ImageNet prompts.
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a picture of the {}.", "an image of a {}.")

@@ -20,12 +20,12 @@ import keras
 from keras import ops
 from keras.layers import ReversibleEmbedding
 from keras_hub.models import Backbone
-from keras_hub.src.models.gemma.rms_normalization import RMSNormalization
-from keras_hub.src.models.pali_gemma.pali_gemma_decoder_block import PaliGemmaDecoderBlock
+from keras_vmoe.keras_hub_internals import PaliGemmaDecoderBlock
+from keras_vmoe.keras_hub_internals import RMSNormalization
 
 from keras_vmoe.models.vision_transformer import VisionTransformerBackbone
 from keras_vmoe.export import ExportMixin
-from keras_vmoe.presets import BuiltinPresetMixin
+from keras_vmoe.models.preset_mixin import BuiltinPresetMixin
 from keras_vmoe.validation import check_float
 from keras_vmoe.validation import check_int
 

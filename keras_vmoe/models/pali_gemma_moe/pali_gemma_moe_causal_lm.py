@@ -7,7 +7,7 @@ from keras_vmoe.models.pali_gemma_moe.pali_gemma_moe_causal_lm_preprocessor impo
 )
 from keras_vmoe.models.router_metrics import RouterMetricsMixin
 from keras_vmoe.export import ExportMixin
-from keras_vmoe.presets import BuiltinPresetMixin
+from keras_vmoe.models.preset_mixin import BuiltinPresetMixin
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")

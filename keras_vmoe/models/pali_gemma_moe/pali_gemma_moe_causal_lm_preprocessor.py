@@ -3,15 +3,15 @@ with the checks a user needs on bad input."""
 
 import keras
 from keras_hub.models import PaliGemmaCausalLMPreprocessor
-from keras_hub.src.utils.tensor_utils import convert_to_numpy
-from keras_hub.src.utils.tensor_utils import in_tf_function
+from keras_vmoe.keras_hub_internals import convert_to_numpy
+from keras_vmoe.keras_hub_internals import in_tf_function
 
 from keras_vmoe.models.pali_gemma_moe.pali_gemma_moe_backbone import PaliGemmaMoEBackbone
 from keras_vmoe.models.pali_gemma_moe.pali_gemma_moe_image_converter import (
     PaliGemmaMoEImageConverter,
 )
 from keras_vmoe.models.pali_gemma_moe.pali_gemma_moe_tokenizer import PaliGemmaMoETokenizer
-from keras_vmoe.presets import BuiltinPresetMixin
+from keras_vmoe.models.preset_mixin import BuiltinPresetMixin
 
 
 def _num_examples(value, unbatched_rank):

@@ -3,7 +3,7 @@ from keras_hub.models import PaliGemmaTokenizer
 
 from keras_vmoe.models.pali_gemma_moe.pali_gemma_moe_backbone import PaliGemmaMoEBackbone
 from keras_vmoe.models.sentencepiece_vocabulary import train_sentencepiece
-from keras_vmoe.presets import BuiltinPresetMixin
+from keras_vmoe.models.preset_mixin import BuiltinPresetMixin
 
 
 def train_pali_gemma_moe_vocabulary(texts, vocabulary_size):
