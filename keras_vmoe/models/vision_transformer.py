@@ -1,9 +1,12 @@
 """The one Vision Transformer backbone every family configures.
 
 `VisionTransformerBackbone` builds the functional graph of vmoe's
-`VisionTransformerMoe`; a family (V-MoE, Soft MoE) only says which MLP layer
-goes into the blocks listed in `moe_layers`. Any of them can merge its tokens
-with a `PatchMerger` between two blocks (`patch_merger=`).
+`VisionTransformerMoe`; a family (V-MoE, Soft MoE) only says which MoE layer
+goes into the blocks listed in `moe_layers` (`moe_factory`), and which named
+architectures it knows (`architecture_config`, `architectures`). The blocks
+themselves come from one place, `encoder_blocks`, which LIMoE's shared
+image-text stack uses too. Any backbone can merge its tokens with a
+`PatchMerger` between two blocks (`patch_merger=`).
 """
 
 import keras
@@ -26,6 +29,39 @@ from keras_vmoe.validation import as_pair
 from keras_vmoe.validation import check_choice
 from keras_vmoe.validation import check_float
 from keras_vmoe.validation import check_int
+
+
+def moe_factory(layer_class, num_experts, mlp_dim, **arguments):
+    """`make(index) -> a new MoE layer` for the blocks in `moe_layers`.
+
+    One layer is built at once, so that bad arguments fail before anything
+    else is; every block gets its own layer (named `"moe"`) of the same config.
+    """
+    layer_class(num_experts, mlp_dim, name="moe", **arguments)
+    return lambda index: layer_class(num_experts, mlp_dim, name="moe", **arguments)
+
+
+def encoder_blocks(
+    num_layers, num_heads, mlp_dim, moe_layers=(), make_moe=None, approximate_gelu=True,
+    dropout_rate=0.0, dtype=None, **block_options,
+):
+    """The Transformer blocks of an encoder: `encoder_block_<i>`, with a dense
+    `Mlp` or, for `i` in `moe_layers`, the layer `make_moe(i)` returns.
+
+    `block_options` go to every `EncoderBlock` (attention options,
+    LayerNorm epsilon, LayerScale).
+    """
+    blocks = []
+    for index in range(num_layers):
+        if index in moe_layers:
+            mlp = make_moe(index)
+        else:
+            mlp = Mlp(mlp_dim, approximate_gelu, dropout_rate, dtype=dtype, name="mlp")
+        blocks.append(EncoderBlock(
+            num_heads, mlp, dropout_rate=dropout_rate, dtype=dtype, name=f"encoder_block_{index}",
+            **block_options,
+        ))
+    return blocks
 
 
 def every_n(n, num_layers):
@@ -130,7 +166,9 @@ class VisionTransformerBackbone(ExportMixin, BuiltinPresetMixin, Backbone):
     """Vision Transformer encoder whose blocks take their MLP as a layer.
 
     Subclasses pass `moe_mlp`, a function `(block_index) -> layer` used for the
-    blocks in `moe_layers`; other blocks get a dense `Mlp`.
+    blocks in `moe_layers` (see `moe_factory`); other blocks get a dense
+    `Mlp`. A family's named architectures: `from_architecture(name)`, the
+    names in `architectures`.
 
     With `patch_merger=dict(after_block=b, num_tokens=M)` a
     `keras_vmoe.layers.PatchMerger` (layer name `"patch_merger"`) follows
@@ -234,27 +272,19 @@ class VisionTransformerBackbone(ExportMixin, BuiltinPresetMixin, Backbone):
             name="position_embedding",
         )(x)
         x = keras.layers.Dropout(dropout_rate, dtype=dtype, name="embedding_dropout")(x)
-        for index in range(num_layers):
-            if index in moe_layers:
-                mlp = moe_mlp(index)
-                if patch_merger and index > patch_merger["after_block"]:
-                    rescale_group_size(
-                        mlp, num_prefix_tokens + num_patches,
-                        num_prefix_tokens + patch_merger["num_tokens"], owner,
-                    )
-            else:
-                mlp = Mlp(mlp_dim, approximate_gelu, dropout_rate, dtype=dtype, name="mlp")
-            x = EncoderBlock(
-                num_heads,
-                mlp,
-                attention_qk_norm=attention_qk_norm,
-                dropout_rate=dropout_rate,
-                attention_dropout_rate=attention_dropout_rate,
-                layer_norm_epsilon=layer_norm_epsilon,
-                layer_scale_init=layer_scale_init,
-                dtype=dtype,
-                name=f"encoder_block_{index}",
-            )(x)
+        blocks = encoder_blocks(
+            num_layers, num_heads, mlp_dim, moe_layers, moe_mlp, approximate_gelu, dropout_rate,
+            dtype=dtype, attention_qk_norm=attention_qk_norm,
+            attention_dropout_rate=attention_dropout_rate, layer_norm_epsilon=layer_norm_epsilon,
+            layer_scale_init=layer_scale_init,
+        )
+        for index, block in enumerate(blocks):
+            if patch_merger and index > patch_merger["after_block"] and index in moe_layers:
+                rescale_group_size(
+                    block.mlp, num_prefix_tokens + num_patches,
+                    num_prefix_tokens + patch_merger["num_tokens"], owner,
+                )
+            x = block(x)
             if patch_merger and index == patch_merger["after_block"]:
                 x = PatchMerger(
                     patch_merger["num_tokens"], num_prefix_tokens, layer_norm_epsilon,
@@ -295,6 +325,22 @@ class VisionTransformerBackbone(ExportMixin, BuiltinPresetMixin, Backbone):
         self.layer_scale_init = layer_scale_init
         self.moe_layers = moe_layers
         self.patch_merger = patch_merger
+
+    # A family's named architectures: `architecture_config(name, image_shape)`
+    # -> backbone arguments, and the names it knows.
+    architecture_config = None
+    architectures = ()
+
+    @classmethod
+    def from_architecture(cls, name, image_shape=(224, 224, 3), **overrides):
+        """Builds a named architecture of the family (`cls.architectures`)
+        with random weights; `overrides` replace any argument (e.g.
+        `patch_merger=dict(after_block=3, num_tokens=16)`)."""
+        if cls.architecture_config is None:
+            raise ValueError(f"{cls.__name__} has no named architectures; see its subclasses.")
+        config = cls.architecture_config(name, image_shape)
+        config.update(overrides)
+        return cls(**config)
 
     @property
     def encoder_blocks(self):

@@ -5,16 +5,15 @@ from keras import ops
 from keras_hub.layers import PositionEmbedding as SequencePositionEmbedding
 from keras_hub.models import Backbone
 
-from keras_vmoe.layers.encoder import EncoderBlock
 from keras_vmoe.layers.encoder import MultiHeadAttentionPooling
 from keras_vmoe.layers.encoder import PatchEmbedding
 from keras_vmoe.layers.encoder import PositionEmbedding
 from keras_vmoe.layers.encoder import SequencePooling
-from keras_vmoe.layers.mlp import Mlp
 from keras_vmoe.layers.moe import SparseMoE
 from keras_vmoe.layers.multimodal_routing import MultimodalTokenChoiceRouter
 from keras_vmoe.models.vision_transformer import check_image_and_patch_size
 from keras_vmoe.models.vision_transformer import check_moe_layers
+from keras_vmoe.models.vision_transformer import encoder_blocks
 from keras_vmoe.export import ExportMixin
 from keras_vmoe.models.preset_mixin import BuiltinPresetMixin
 from keras_vmoe.validation import check_choice
@@ -158,30 +157,27 @@ class LIMoEBackbone(ExportMixin, BuiltinPresetMixin, Backbone):
             max_text_length, dtype=dtype, name="text_position_embedding"
         )
         self.embedding_dropout = keras.layers.Dropout(dropout_rate, dtype=dtype, name="embedding_dropout")
-        self.blocks = []
-        for index in range(num_layers):
-            if index in moe_layers:
-                router = MultimodalTokenChoiceRouter(
-                    num_experts,
-                    modalities=("image", "text"),
-                    num_selected_experts=num_selected_experts,
-                    capacity_factor=capacity_factor,
-                    batch_priority=batch_priority,
-                    name="router",
-                    **router_options,
-                )
-                mlp = SparseMoE(
-                    num_experts, mlp_dim, router=router, group_size=group_size,
-                    approximate_gelu=approximate_gelu, dropout_rate=dropout_rate,
-                    dtype=dtype, name="moe",
-                )
-            else:
-                mlp = Mlp(mlp_dim, approximate_gelu, dropout_rate, dtype=dtype, name="mlp")
-            self.blocks.append(EncoderBlock(
-                num_heads, mlp, dropout_rate=dropout_rate,
-                layer_norm_epsilon=layer_norm_epsilon, dtype=dtype,
-                name=f"encoder_block_{index}",
-            ))
+        def make_moe(index):
+            router = MultimodalTokenChoiceRouter(
+                num_experts,
+                modalities=("image", "text"),
+                num_selected_experts=num_selected_experts,
+                capacity_factor=capacity_factor,
+                batch_priority=batch_priority,
+                name="router",
+                **router_options,
+            )
+            return SparseMoE(
+                num_experts, mlp_dim, router=router, group_size=group_size,
+                approximate_gelu=approximate_gelu, dropout_rate=dropout_rate,
+                dtype=dtype, name="moe",
+            )
+
+        # One stack for both modalities, built as every encoder of the zoo is.
+        self.blocks = encoder_blocks(
+            num_layers, num_heads, mlp_dim, moe_layers, make_moe, approximate_gelu, dropout_rate,
+            dtype=dtype, layer_norm_epsilon=layer_norm_epsilon,
+        )
         self.encoder_norm = keras.layers.LayerNormalization(
             epsilon=layer_norm_epsilon, dtype=dtype, name="encoder_norm"
         )

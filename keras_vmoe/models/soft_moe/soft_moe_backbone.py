@@ -6,6 +6,7 @@ from keras_vmoe.layers.moe import SoftMoE
 from keras_vmoe.models.soft_moe.soft_moe_architectures import SOFT_MOE_ARCHITECTURES
 from keras_vmoe.models.soft_moe.soft_moe_architectures import architecture_config
 from keras_vmoe.models.vision_transformer import VisionTransformerBackbone
+from keras_vmoe.models.vision_transformer import moe_factory
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
@@ -63,23 +64,14 @@ class SoftMoEBackbone(VisionTransformerBackbone):
         dropout_rate = kwargs.get("dropout_rate", 0.0)
         moe_dropout = dropout_rate if moe_dropout_rate is None else moe_dropout_rate
 
-        def moe_mlp(index):
-            return SoftMoE(
-                num_experts,
-                mlp_dim,
-                slots_per_expert=slots_per_expert,
-                capacity_factor=capacity_factor,
-                group_size=group_size,
-                noise_std=noise_std,
-                dispatch_dtype=dispatch_dtype,
-                approximate_gelu=kwargs.get("approximate_gelu", True),
-                dropout_rate=moe_dropout,
-                dtype=kwargs.get("dtype"),
-                name="moe",
-            )
-
+        moe_mlp = None
         if moe_layers:
-            moe_mlp(-1)  # Fail on bad MoE arguments before building anything.
+            moe_mlp = moe_factory(
+                SoftMoE, num_experts, mlp_dim, slots_per_expert=slots_per_expert,
+                capacity_factor=capacity_factor, group_size=group_size, noise_std=noise_std,
+                dispatch_dtype=dispatch_dtype, approximate_gelu=kwargs.get("approximate_gelu", True),
+                dropout_rate=moe_dropout, dtype=kwargs.get("dtype"),
+            )
         super().__init__(
             image_shape,
             patch_size,
@@ -101,14 +93,6 @@ class SoftMoEBackbone(VisionTransformerBackbone):
         self.dispatch_dtype = dispatch_dtype
         self.moe_dropout_rate = moe_dropout_rate
 
-    @classmethod
-    def from_architecture(cls, name, image_shape=(224, 224, 3), **overrides):
-        """Builds a named Soft MoE architecture (`SOFT_MOE_ARCHITECTURES`)
-        with random weights; `overrides` replace any argument."""
-        config = architecture_config(name, image_shape)
-        config.update(overrides)
-        return cls(**config)
-
     def get_config(self):
         config = super().get_config()
         config.update(
@@ -123,4 +107,5 @@ class SoftMoEBackbone(VisionTransformerBackbone):
         return config
 
 
+SoftMoEBackbone.architecture_config = staticmethod(architecture_config)
 SoftMoEBackbone.architectures = tuple(SOFT_MOE_ARCHITECTURES)

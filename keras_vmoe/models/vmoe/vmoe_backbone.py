@@ -6,6 +6,7 @@ import keras
 
 from keras_vmoe.layers.moe import SparseMoE
 from keras_vmoe.models.vision_transformer import VisionTransformerBackbone
+from keras_vmoe.models.vision_transformer import moe_factory
 from keras_vmoe.models.vmoe.vmoe_architectures import VMOE_ARCHITECTURES
 from keras_vmoe.models.vmoe.vmoe_architectures import architecture_config
 
@@ -90,26 +91,15 @@ class VMoEBackbone(VisionTransformerBackbone):
         layer_options = {k: v for k, v in router_options.items() if k in SPARSE_MOE_ARGUMENTS}
         own_options = {k: v for k, v in router_options.items() if k not in SPARSE_MOE_ARGUMENTS}
 
-        def moe_mlp(index):
-            return SparseMoE(
-                num_experts,
-                mlp_dim,
-                router=router,
-                num_selected_experts=num_selected_experts,
-                capacity_factor=capacity_factor,
-                group_size=group_size,
-                batch_priority=batch_priority,
-                approximate_gelu=kwargs.get("approximate_gelu", True),
-                dropout_rate=moe_dropout,
-                dtype=kwargs.get("dtype"),
-                name="moe",
-                router_options=own_options or None,
-                **layer_options,
-            )
-
+        moe_mlp = None
         if moe_layers:
-            # Fail on bad MoE arguments before building anything.
-            moe_mlp(-1)
+            moe_mlp = moe_factory(
+                SparseMoE, num_experts, mlp_dim, router=router,
+                num_selected_experts=num_selected_experts, capacity_factor=capacity_factor,
+                group_size=group_size, batch_priority=batch_priority,
+                approximate_gelu=kwargs.get("approximate_gelu", True), dropout_rate=moe_dropout,
+                dtype=kwargs.get("dtype"), router_options=own_options or None, **layer_options,
+            )
         super().__init__(
             image_shape,
             patch_size,
@@ -130,20 +120,6 @@ class VMoEBackbone(VisionTransformerBackbone):
         self.router_options = router_options
         self.moe_dropout_rate = moe_dropout_rate
 
-    @classmethod
-    def from_architecture(cls, name, image_shape=(224, 224, 3), **overrides):
-        """Builds a named V-MoE architecture with random weights.
-
-        `name` is one of `VMOE_ARCHITECTURES` (e.g. `"vmoe_s32_last2_e8_k2"`,
-        `"vmoe_b16_every2_e32_k2"`, `"vit_b16"`, or with a PatchMerger of 8
-        tokens after the middle block, `"vit_b16_pm8"`,
-        `"vmoe_b16_every2_e8_k2_pm8"`); `overrides` replace any argument
-        (e.g. `patch_merger=dict(after_block=3, num_tokens=16)`).
-        """
-        config = architecture_config(name, image_shape)
-        config.update(overrides)
-        return cls(**config)
-
     def get_config(self):
         config = super().get_config()
         config.update(
@@ -159,4 +135,5 @@ class VMoEBackbone(VisionTransformerBackbone):
         return config
 
 
+VMoEBackbone.architecture_config = staticmethod(architecture_config)
 VMoEBackbone.architectures = tuple(VMOE_ARCHITECTURES)
