@@ -199,11 +199,11 @@ def classify(args):
             )
         patch = backbone.patch_size if isinstance(backbone.patch_size, int) else backbone.patch_size[0]
         grid = (size[0] // patch, size[1] // patch)
-        sparse = any(moe.drops_tokens for moe in backbone.moe_blocks)
+        sparse = any(moe.drops_tokens for moe in backbone.moe_mlps)
         what = "goes to" if sparse else "takes most of its output from (Soft MoE)"
         picture = draw_routing_map(
             [display for _, display in photos], panels, grid,
-            num_experts=max(moe.num_experts for moe in backbone.moe_blocks), captions=captions,
+            num_experts=max(moe.num_experts for moe in backbone.moe_mlps), captions=captions,
             title=f"{args.preset}: the expert each {patch}x{patch} patch {what}",
         )
         path = pathlib.Path(args.routing_map)

@@ -47,6 +47,7 @@ from keras_vmoe.models.limoe.limoe_backbone import LIMoEBackbone
 from keras_vmoe.models.preset_mixin import BuiltinPresetMixin  # noqa: F401 (importable from here, as before)
 from keras_vmoe.models.preset_mixin import set_preset_resolver
 from keras_vmoe.models.soft_moe.soft_moe_backbone import SoftMoEBackbone
+from keras_vmoe.models.vision_transformer import VisionTransformerBackbone
 from keras_vmoe.models.vmoe.vmoe_backbone import VMoEBackbone
 from keras_vmoe.models.vmoe.vmoe_image_classifier_preprocessor import VMoEImageClassifierPreprocessor
 from keras_vmoe.models.vmoe.vmoe_image_converter import VMoEImageConverter
@@ -118,7 +119,10 @@ BUNDLED_PRESETS = _find_bundled_presets()
 
 def register_bundled_presets():
     """Makes the bundled names known to keras-hub's own `from_preset` loaders."""
-    backbones = {cls.__name__: cls for cls in (VMoEBackbone, SoftMoEBackbone, LIMoEBackbone)}
+    backbones = {
+        cls.__name__: cls
+        for cls in (VisionTransformerBackbone, VMoEBackbone, SoftMoEBackbone, LIMoEBackbone)
+    }
     for preset in BUNDLED_PRESETS.values():
         register_presets(
             {

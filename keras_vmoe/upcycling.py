@@ -180,7 +180,7 @@ def upcycle(
     soft = router == "soft"
     if backbone.moe_layers:
         kept = SoftMoE if soft else SparseMoE
-        if not all(isinstance(moe, kept) for moe in backbone.moe_blocks):
+        if not all(isinstance(moe, kept) for moe in backbone.moe_mlps):
             raise ValueError(
                 f"upcycle: the model's MoE blocks {backbone.moe_layers} are not {kept.__name__} "
                 f"layers, so it cannot also hold router={router!r} blocks."

@@ -24,6 +24,7 @@ from keras_vmoe.models import LIMoEBackbone
 from keras_vmoe.models import LIMoEZeroShotClassifier
 from keras_vmoe.models import SoftMoEImageClassifier
 from keras_vmoe.models import VMoEImageClassifier
+from keras_vmoe.models import VisionTransformerImageClassifier
 from keras_vmoe.models import count_flops
 from tests.helpers import CIFAR10
 from tests.helpers import ROOT
@@ -31,7 +32,7 @@ from tests.helpers import backend
 from tests.helpers import requires_cifar10
 
 CLASSES = {
-    "vit_tiny_cifar10": VMoEImageClassifier,
+    "vit_tiny_cifar10": VisionTransformerImageClassifier,  # The dense ViT's own class since 0.2.
     "vmoe_tiny_cifar10": VMoEImageClassifier,
     "soft_moe_tiny_cifar10": SoftMoEImageClassifier,
 }
@@ -240,6 +241,7 @@ WHEEL_CHECK = textwrap.dedent(
         except ImportError as error:
             unimportable[module] = str(error)
     from keras_vmoe.models import VMoEImageClassifier
+from keras_vmoe.models import VisionTransformerImageClassifier
     classifier = VMoEImageClassifier.from_preset("vmoe_tiny_cifar10")
     logits = classifier.predict(np.full((1, 32, 32, 3), 128, "uint8"), verbose=0)
     print(json.dumps(dict(file=keras_vmoe.__file__, shape=list(logits.shape), unimportable=unimportable,

@@ -366,7 +366,7 @@ class EncoderBlock(keras.layers.Layer):
     def feed_forward(self, x, training=None, token_modalities=None):
         """The block's second half, on the output of `attend`: the MLP with
         its residual."""
-        if token_modalities is None or not getattr(self.mlp, "takes_token_modalities", False):
+        if token_modalities is None or not getattr(self.mlp, "uses_token_modalities", False):
             y = self.mlp(self.mlp_norm(x), training=training)
         else:
             y = self.mlp(self.mlp_norm(x), training=training, token_modalities=token_modalities)

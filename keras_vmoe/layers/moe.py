@@ -44,9 +44,12 @@ class MoELayer(keras.layers.Layer):
     drops_tokens = False
 
     @property
-    def takes_token_modalities(self):
-        """Whether `call` takes `token_modalities`: its router uses them."""
+    def uses_token_modalities(self):
+        """Whether `call` takes `token_modalities`: exactly when its router
+        does (`Router.uses_token_modalities`)."""
         return getattr(getattr(self, "router", None), "uses_token_modalities", False)
+
+    takes_token_modalities = uses_token_modalities  # The name of keras_vmoe 0.1.
 
     def __init__(
         self,

@@ -27,6 +27,7 @@ from keras import ops
 
 from keras_vmoe import ops as moe_ops
 from keras_vmoe.ops import values as values_ops
+from keras_vmoe.layers.normalization import l2_normalize
 from keras_vmoe.layers.routing_plans import RoutingPlan  # noqa: F401 (public here too)
 from keras_vmoe.layers.routing_plans import SoftRoutingPlan
 from keras_vmoe.layers.routing_plans import compute_capacity
@@ -379,11 +380,6 @@ class ExpertChoiceRouter(Router):
             capacity_multiple_of=self.capacity_multiple_of,
         )
         return config
-
-
-def l2_normalize(x, axis, epsilon=1e-6):
-    """vmoe's Soft MoE normalisation: `x * rsqrt(sum(x^2) + eps)`."""
-    return x * ops.rsqrt(ops.sum(ops.square(x), axis=axis, keepdims=True) + epsilon)
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")

@@ -23,6 +23,8 @@ from keras_vmoe.models.soft_moe import SoftMoEImageClassifier
 from keras_vmoe.models.soft_moe import SoftMoEImageClassifierPreprocessor
 from keras_vmoe.models.soft_moe import SoftMoEImageConverter
 from keras_vmoe.models.vision_transformer import VisionTransformerBackbone
+from keras_vmoe.models.vision_transformer_preprocessing import VisionTransformerImageClassifierPreprocessor
+from keras_vmoe.models.vision_transformer_preprocessing import VisionTransformerImageConverter
 from keras_vmoe.models.vision_transformer import every_n
 from keras_vmoe.models.vision_transformer import last_n
 from keras_vmoe.models.vmoe import VMOE_ARCHITECTURES

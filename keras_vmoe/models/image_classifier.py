@@ -5,6 +5,10 @@ from keras_hub.models import ImageClassifier
 from keras_hub.models import Task
 
 from keras_vmoe.models.router_metrics import RouterMetricsMixin
+from keras_vmoe.models.vision_transformer import VisionTransformerBackbone
+from keras_vmoe.models.vision_transformer_preprocessing import (
+    VisionTransformerImageClassifierPreprocessor,
+)
 from keras_vmoe.export import ExportMixin
 from keras_vmoe.models.preset_mixin import BuiltinPresetMixin
 
@@ -29,7 +33,13 @@ class VisionTransformerImageClassifier(ExportMixin, BuiltinPresetMixin, RouterMe
             use -log(num_classes)).
         head_kernel_zero_init: bool. Zero-initialise the head kernel (vmoe's
             default for fine-tuning).
+
+    On a `VisionTransformerBackbone` it is the dense ViT's classifier (the
+    `vit_tiny_cifar10` preset); the families subclass it.
     """
+
+    backbone_cls = VisionTransformerBackbone
+    preprocessor_cls = VisionTransformerImageClassifierPreprocessor
 
     def __init__(
         self,

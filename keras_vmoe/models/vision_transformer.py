@@ -348,7 +348,13 @@ class VisionTransformerBackbone(ExportMixin, BuiltinPresetMixin, Backbone):
 
     @property
     def moe_blocks(self):
-        """The MoE layers of the blocks in `moe_layers`, in block order."""
+        """The same as `moe_mlps` (the name of keras_vmoe 0.1)."""
+        return self.moe_mlps
+
+    @property
+    def moe_mlps(self):
+        """The MoE layers that stand in the MLP place of the blocks in
+        `moe_layers` (indices), in block order; `encoder_blocks` are the blocks."""
         return [self.get_layer(f"encoder_block_{i}").mlp for i in self.moe_layers]
 
     @property

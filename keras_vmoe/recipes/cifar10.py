@@ -42,7 +42,7 @@ from keras_vmoe.data.cifar10 import load_cifar10
 from keras_vmoe.models.flops import count_flops
 from keras_vmoe.presets import BUNDLED_PRESETS
 
-FAMILIES = ("vmoe", "soft_moe")
+FAMILIES = ("vit", "vmoe", "soft_moe")
 # The encoder the three presets share: 32x32 images in 4x4 patches (64
 # tokens), 6 blocks of width 192 with 3 heads and MLPs of width 768, global
 # average pooling. MoE presets replace the MLPs of blocks 3 and 5 (V-MoE's
@@ -71,8 +71,8 @@ class Cifar10Recipe:
     Attributes:
         name: the preset name.
         description: one sentence for preset listings.
-        family: `"vmoe"` (a `VMoEImageClassifier`; `moe_layers=()` is a dense
-            ViT) or `"soft_moe"`.
+        family: `"vit"` (the dense `VisionTransformerImageClassifier`),
+            `"vmoe"` (a `VMoEImageClassifier`) or `"soft_moe"`.
         backbone: the backbone's keyword arguments.
         epochs, batch_size: training length; the last partial batch of every
             epoch is dropped (a new random one each epoch).
@@ -115,7 +115,11 @@ class Cifar10Recipe:
         preprocessor and image converter classes."""
         from keras_vmoe import models
 
-        return models.VMoEImageClassifier if self.family == "vmoe" else models.SoftMoEImageClassifier
+        return {
+            "vit": models.VisionTransformerImageClassifier,
+            "vmoe": models.VMoEImageClassifier,
+            "soft_moe": models.SoftMoEImageClassifier,
+        }[self.family]
 
     def build_classifier(self, preprocessor=True):
         """The untrained classifier (with its preprocessor unless told not to)."""

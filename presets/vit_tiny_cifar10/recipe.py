@@ -12,8 +12,8 @@ from keras_vmoe.recipes.cifar10 import main
 RECIPE = Cifar10Recipe(
     name="vit_tiny_cifar10",
     description="Dense ViT (6 blocks of width 192, 4x4 patches) trained on CIFAR-10 from scratch.",
-    family="vmoe",  # A VMoEBackbone without MoE layers is a plain ViT.
-    backbone=dict(TINY_ENCODER, moe_layers=()),
+    family="vit",
+    backbone=dict(TINY_ENCODER),
 )
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from keras_vmoe.layers.encoder import PatchEmbedding
 from keras_vmoe.layers.encoder import PositionEmbedding
 from keras_vmoe.layers.encoder import SequencePooling
 from keras_vmoe.layers.moe import SparseMoE
+from keras_vmoe.layers.normalization import l2_normalize
 from keras_vmoe.layers.multimodal_routing import MultimodalTokenChoiceRouter
 from keras_vmoe.models.vision_transformer import check_image_and_patch_size
 from keras_vmoe.models.vision_transformer import check_moe_layers
@@ -29,9 +30,9 @@ def masked_mean(tokens, mask):
     return ops.sum(tokens * weights, axis=1) / ops.maximum(ops.sum(weights, axis=1), 1.0)
 
 
-def l2_normalize(x, epsilon=1e-12):
-    x = ops.cast(x, "float32")
-    return x * ops.rsqrt(ops.maximum(ops.sum(ops.square(x), axis=-1, keepdims=True), epsilon))
+def normalized_embedding(x):
+    """The towers' unit-norm embeddings, in float32 (big_vision's epsilon rule)."""
+    return l2_normalize(ops.cast(x, "float32"), epsilon=1e-12, epsilon_rule="max")
 
 
 def pad_to_length(x, length):
@@ -254,10 +255,10 @@ class LIMoEBackbone(ExportMixin, BuiltinPresetMixin, Backbone):
         if images is not None:
             num_image_tokens = self.num_image_tokens
             pooled = self.image_pooling_layer(x[:, :num_image_tokens])
-            image_embeddings = l2_normalize(self.image_projection(pooled))
+            image_embeddings = normalized_embedding(self.image_projection(pooled))
         if token_ids is not None:
             pooled = masked_mean(x[:, num_image_tokens:], ops.equal(token_modalities[:, num_image_tokens:], TEXT))
-            text_embeddings = l2_normalize(self.text_projection(pooled))
+            text_embeddings = normalized_embedding(self.text_projection(pooled))
         return image_embeddings, text_embeddings
 
     def input_tokens(self, images=None, token_ids=None, padding_mask=None):
@@ -308,8 +309,19 @@ class LIMoEBackbone(ExportMixin, BuiltinPresetMixin, Backbone):
         return self.encode(token_ids=token_ids, padding_mask=padding_mask, training=training)[1]
 
     @property
+    def encoder_blocks(self):
+        """The Transformer blocks, in order (`blocks`)."""
+        return list(self.blocks)
+
+    @property
     def moe_blocks(self):
-        """The MoE layers of the blocks in `moe_layers`, in block order."""
+        """The same as `moe_mlps` (the name of keras_vmoe 0.1)."""
+        return self.moe_mlps
+
+    @property
+    def moe_mlps(self):
+        """The MoE layers that stand in the MLP place of the blocks in
+        `moe_layers` (indices), in block order; `encoder_blocks` are the blocks."""
         return [self.blocks[index].mlp for index in self.moe_layers]
 
     def get_config(self):

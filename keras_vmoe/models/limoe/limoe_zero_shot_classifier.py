@@ -6,7 +6,7 @@ from keras import ops
 from keras_hub.models import Task
 
 from keras_vmoe.models.limoe.limoe_backbone import LIMoEBackbone
-from keras_vmoe.models.limoe.limoe_backbone import l2_normalize
+from keras_vmoe.models.limoe.limoe_backbone import normalized_embedding
 from keras_vmoe.models.limoe.limoe_preprocessor import LIMoEPreprocessor
 from keras_vmoe.export import ExportMixin
 from keras_vmoe.models.preset_mixin import BuiltinPresetMixin
@@ -154,7 +154,7 @@ class LIMoEZeroShotClassifier(ExportMixin, BuiltinPresetMixin, Task):
         inputs = self.preprocessor({"text": texts})
         embeddings = self.backbone.embed_text(inputs["token_ids"], inputs["padding_mask"])
         embeddings = ops.reshape(embeddings, (len(class_names), len(templates), -1))
-        return np.asarray(ops.convert_to_numpy(l2_normalize(ops.mean(embeddings, axis=1))))
+        return np.asarray(ops.convert_to_numpy(normalized_embedding(ops.mean(embeddings, axis=1))))
 
     def set_classes(self, class_names, templates=None):
         """Embeds a new label set, of any size, without retraining.
