@@ -20,6 +20,28 @@ import pathlib
 import sys
 
 import numpy as np
+from PIL import Image
+from keras_vmoe.data.cifar10 import CIFAR10_CLASS_NAMES
+from keras_vmoe.presets import BUNDLED_PRESETS
+from keras_hub.utils import imagenet_id_to_name
+import json
+from keras_vmoe.presets import resolve_preset
+from keras_vmoe.models import LIMoEZeroShotClassifier
+from keras_vmoe.models import VisionTransformerImageClassifier
+from keras_vmoe.presets import PresetError
+from keras_vmoe.models import LIMoEBackbone
+from keras_vmoe.models.limoe.expert_modality import routed_experts
+from keras_vmoe.models.routing_inspection import expert_assignments
+import keras
+from keras_vmoe.visualization.routing_map import draw_routing_map
+from keras_vmoe.data.coco_captions import load_coco_captions
+from keras_vmoe.data.cifar10 import load_cifar10
+from keras_vmoe.models.limoe.expert_modality import MODALITIES
+from keras_vmoe.models.limoe.expert_modality import expert_modality_counts
+from keras_vmoe.visualization.expert_modality import draw_expert_modality
+from keras_vmoe.export import ExportError
+from keras_vmoe.export import export_model
+from keras_vmoe.presets import preset_infos
 
 DEFAULT_PRESET = "vmoe_tiny_cifar10"
 
@@ -36,7 +58,6 @@ def open_image(path, max_pixels=None):
     their size; a file that is not an image, or whose decoding fails half-way
     (truncated, corrupt), is refused with the decoder's reason.
     """
-    from PIL import Image
 
     path = pathlib.Path(path)
     if not path.exists():
@@ -72,7 +93,6 @@ def open_image(path, max_pixels=None):
 def load_photo(path, size, max_pixels=None):
     """A photo, centre-cropped to a square and downscaled to `size` (H, W) with
     antialiasing; uint8 (H, W, 3)."""
-    from PIL import Image
 
     image = open_image(path, max_pixels)
     width, height = image.size
@@ -88,13 +108,10 @@ def load_photo(path, size, max_pixels=None):
 
 def class_names(preset, num_classes):
     """Names of the classifier's classes, where known."""
-    from keras_vmoe.data.cifar10 import CIFAR10_CLASS_NAMES
-    from keras_vmoe.presets import BUNDLED_PRESETS
 
     if preset in BUNDLED_PRESETS and num_classes == len(CIFAR10_CLASS_NAMES):
         return list(CIFAR10_CLASS_NAMES)
     if num_classes == 1000:
-        from keras_hub.utils import imagenet_id_to_name
 
         return [imagenet_id_to_name(i) for i in range(1000)]
     return [f"class {i}" for i in range(num_classes)]
@@ -102,9 +119,6 @@ def class_names(preset, num_classes):
 
 def preset_task_class(preset):
     """The class name in a preset's task.json (None when it has none)."""
-    import json
-
-    from keras_vmoe.presets import resolve_preset
 
     task = pathlib.Path(resolve_preset(preset)) / "task.json"
     try:
@@ -116,9 +130,6 @@ def preset_task_class(preset):
 def load_classifier(preset):
     """Any keras_vmoe image classifier preset, or a LIMoE zero-shot
     classifier: a built-in name or a folder."""
-    from keras_vmoe.models import LIMoEZeroShotClassifier
-    from keras_vmoe.models import VisionTransformerImageClassifier
-    from keras_vmoe.presets import PresetError
 
     cls = VisionTransformerImageClassifier
     if preset_task_class(preset) == LIMoEZeroShotClassifier.__name__:
@@ -133,9 +144,6 @@ def load_classifier(preset):
 
 def routing_panels(backbone, pixels):
     """{panel title: (images, patches) expert ids} of the MoE blocks that see patches."""
-    from keras_vmoe.models import LIMoEBackbone
-    from keras_vmoe.models.limoe.expert_modality import routed_experts
-    from keras_vmoe.models.routing_inspection import expert_assignments
 
     if isinstance(backbone, LIMoEBackbone):  # Images routed on their own; top-1 choice.
         experts, _ = routed_experts(backbone, images=pixels)
@@ -152,7 +160,6 @@ def routing_panels(backbone, pixels):
 
 
 def classify(args):
-    import keras
 
     classifier = load_classifier(args.preset)
     backbone = classifier.backbone
@@ -188,7 +195,6 @@ def classify(args):
             print(f"  {names[index]:<24} {row[index]:.3f}")
         captions.append(f"{names[order[0]]} {row[order[0]]:.0%}")
     if args.routing_map:
-        from keras_vmoe.visualization.routing_map import draw_routing_map
 
         pixels = classifier.preprocessor(images)
         panels = routing_panels(backbone, pixels)
@@ -216,14 +222,12 @@ def expert_modality_data(args, classifier):
     """(uint8 images, captions) for the expert-modality picture."""
     size = tuple(classifier.preprocessor.image_converter.image_size)
     if args.cifar10 is not None:
-        from keras_vmoe.data.cifar10 import load_cifar10
 
         images, labels = load_cifar10(args.cifar10, "test", limit=args.pairs, verbose=False)
         # Each image's class, in the preset's templates in turn.
         templates, names = classifier.templates, classifier.class_names
         captions = [templates[i % len(templates)].format(names[label]) for i, label in enumerate(labels)]
         return images, captions
-    from keras_vmoe.data.coco_captions import load_coco_captions
 
     images, captions = load_coco_captions(args.coco, image_size=size[0])
     images, captions = images[: args.pairs], captions[: args.pairs]
@@ -231,10 +235,6 @@ def expert_modality_data(args, classifier):
 
 
 def expert_modality(args):
-    from keras_vmoe.models import LIMoEZeroShotClassifier
-    from keras_vmoe.models.limoe.expert_modality import MODALITIES
-    from keras_vmoe.models.limoe.expert_modality import expert_modality_counts
-    from keras_vmoe.visualization.expert_modality import draw_expert_modality
 
     if not str(args.output).lower().endswith(".png"):
         raise CommandError(f"--output must name a .png file, got {args.output}")
@@ -272,8 +272,6 @@ def expert_modality(args):
 
 
 def export(args):
-    from keras_vmoe.export import ExportError
-    from keras_vmoe.export import export_model
 
     classifier = load_classifier(args.preset)
     output = pathlib.Path(args.output)
@@ -298,7 +296,6 @@ def export(args):
 
 
 def list_presets(args):
-    from keras_vmoe.presets import preset_infos
 
     for info in preset_infos():
         params = f"{info.params / 1e6:.1f}M params" if info.params else "params unknown"
@@ -381,7 +378,6 @@ def build_parser():
 
 
 def main(argv=None):
-    from keras_vmoe.presets import PresetError
 
     args = build_parser().parse_args(argv)
     try:

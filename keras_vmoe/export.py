@@ -181,7 +181,8 @@ def export_model(model, path, format="saved_model", batch_size=None, sequence_le
     try:
         with moe_ops.portable():
             if format == "onnx" and backend == "torch":
-                from keras_vmoe.ops.torch_onnx import export_onnx
+                # PyTorch-only module: imported on that backend alone.
+                from keras_vmoe.ops.tools.torch_onnx import export_onnx
 
                 export_onnx(model, target, _zeros(signature))
             else:

@@ -20,6 +20,18 @@ import keras
 
 from keras_vmoe.layers import ROUTERS
 from keras_vmoe.layers.routing import router_names
+import numpy as np
+from keras_vmoe.models import PaliGemmaMoEBackbone
+from keras_vmoe.models import PaliGemmaMoECausalLM
+import keras_hub
+from keras_vmoe.convert.keras_hub_vit import from_keras_hub_vit
+from keras_vmoe.layers.mlp import Mlp
+from keras_vmoe.layers.moe import SoftMoE
+from keras_vmoe.layers.moe import SparseMoE
+from keras_vmoe.models import SoftMoEImageClassifier
+from keras_vmoe.models import VisionTransformerBackbone
+from keras_vmoe.models import VisionTransformerImageClassifier
+from keras_vmoe.models import VMoEImageClassifier
 
 
 def _vmoe_arguments(router, num_selected_experts, capacity_factor, group_size, options):
@@ -54,7 +66,6 @@ def _copy_weights(source, target):
 
 def _copy_mlp_into_experts(mlp, moe):
     """Every expert of `moe` becomes a copy of the dense `mlp`."""
-    import numpy as np
 
     num_experts = moe.num_experts
     for bank, weight in (
@@ -68,8 +79,6 @@ def _copy_mlp_into_experts(mlp, moe):
 def _upcycle_vlm_image_tower(model, num_experts, moe_layers, **arguments):
     """A PaliGemma-style VLM upcycles its image tower: the rest is copied and
     the VLM rebuilt around the new tower. None for any other model."""
-    from keras_vmoe.models import PaliGemmaMoEBackbone
-    from keras_vmoe.models import PaliGemmaMoECausalLM
 
     if not isinstance(model, (PaliGemmaMoEBackbone, PaliGemmaMoECausalLM)):
         return None
@@ -129,16 +138,6 @@ def upcycle(
     function: each token's output is its gates (summing to 1) times E
     identical MLP outputs.
     """
-    import keras_hub
-
-    from keras_vmoe.convert.keras_hub_vit import from_keras_hub_vit
-    from keras_vmoe.layers.mlp import Mlp
-    from keras_vmoe.layers.moe import SoftMoE
-    from keras_vmoe.layers.moe import SparseMoE
-    from keras_vmoe.models import SoftMoEImageClassifier
-    from keras_vmoe.models import VisionTransformerBackbone
-    from keras_vmoe.models import VisionTransformerImageClassifier
-    from keras_vmoe.models import VMoEImageClassifier
 
     if router != "soft" and router not in ROUTERS:
         known = ", ".join(map(repr, [*router_names(), "soft"]))

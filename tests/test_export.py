@@ -173,7 +173,7 @@ def test_export_leaves_nothing_when_it_fails(models, tmp_path, monkeypatch):
 
     monkeypatch.setattr(keras.Model, "export", broken)
     if backend() == "torch":
-        monkeypatch.setattr("keras_vmoe.ops.torch_onnx.export_onnx", broken)
+        monkeypatch.setattr("keras_vmoe.ops.tools.torch_onnx.export_onnx", broken)
     with pytest.raises(RuntimeError, match="exporter crashed"):
         export_model(model, tmp_path / "out.onnx", "onnx")
     assert list(tmp_path.iterdir()) == []

@@ -28,6 +28,7 @@ import re
 import numpy as np
 
 from keras_vmoe.errors import CheckpointError
+from keras_vmoe.models import VMoEBackbone
 
 _LAYER = re.compile(r"(?:^|\.)encoder\.layer\.(\d+)\.")
 
@@ -72,6 +73,7 @@ def read_dinov2_onnx(path):
     them; the position table as `embeddings.position_embeddings` (1, 1 + N, D).
     Also returns the model's input image size (height, width) when fixed.
     """
+    # Optional dependency (keras-vmoe[onnx]), imported when an ONNX file is read.
     import onnx
     from onnx import numpy_helper
 
@@ -133,7 +135,6 @@ def load_dinov2_onnx(path, image_size=None, pooling=None, dtype=None):
         A `VMoEBackbone` taking channels-last pixels normalised as DINOv2's
         (ImageNet mean and standard deviation).
     """
-    from keras_vmoe.models import VMoEBackbone
 
     params, export_size = read_dinov2_onnx(path)
     patch_weight = params["embeddings.patch_embeddings.projection.weight"]  # (D, C, p, p)

@@ -20,6 +20,13 @@ import keras
 import numpy as np
 
 from keras_vmoe.errors import CheckpointError
+from keras_vmoe.models import PaliGemmaMoEBackbone
+from keras_vmoe.models import VMoEBackbone
+from keras_vmoe.models import PaliGemmaMoECausalLMPreprocessor
+from keras_vmoe.models import PaliGemmaMoEImageConverter
+from keras_vmoe.models import PaliGemmaMoETokenizer
+import keras_hub
+from keras_vmoe.models import PaliGemmaMoECausalLM
 
 
 def _vit_pairs(vit, tower, projection):
@@ -97,8 +104,6 @@ def _assign(pairs):
 
 
 def _backbone_from_keras_hub(pali_gemma, dtype):
-    from keras_vmoe.models import PaliGemmaMoEBackbone
-    from keras_vmoe.models import VMoEBackbone
 
     # (keras-hub cannot build a PaliGemma whose ViT pools: the decoder needs
     # every image token.)
@@ -159,9 +164,6 @@ def _backbone_from_keras_hub(pali_gemma, dtype):
 
 
 def _preprocessor_from_keras_hub(preprocessor):
-    from keras_vmoe.models import PaliGemmaMoECausalLMPreprocessor
-    from keras_vmoe.models import PaliGemmaMoEImageConverter
-    from keras_vmoe.models import PaliGemmaMoETokenizer
 
     image_converter = None
     if preprocessor.image_converter is not None:
@@ -204,9 +206,6 @@ def from_keras_hub_pali_gemma(source, dtype=None):
                              router="soft")  # MoE in the image tower.
     ```
     """
-    import keras_hub
-
-    from keras_vmoe.models import PaliGemmaMoECausalLM
 
     if isinstance(source, str):
         kwargs = {} if dtype is None else {"dtype": dtype}

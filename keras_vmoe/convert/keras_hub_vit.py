@@ -9,6 +9,8 @@ final LayerNorm, so the result has `pooling=None` unless you ask otherwise.
 import keras
 
 from keras_vmoe.errors import CheckpointError
+import keras_hub
+from keras_vmoe.models import VMoEBackbone
 
 
 def keras_hub_vit_name_table(backbone):
@@ -64,9 +66,6 @@ def from_keras_hub_vit(vit, pooling=None, dtype=None):
     backbone = keras_vmoe.convert.from_keras_hub_vit(vit, pooling="token")
     ```
     """
-    import keras_hub
-
-    from keras_vmoe.models import VMoEBackbone
 
     if isinstance(vit, str):
         vit = keras_hub.models.ViTBackbone.from_preset(vit)

@@ -15,6 +15,11 @@ import numpy as np
 
 from keras_vmoe.errors import CheckpointError
 from keras_vmoe.convert.vmoe_checkpoint_reader import read_vmoe_checkpoint
+from keras_vmoe.models import SoftMoEBackbone
+from keras_vmoe.models import VMoEBackbone
+from keras_vmoe.layers import SoftMoE
+from keras_vmoe.models import SoftMoEImageClassifier
+from keras_vmoe.models import VMoEImageClassifier
 
 TOKEN_CHOICE_ROUTERS = ("NoisyTopExpertsPerItemRouter",)
 EXPERT_CHOICE_ROUTERS = ("NoisyTopItemsPerExpertRouter",)
@@ -162,8 +167,6 @@ def _moe_arguments(moe, bfloat16_dispatch):
 
 def backbone_from_vmoe_config(model_config, image_shape, bfloat16_dispatch=None, dtype=None):
     """Builds the backbone that matches a vmoe `VisionTransformerMoe` config."""
-    from keras_vmoe.models import SoftMoEBackbone
-    from keras_vmoe.models import VMoEBackbone
 
     _check_keys("the model", model_config, _MODEL_KEYS)
     encoder = dict(model_config["encoder"])
@@ -250,7 +253,6 @@ def _mlp_table(prefix, mlp):
 
 def vmoe_name_table(classifier):
     """{vmoe parameter path: our variable} for a classifier (or backbone)."""
-    from keras_vmoe.layers import SoftMoE
 
     backbone = getattr(classifier, "backbone", classifier)
     table = {
@@ -362,9 +364,6 @@ def load_vmoe_checkpoint(
     logits = model.predict(images)
     ```
     """
-    from keras_vmoe.models import SoftMoEBackbone
-    from keras_vmoe.models import SoftMoEImageClassifier
-    from keras_vmoe.models import VMoEImageClassifier
 
     params = read_vmoe_checkpoint(prefix, verbose=verbose)
     if image_shape is None:

@@ -168,6 +168,7 @@ def validate_layout_map(layout_map, model):
 
     Returns the {variable path: layout axes} of the sharded variables.
     """
+    # Breaks a cycle: layers.moe imports this module (check_expert_layouts).
     from keras_vmoe.layers.moe import MoELayer
 
     variables = {variable.path: variable for variable in model.variables}

@@ -1,7 +1,7 @@
 """The collectives of a Keras model's compiled train or predict step."""
 
 from keras_vmoe.distribution.collectives import collective_report
-from keras_vmoe.ops import compiled_steps
+from keras_vmoe.ops.tools import compiled_steps
 
 
 def step_collectives(model, x, y=None, step="train"):

@@ -26,7 +26,7 @@ import keras
 from keras import ops
 
 from keras_vmoe import ops as moe_ops
-from keras_vmoe.ops import values as values_ops
+from keras_vmoe.ops.tools import values as values_ops
 from keras_vmoe.layers.normalization import l2_normalize
 from keras_vmoe.layers.routing_plans import RoutingPlan  # noqa: F401 (public here too)
 from keras_vmoe.layers.routing_plans import SoftRoutingPlan

@@ -13,6 +13,7 @@ import os
 import pathlib
 
 from keras_vmoe.errors import PresetError
+import h5py
 
 _resolver = None
 
@@ -25,7 +26,6 @@ def set_preset_resolver(resolver):
 
 def unreadable_weight_files(folder):
     """The `*.weights.h5` files of a preset folder that h5py cannot open, with why."""
-    import h5py  # Deferred: only read when a preset fails to load.
 
     unreadable = []
     for path in sorted(pathlib.Path(folder).glob("*.weights.h5")):

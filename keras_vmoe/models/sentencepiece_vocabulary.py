@@ -2,6 +2,7 @@
 whose presets ship their own (LIMoE, the PaliGemma-style VLM)."""
 
 import io
+import sentencepiece
 
 
 def train_sentencepiece(texts, vocabulary_size, special_pieces, owner, **trainer_options):
@@ -16,7 +17,6 @@ def train_sentencepiece(texts, vocabulary_size, special_pieces, owner, **trainer
         **trainer_options: more `SentencePieceTrainer.train` options
             (`model_type`, `byte_fallback`, ...).
     """
-    import sentencepiece
 
     texts = [str(text) for text in texts]
     if not texts:

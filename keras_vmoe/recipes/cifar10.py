@@ -34,8 +34,12 @@ import sys
 import tempfile
 import time
 
+import h5py
 import keras
 import numpy as np
+
+from keras_vmoe import models
+from keras_vmoe.ops.tools.device import device_description
 
 from keras_vmoe.data.cifar10 import CIFAR10_CLASS_NAMES
 from keras_vmoe.data.cifar10 import load_cifar10
@@ -113,8 +117,6 @@ class Cifar10Recipe:
     def classifier_class(self):
         """The task class; its keras-hub class attributes name the backbone,
         preprocessor and image converter classes."""
-        from keras_vmoe import models
-
         return {
             "vit": models.VisionTransformerImageClassifier,
             "vmoe": models.VMoEImageClassifier,
@@ -247,24 +249,7 @@ def _compile(classifier, recipe, steps_per_epoch):
 
 def hardware():
     """The device Keras trains on, in words."""
-    backend = keras.backend.backend()
-    name = None
-    if backend == "jax":
-        import jax
-
-        device = jax.devices()[0]
-        name = f"{device.platform.upper()} {device.device_kind}" if device.platform != "cpu" else None
-    elif backend == "torch":
-        import torch
-
-        name = f"GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else None
-    elif backend == "tensorflow":
-        import tensorflow as tf
-
-        gpus = tf.config.list_physical_devices("GPU")
-        details = tf.config.experimental.get_device_details(gpus[0]) if gpus else {}
-        name = f"GPU {details.get('device_name', gpus[0].name)}" if gpus else None
-    return name or f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    return device_description()
 
 
 def fit_recipe(classifier, recipe, images, labels, rng, verbose="auto", after_epoch=None):
@@ -359,8 +344,6 @@ def store_weights_as_float16(folder):
     Loading casts them back to the variables' dtype (float32), so a model
     loaded from the preset computes in float32 with float16-rounded weights.
     """
-    import h5py
-
     for path in sorted(pathlib.Path(folder).glob("*.weights.h5")):
         with h5py.File(path, "a") as weights:
             arrays = []

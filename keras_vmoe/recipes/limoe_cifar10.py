@@ -49,6 +49,15 @@ from keras_vmoe.recipes.cifar10 import IMAGE_SIZE
 from keras_vmoe.recipes.cifar10 import PIXEL_OFFSET
 from keras_vmoe.recipes.cifar10 import PIXEL_SCALE
 from keras_vmoe.recipes.cifar10 import TINY_ENCODER
+import sentencepiece
+from keras_vmoe.models import LIMoEZeroShotClassifier
+from keras_vmoe.data.coco_captions import load_coco_captions
+from keras_vmoe.models.limoe.limoe_tokenizer import train_limoe_vocabulary
+from keras_vmoe.models import LIMoEBackbone
+from keras_vmoe.models import LIMoEContrastiveModel
+from keras_vmoe.models import LIMoEImageConverter
+from keras_vmoe.models import LIMoEPreprocessor
+from keras_vmoe.models import LIMoETokenizer
 
 TRAIN_TEMPLATES = (
     "a photo of a {}.",
@@ -137,14 +146,11 @@ class LIMoERecipe:
         return [[template.format(name) for template in templates] for name in CIFAR10_CLASS_NAMES]
 
     def build_vocabulary(self):
-        from keras_vmoe.models.limoe.limoe_tokenizer import train_limoe_vocabulary
 
         texts = [text for per_class in self.captions(self.train_templates) for text in per_class]
         return train_limoe_vocabulary(texts, self.vocabulary_size)
 
     def build_model(self, vocabulary_size):
-        from keras_vmoe.models import LIMoEBackbone
-        from keras_vmoe.models import LIMoEContrastiveModel
 
         backbone = LIMoEBackbone(
             vocabulary_size=vocabulary_size, max_text_length=self.sequence_length, **self.backbone
@@ -152,9 +158,6 @@ class LIMoERecipe:
         return LIMoEContrastiveModel(backbone, loss=self.loss)
 
     def build_preprocessor(self, proto):
-        from keras_vmoe.models import LIMoEImageConverter
-        from keras_vmoe.models import LIMoEPreprocessor
-        from keras_vmoe.models import LIMoETokenizer
 
         converter = LIMoEImageConverter(
             image_size=(IMAGE_SIZE, IMAGE_SIZE), scale=PIXEL_SCALE, offset=PIXEL_OFFSET
@@ -167,7 +170,6 @@ def pack_captions(proto, texts, sequence_length):
     packs them (`<s>`, the first `sequence_length - 2` pieces, `</s>`,
     padding), with the `sentencepiece` library alone (no TensorFlow), so that
     training can run where keras-hub's tokenizer cannot."""
-    import sentencepiece
 
     processor = sentencepiece.SentencePieceProcessor(model_proto=proto)
     ids = np.full((len(texts), sequence_length), processor.pad_id(), "int32")
@@ -301,7 +303,6 @@ def rebuild(recipe, weights_path, proto):
 
 
 def _vocabulary_size(proto):
-    import sentencepiece
 
     return sentencepiece.SentencePieceProcessor(model_proto=proto).get_piece_size()
 
@@ -309,7 +310,6 @@ def _vocabulary_size(proto):
 def save_preset(recipe, model, proto, folder):
     """Saves the trained backbone as a `LIMoEZeroShotClassifier` over the
     CIFAR-10 classes with the evaluation templates (weights in float16)."""
-    from keras_vmoe.models import LIMoEZeroShotClassifier
 
     folder = pathlib.Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -347,7 +347,6 @@ def retrieval_recall(image_vectors, text_vectors, text_image, ks=(1, 5)):
 
 def coco_retrieval(classifier, coco_path):
     """Recall@1/5 on the COCO caption pairs (images resized to the model's size)."""
-    from keras_vmoe.data.coco_captions import load_coco_captions
 
     images, captions = load_coco_captions(coco_path, image_size=IMAGE_SIZE)
     texts = [caption for per_image in captions for caption in per_image]
@@ -365,7 +364,6 @@ def coco_retrieval(classifier, coco_path):
 def evaluate_preset(preset, cifar10_path, coco_path=None, limit=None):
     """Zero-shot top-1 of a preset on the raw uint8 test images through
     `predict`, and COCO retrieval when `coco_path` is given."""
-    from keras_vmoe.models import LIMoEZeroShotClassifier
 
     classifier = LIMoEZeroShotClassifier.from_preset(str(preset))
     images, labels = load_cifar10(cifar10_path, "test", limit=limit)

@@ -9,12 +9,12 @@ from keras_vmoe.models.limoe.limoe_backbone import LIMoEBackbone
 from keras_vmoe.models.limoe.limoe_image_converter import LIMoEImageConverter
 from keras_vmoe.models.limoe.limoe_tokenizer import LIMoETokenizer
 from keras_vmoe.models.preset_mixin import BuiltinPresetMixin
+import tensorflow as tf
 
 
 def _require(condition, message):
     """Raises ValueError(message) eagerly; inside a tf.data graph, a runtime
     assertion with the same message."""
-    import tensorflow as tf
 
     if tf.executing_eagerly():
         if not bool(condition):
@@ -87,7 +87,6 @@ class LIMoEPreprocessor(BuiltinPresetMixin, Preprocessor):
 
     def tokenize(self, text):
         """Strings (batch,) -> (token_ids, padding_mask), each (batch, sequence_length)."""
-        import tensorflow as tf
 
         pieces = self.tokenizer(text)
         message = (
@@ -103,7 +102,6 @@ class LIMoEPreprocessor(BuiltinPresetMixin, Preprocessor):
 
     @preprocessing_function
     def call(self, x, y=None, sample_weight=None):
-        import tensorflow as tf
 
         if not isinstance(x, dict):
             return keras.utils.pack_x_y_sample_weight(self.convert_images(x), y, sample_weight)

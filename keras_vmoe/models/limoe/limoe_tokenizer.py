@@ -6,6 +6,7 @@ from keras_hub.tokenizers import SentencePieceTokenizer
 from keras_vmoe.models.limoe.limoe_backbone import LIMoEBackbone
 from keras_vmoe.models.sentencepiece_vocabulary import train_sentencepiece
 from keras_vmoe.models.preset_mixin import BuiltinPresetMixin
+import tensorflow as tf
 
 PAD, UNKNOWN, START, END = "<pad>", "<unk>", "<s>", "</s>"
 
@@ -67,7 +68,6 @@ class LIMoETokenizer(BuiltinPresetMixin, SentencePieceTokenizer):
 
     def _sentence_piece_alive(self):
         """Whether tf-text's SentencePiece resource still exists (see above)."""
-        import tensorflow as tf
 
         with tf.init_scope():  # Eagerly, also while a tf.data map is traced.
             try:

@@ -17,6 +17,7 @@ from keras import tree
 
 
 def _sort_stable(self, stable=None, dim=-1, descending=False):
+    # Optional dependency (keras-vmoe[export]), needed while exporting only.
     from onnxscript import opset18 as op
 
     length = op.Shape(self, start=dim) if dim == -1 else op.Shape(self, start=dim, end=dim + 1)

@@ -13,6 +13,7 @@ import numpy as np
 def is_concrete(x):
     """Whether `x` holds values now (not a tracer or a symbolic tensor)."""
     backend = keras.backend.backend()
+    # Each branch imports the backend in use only (the others may be absent).
     if isinstance(x, keras.KerasTensor):
         return False
     if backend == "jax":

@@ -21,7 +21,7 @@ def _require_jax(what):
 def _place(data):
     """Puts a batch on the devices as `fit` / `predict` do under the active
     distribution (sharded over its batch axis), or on the default device."""
-    import jax
+    import jax  # The JAX backend only (checked above); absent otherwise.
 
     distribution = keras.distribution.distribution()
 
@@ -48,7 +48,7 @@ def train_step_hlo(model, x, y, sample_weight=None):
     itself takes (a keras-hub task's preprocessor is not applied).
     """
     _require_jax("train_step_hlo")
-    import jax
+    import jax  # The JAX backend only (checked above); absent otherwise.
 
     optimizer = getattr(model, "optimizer", None)
     if optimizer is None or not optimizer.built:
@@ -70,7 +70,7 @@ def train_step_hlo(model, x, y, sample_weight=None):
 def predict_step_hlo(model, x):
     """HLO text of `model`'s compiled predict step on the batch `x`."""
     _require_jax("predict_step_hlo")
-    import jax
+    import jax  # The JAX backend only (checked above); absent otherwise.
 
     state = (_values(model.trainable_variables), _values(model.non_trainable_variables))
     step = jax.jit(model.predict_step)
