@@ -84,8 +84,15 @@ MEMORY_MODES = {"jax": "jax-jit", "tensorflow": "tf-graph", "torch": "torch-eage
 MEMORY_CANDIDATES = ("dense", "sparse_moe", "vmoe_einsum")
 PARTS = ("headline", "sweeps", "memory", "routers")
 # The router study's routers, timed against token choice at the headline workload.
-STUDY_ROUTERS = ("token_choice", "sinkhorn_token_choice", "sinkhorn_expert_choice",
-                 "sparse_token_choice", "sparse_expert_choice", "sparse_top_k", "expert_choice")
+STUDY_ROUTERS = (
+    "token_choice",
+    "sinkhorn_token_choice",
+    "sinkhorn_expert_choice",
+    "sparse_token_choice",
+    "sparse_expert_choice",
+    "sparse_top_k",
+    "expert_choice",
+)
 PHASES = ("forward", "train")
 # Tokens of the tiny copy a memory probe warms its process up on.
 WARM_UP_TOKENS = 16
@@ -390,7 +397,10 @@ def run_script_worker(script, backend, task):
         task_path.write_text(json.dumps(task))
         process = subprocess.run(
             [sys.executable, str(script), "--worker", str(task_path), str(result_path)],
-            env=worker_env(backend), stdout=sys.stderr, stderr=subprocess.PIPE, text=True,
+            env=worker_env(backend),
+            stdout=sys.stderr,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         if not result_path.exists():
             return {"error": f"{backend} worker exited with {process.returncode}:\n{process.stderr[-4000:]}"}
@@ -553,7 +563,7 @@ def machine_info():
         except metadata.PackageNotFoundError:
             versions[package] = None
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "cpu_model": cpu_model(),
@@ -569,19 +579,24 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
     parser.add_argument(
-        "--parts", nargs="+", choices=PARTS, default=None,
+        "--parts",
+        nargs="+",
+        choices=PARTS,
+        default=None,
         help="what to run (default: all; with --quick: headline and memory)",
     )
     parser.add_argument("--quick", action="store_true", help="tiny shapes and rounds (a smoke test)")
     parser.add_argument(
-        "--out", type=Path, default=None,
+        "--out",
+        type=Path,
+        default=None,
         help="JSON results file (default: benchmarks/results/moe_layer-<date>.json; none with --quick)",
     )
     args = parser.parse_args(argv)
     if args.parts is None:
         args.parts = ["headline", "memory"] if args.quick else list(PARTS)
     if args.out is None and not args.quick:
-        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
         args.out = BENCHMARK_DIR / "results" / f"moe_layer-{stamp}.json"
     return args
 

@@ -18,11 +18,9 @@ import sys
 import time
 import traceback
 
-import numpy as np
-
 import keras
+import numpy as np
 from keras import ops
-
 from moe_layer import MEMORY_CANDIDATES
 from moe_layer import MODES
 from moe_layer import Benchmark
@@ -39,12 +37,13 @@ elif BACKEND == "tensorflow":
 elif BACKEND == "jax":
     import jax
 
+from moe_references import DenseMaskedMoE  # noqa: E402
+from moe_references import OneHotEinsumMoE  # noqa: E402
+
 from keras_vmoe import ops as moe_ops  # noqa: E402
 from keras_vmoe.layers import Mlp  # noqa: E402
 from keras_vmoe.layers import SoftMoE  # noqa: E402
 from keras_vmoe.layers import SparseMoE  # noqa: E402
-from moe_references import DenseMaskedMoE  # noqa: E402
-from moe_references import OneHotEinsumMoE  # noqa: E402
 
 
 def log(message):

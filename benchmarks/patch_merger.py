@@ -38,7 +38,6 @@ How to read it
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -49,10 +48,10 @@ BENCHMARK_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCHMARK_DIR.parent
 sys.path.insert(0, str(BENCHMARK_DIR))
 
+from moe_layer import answer_task  # noqa: E402
 from moe_layer import format_table  # noqa: E402
 from moe_layer import limit_threads  # noqa: E402
 from moe_layer import machine_info  # noqa: E402
-from moe_layer import answer_task  # noqa: E402
 from moe_layer import run_script_worker  # noqa: E402
 from moe_layer import write_report  # noqa: E402
 
@@ -220,8 +219,10 @@ def run_worker(task):
             order = CANDIDATES if round_index % 2 == 0 else CANDIDATES[::-1]
             for candidate in order:
                 times[candidate].append(seconds(steps[candidate][phase]))
-            log(f"{phase} round {round_index + 1}/{task['rounds'][phase]}: "
-                + ", ".join(f"{c} {1e3 * times[c][-1]:.0f} ms" for c in CANDIDATES))
+            log(
+                f"{phase} round {round_index + 1}/{task['rounds'][phase]}: "
+                + ", ".join(f"{c} {1e3 * times[c][-1]:.0f} ms" for c in CANDIDATES)
+            )
         results[phase] = {
             candidate: {
                 "median_ms": 1e3 * statistics.median(times[candidate]),
@@ -243,13 +244,15 @@ def parse_args(argv):
     parser.add_argument("--quick", action="store_true", help="a tiny model and few rounds (a smoke test)")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument(
-        "--out", type=Path, default=None,
+        "--out",
+        type=Path,
+        default=None,
         help="JSON results file (default: benchmarks/results/patch_merger-<date>.json; none with --quick)",
     )
     parser.add_argument("--worker", nargs=2, metavar=("TASK", "RESULT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.out is None and not args.quick and not args.worker:
-        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
         args.out = BENCHMARK_DIR / "results" / f"patch_merger-{stamp}.json"
     return args
 
@@ -260,8 +263,14 @@ def main(argv=None):
     scale = QUICK if args.quick else FULL
     batch_size = args.batch_size or scale["batch_size"]
     task = {"scale": scale, "batch_size": batch_size, "rounds": scale["rounds"]}
-    report = {"machine": machine_info(), "quick": args.quick, "batch_size": batch_size,
-              "scale": scale, "backends": {}, "errors": []}
+    report = {
+        "machine": machine_info(),
+        "quick": args.quick,
+        "batch_size": batch_size,
+        "scale": scale,
+        "backends": {},
+        "errors": [],
+    }
     for backend in args.backends:
         answer = run_script_worker(__file__, backend, task)
         if "error" in answer:
@@ -274,22 +283,27 @@ def main(argv=None):
         report["multiply_adds_per_image"] = macs
         report["flops_ratio"] = macs["vit"] / macs["vit_patch_merger"]
     rows = []
-    for backend, answer in report["backends"].items():
+    for answer in report["backends"].values():
         for phase in PHASES:
             result = answer["results"][phase]
-            rows.append([
-                answer["mode"], phase,
-                f"{result['vit']['images_per_second']:.2f}",
-                f"{result['vit_patch_merger']['images_per_second']:.2f}",
-                f"{result['speedup']:.2f}x",
-            ])
+            rows.append(
+                [
+                    answer["mode"],
+                    phase,
+                    f"{result['vit']['images_per_second']:.2f}",
+                    f"{result['vit_patch_merger']['images_per_second']:.2f}",
+                    f"{result['speedup']:.2f}x",
+                ]
+            )
     title = "tiny ViT (quick)" if args.quick else "ViT-B/16, 224x224"
     print(f"\n== {title}, batch {batch_size}, one thread: images per second (median)")
     print(format_table(["mode", "phase", "without", "with PatchMerger", "speed-up"], rows))
     if "flops_ratio" in report:
         macs = report["multiply_adds_per_image"]
-        print(f"multiply-adds per image: {macs['vit'] / 1e6:,.1f} M without, "
-              f"{macs['vit_patch_merger'] / 1e6:,.1f} M with (ratio {report['flops_ratio']:.2f}x)")
+        print(
+            f"multiply-adds per image: {macs['vit'] / 1e6:,.1f} M without, "
+            f"{macs['vit_patch_merger'] / 1e6:,.1f} M with (ratio {report['flops_ratio']:.2f}x)"
+        )
     write_report(report, args.out)
     return report
 

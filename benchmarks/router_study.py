@@ -53,8 +53,10 @@ ROUTERS = {
     "token_choice": ("vmoe", dict(router="token_choice", num_selected_experts=1, batch_priority=True)),
     "expert_choice": ("vmoe", dict(router="expert_choice")),
     "soft_moe": ("soft_moe", dict()),
-    "sinkhorn_token_choice": ("vmoe", dict(router="sinkhorn_token_choice", num_selected_experts=1,
-                                           batch_priority=True)),
+    "sinkhorn_token_choice": (
+        "vmoe",
+        dict(router="sinkhorn_token_choice", num_selected_experts=1, batch_priority=True),
+    ),
     "sinkhorn_expert_choice": ("vmoe", dict(router="sinkhorn_expert_choice")),
     "sparse_expert_choice": ("vmoe", dict(router="sparse_expert_choice")),
     "sparse_top_k": ("vmoe", dict(router="sparse_top_k", num_selected_experts=1, batch_priority=True)),
@@ -74,16 +76,45 @@ class Budget:
 
 
 CPU = Budget(
-    encoder=dict(image_shape=(32, 32, 3), patch_size=4, num_layers=4, hidden_dim=128, mlp_dim=512,
-                 num_heads=4, pooling="gap", attention_qk_norm=False, dropout_rate=0.0),
-    moe_layers=(1, 3), epochs=8, train_images=10000, batch_size=128, warmup_epochs=1, seeds=1,
+    encoder=dict(
+        image_shape=(32, 32, 3),
+        patch_size=4,
+        num_layers=4,
+        hidden_dim=128,
+        mlp_dim=512,
+        num_heads=4,
+        pooling="gap",
+        attention_qk_norm=False,
+        dropout_rate=0.0,
+    ),
+    moe_layers=(1, 3),
+    epochs=8,
+    train_images=10000,
+    batch_size=128,
+    warmup_epochs=1,
+    seeds=1,
     timing_rounds=10,
 )
-FULL = Budget(encoder=None, moe_layers=(3, 5), epochs=100, train_images=None, batch_size=256,
-              warmup_epochs=5, seeds=3, timing_rounds=20)
+FULL = Budget(
+    encoder=None,
+    moe_layers=(3, 5),
+    epochs=100,
+    train_images=None,
+    batch_size=256,
+    warmup_epochs=5,
+    seeds=3,
+    timing_rounds=20,
+)
 QUICK = dataclasses.replace(
-    CPU, encoder=dict(CPU.encoder, num_layers=2, hidden_dim=32, mlp_dim=64, num_heads=2),
-    moe_layers=(1,), epochs=1, train_images=512, batch_size=64, warmup_epochs=0, seeds=1, timing_rounds=2,
+    CPU,
+    encoder=dict(CPU.encoder, num_layers=2, hidden_dim=32, mlp_dim=64, num_heads=2),
+    moe_layers=(1,),
+    epochs=1,
+    train_images=512,
+    batch_size=64,
+    warmup_epochs=0,
+    seeds=1,
+    timing_rounds=2,
 )
 
 
@@ -102,8 +133,14 @@ def recipe_for(router, budget, seed):
             backbone["capacity_factor"] = 1.0
     backbone.update(options)
     return Cifar10Recipe(
-        name=router, description=f"router study: {router}", family=family, backbone=backbone,
-        epochs=budget.epochs, batch_size=budget.batch_size, warmup_epochs=budget.warmup_epochs, seed=seed,
+        name=router,
+        description=f"router study: {router}",
+        family=family,
+        backbone=backbone,
+        epochs=budget.epochs,
+        batch_size=budget.batch_size,
+        warmup_epochs=budget.warmup_epochs,
+        seed=seed,
     )
 
 
@@ -151,9 +188,14 @@ def run(args, budget):
     images, labels = images[order], labels[order]  # The archive is sorted by class.
     test_images, test_labels = load_cifar10(args.cifar10, "test", limit=args.test_images)
     probe = to_model_inputs(test_images[:1000])
-    results = {"budget": dataclasses.asdict(budget), "hardware": hardware(),
-               "backend": keras.backend.backend(), "train_images": len(images),
-               "test_images": len(test_images), "arms": {}}
+    results = {
+        "budget": dataclasses.asdict(budget),
+        "hardware": hardware(),
+        "backend": keras.backend.backend(),
+        "train_images": len(images),
+        "test_images": len(test_images),
+        "arms": {},
+    }
     last_models = {}
     for seed in range(budget.seeds):
         for router in args.routers:
@@ -164,15 +206,28 @@ def run(args, budget):
             fit_recipe(classifier, recipe, images, labels, np.random.default_rng(seed), verbose=0)
             seconds = time.perf_counter() - start
             top1 = top1_accuracy(classifier, test_images, test_labels)
-            arm = results["arms"].setdefault(router, {
-                "parameters": classifier.count_params(),
-                "flops_per_image": count_flops(classifier)["total"],
-                "backbone": recipe.backbone, "runs": [],
-            })
-            arm["runs"].append({"seed": seed, "test_top1": top1, "training_time_s": seconds,
-                                "dropped_tokens": dropped_fraction(classifier, probe)})
-            print(f"seed {seed} {router:>24}: test top-1 {top1:.4f}, {seconds:.0f} s, "
-                  f"dropped {arm['runs'][-1]['dropped_tokens']:.3f}", flush=True)
+            arm = results["arms"].setdefault(
+                router,
+                {
+                    "parameters": classifier.count_params(),
+                    "flops_per_image": count_flops(classifier)["total"],
+                    "backbone": recipe.backbone,
+                    "runs": [],
+                },
+            )
+            arm["runs"].append(
+                {
+                    "seed": seed,
+                    "test_top1": top1,
+                    "training_time_s": seconds,
+                    "dropped_tokens": dropped_fraction(classifier, probe),
+                }
+            )
+            print(
+                f"seed {seed} {router:>24}: test top-1 {top1:.4f}, {seconds:.0f} s, "
+                f"dropped {arm['runs'][-1]['dropped_tokens']:.3f}",
+                flush=True,
+            )
             last_models[router] = classifier
             _write(results, args.output)
     batch = to_model_inputs(images[: budget.batch_size])
@@ -191,22 +246,34 @@ def _write(results, output):
 
 def summarise(results):
     """Markdown table: per router, mean top-1 with spread, dropped tokens, step time."""
-    lines = ["| router | test top-1 (mean) | runs (min to max) | dropped tokens | step time vs dense |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "| router | test top-1 (mean) | runs (min to max) | dropped tokens | step time vs dense |",
+        "|---|---|---|---|---|",
+    ]
     rows = []
     for router, arm in results["arms"].items():
         top1 = [run["test_top1"] for run in arm["runs"]]
         dropped = statistics.mean(run["dropped_tokens"] for run in arm["runs"])
         ratio = arm.get("step_time_vs_dense")
         spread = f"{min(top1):.4f} to {max(top1):.4f}" if len(top1) > 1 else "one run"
-        rows.append((statistics.mean(top1), f"| {router} | {statistics.mean(top1):.4f} | {spread} | "
-                     f"{dropped:.3f} | {'-' if ratio is None else f'{ratio:.2f}x'} |"))
+        rows.append(
+            (
+                statistics.mean(top1),
+                f"| {router} | {statistics.mean(top1):.4f} | {spread} | "
+                f"{dropped:.3f} | {'-' if ratio is None else f'{ratio:.2f}x'} |",
+            )
+        )
     lines += [row for _, row in sorted(rows, reverse=True)]
     budget = results["budget"]
-    return "\n".join([
-        f"Router study: {results['train_images']:,} training images, {budget['epochs']} epochs, "
-        f"{budget['seeds']} seed(s), {results['test_images']:,} test images; {results['backend']} on "
-        f"{results['hardware']}.", "", *lines])
+    return "\n".join(
+        [
+            f"Router study: {results['train_images']:,} training images, {budget['epochs']} epochs, "
+            f"{budget['seeds']} seed(s), {results['test_images']:,} test images; {results['backend']} on "
+            f"{results['hardware']}.",
+            "",
+            *lines,
+        ]
+    )
 
 
 def draw_chart(results, path):
@@ -217,8 +284,10 @@ def draw_chart(results, path):
     from keras_vmoe.visualization.routing_map import PALETTE
     from keras_vmoe.visualization.routing_map import load_font
 
-    arms = sorted(results["arms"].items(), key=lambda item: -statistics.mean(
-        run["test_top1"] for run in item[1]["runs"]))
+    arms = sorted(
+        results["arms"].items(),
+        key=lambda item: -statistics.mean(run["test_top1"] for run in item[1]["runs"]),
+    )
     values = [[run["test_top1"] for run in arm["runs"]] for _, arm in arms]
     low = min(min(v) for v in values) - 0.02
     high = max(max(v) for v in values) + 0.01
@@ -238,7 +307,7 @@ def draw_chart(results, path):
     for k in range(5):
         value = low + (high - low) * k / 4
         draw.text((6, y_of(value) - 7), f"{value:.3f}", fill="black", font=font)
-    for i, ((name, arm), runs) in enumerate(zip(arms, values)):
+    for i, ((name, _), runs) in enumerate(zip(arms, values)):
         x0 = left + i * bar + 8
         colour = (150, 150, 150) if name == "dense" else PALETTE[i % len(PALETTE)]
         draw.rectangle((x0, y_of(statistics.mean(runs)), x0 + bar - 16, height - bottom), fill=colour)
@@ -247,8 +316,9 @@ def draw_chart(results, path):
             draw.ellipse((cx - 3, y_of(value) - 3, cx + 3, y_of(value) + 3), fill="black")
         label = Image.new("RGBA", (bottom - 10, 16), (255, 255, 255, 0))
         ImageDraw.Draw(label).text((0, 0), name, fill="black", font=font)
-        canvas.paste(label.rotate(60, expand=True), (int(x0), height - bottom + 4),
-                     label.rotate(60, expand=True))
+        canvas.paste(
+            label.rotate(60, expand=True), (int(x0), height - bottom + 4), label.rotate(60, expand=True)
+        )
     canvas.save(path)
 
 
@@ -260,8 +330,12 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="a tiny smoke test")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per router (default: the budget's)")
     parser.add_argument("--test-images", type=int, default=None, help="test images (default: all 10,000)")
-    parser.add_argument("--output", type=pathlib.Path, default=None,
-                        help="JSON record (default: benchmarks/results/router_study-<budget>.json)")
+    parser.add_argument(
+        "--output",
+        type=pathlib.Path,
+        default=None,
+        help="JSON record (default: benchmarks/results/router_study-<budget>.json)",
+    )
     parser.add_argument("--report", type=pathlib.Path, help="only print and draw an existing record")
     args = parser.parse_args(argv)
     budget = QUICK if args.quick else FULL if args.full else CPU

@@ -28,7 +28,6 @@ How it measures
 
 import argparse
 import datetime
-import json
 import statistics
 import sys
 import tempfile
@@ -38,10 +37,10 @@ from pathlib import Path
 BENCHMARK_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCHMARK_DIR))
 
+from moe_layer import answer_task  # noqa: E402
 from moe_layer import format_table  # noqa: E402
 from moe_layer import limit_threads  # noqa: E402
 from moe_layer import machine_info  # noqa: E402
-from moe_layer import answer_task  # noqa: E402
 from moe_layer import run_script_worker  # noqa: E402
 from moe_layer import write_report  # noqa: E402
 
@@ -107,8 +106,11 @@ def run_worker(task):
                     times[way].append(time.perf_counter() - start)
         medians = {way: 1e3 * statistics.median(values) for way, values in times.items()}
         results[preset] = {
-            way: {"median_ms": medians[way], "ratio_to_predict": medians[way] / medians["predict"],
-                  "max_abs_difference": differences[way]}
+            way: {
+                "median_ms": medians[way],
+                "ratio_to_predict": medians[way] / medians["predict"],
+                "max_abs_difference": differences[way],
+            }
             for way in ways
         }
         log(f"{backend} {preset}: " + ", ".join(f"{w} {m:.2f} ms" for w, m in medians.items()))
@@ -120,12 +122,16 @@ def parse_args(argv):
     parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
     parser.add_argument("--presets", nargs="+", choices=PRESETS, default=list(PRESETS))
     parser.add_argument("--quick", action="store_true", help="few rounds (a smoke test)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="JSON results (default: benchmarks/results/serving-<date>.json; none with --quick)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON results (default: benchmarks/results/serving-<date>.json; none with --quick)",
+    )
     parser.add_argument("--worker", nargs=2, metavar=("TASK", "RESULT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.out is None and not args.quick and not args.worker:
-        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
         args.out = BENCHMARK_DIR / "results" / f"serving-{stamp}.json"
     return args
 
@@ -133,8 +139,13 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     task = {"presets": args.presets, "rounds": 5 if args.quick else 200}
-    report = {"machine": machine_info(), "quick": args.quick, "rounds": task["rounds"],
-              "backends": {}, "errors": []}
+    report = {
+        "machine": machine_info(),
+        "quick": args.quick,
+        "rounds": task["rounds"],
+        "backends": {},
+        "errors": [],
+    }
     for backend in args.backends:
         answer = run_script_worker(__file__, backend, task)
         if "error" in answer:
@@ -144,10 +155,15 @@ def main(argv=None):
     rows = []
     for backend, answer in report["backends"].items():
         for preset, result in answer["results"].items():
-            rows.append([backend, preset] + [
-                f"{result[way]['median_ms']:.2f} ms ({result[way]['ratio_to_predict']:.2f}x)"
-                if way in result else "-" for way in WAYS
-            ])
+            rows.append(
+                [backend, preset]
+                + [
+                    f"{result[way]['median_ms']:.2f} ms ({result[way]['ratio_to_predict']:.2f}x)"
+                    if way in result
+                    else "-"
+                    for way in WAYS
+                ]
+            )
     print("\n== one 32x32 image, one thread: median latency (ratio to predict)")
     print(format_table(["backend", "preset", *WAYS], rows))
     write_report(report, args.out)

@@ -44,10 +44,10 @@ def upcycled_arm(arm, dense):
     if arm == "dense":
         return dense
     if arm == "vmoe":
-        return keras_vmoe.upcycle(dense, num_experts=8, moe_layers=(3, 5), router="expert_choice",
-                                  capacity_factor=1.0)
-    return keras_vmoe.upcycle(dense, num_experts=8, moe_layers=(3, 5), router="soft",
-                              slots_per_expert=8)
+        return keras_vmoe.upcycle(
+            dense, num_experts=8, moe_layers=(3, 5), router="expert_choice", capacity_factor=1.0
+        )
+    return keras_vmoe.upcycle(dense, num_experts=8, moe_layers=(3, 5), router="soft", slots_per_expert=8)
 
 
 def run_arm(args):
@@ -63,8 +63,14 @@ def run_arm(args):
     from keras_vmoe.recipes.cifar10 import top1_accuracy
 
     recipe = Cifar10Recipe(
-        name=f"upcycling_{args.arm}", description="continued training", family="vmoe",
-        backbone={}, epochs=args.epochs, learning_rate=3e-4, warmup_epochs=1, seed=0,
+        name=f"upcycling_{args.arm}",
+        description="continued training",
+        family="vmoe",
+        backbone={},
+        epochs=args.epochs,
+        learning_rate=3e-4,
+        warmup_epochs=1,
+        seed=0,
     )
     keras.utils.set_random_seed(recipe.seed)
     rng = np.random.default_rng(recipe.seed)
@@ -73,14 +79,22 @@ def run_arm(args):
     classifier = upcycled_arm(args.arm, VMoEImageClassifier.from_preset("vit_tiny_cifar10"))
     flops = count_flops(classifier)["total"]
     points = [dict(epochs=0, test_top1=top1_accuracy(classifier, test_images, test_labels))]
-    print(f"{args.arm}: {classifier.count_params():,} parameters, {flops / 1e6:.1f} MFLOPs per image, "
-          f"top-1 before training {points[0]['test_top1']:.4f}", flush=True)
+    print(
+        f"{args.arm}: {classifier.count_params():,} parameters, {flops / 1e6:.1f} MFLOPs per image, "
+        f"top-1 before training {points[0]['test_top1']:.4f}",
+        flush=True,
+    )
     start = time.perf_counter()
 
     def evaluate(epoch):
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == recipe.epochs:
-            points.append(dict(epochs=epoch + 1, test_top1=top1_accuracy(classifier, test_images, test_labels),
-                               seconds=round(time.perf_counter() - start, 1)))
+            points.append(
+                dict(
+                    epochs=epoch + 1,
+                    test_top1=top1_accuracy(classifier, test_images, test_labels),
+                    seconds=round(time.perf_counter() - start, 1),
+                )
+            )
             print(f"{args.arm}: epoch {epoch + 1}, top-1 {points[-1]['test_top1']:.4f}", flush=True)
 
     fit_recipe(classifier, recipe, images, labels, rng, verbose=args.verbose, after_epoch=evaluate)
@@ -89,9 +103,14 @@ def run_arm(args):
         # Training FLOPs ~ 3x forward (forward, and gradients of inputs and weights).
         point["extra_training_flops"] = 3 * flops * point["epochs"] * steps_per_epoch * recipe.batch_size
     result = dict(
-        arm=args.arm, parameters=int(classifier.count_params()), flops_per_image=int(flops),
-        points=points, recipe=dataclasses.asdict(recipe), hardware=hardware(),
-        backend=keras.backend.backend(), training_images=int(len(images)),
+        arm=args.arm,
+        parameters=int(classifier.count_params()),
+        flops_per_image=int(flops),
+        points=points,
+        recipe=dataclasses.asdict(recipe),
+        hardware=hardware(),
+        backend=keras.backend.backend(),
+        training_images=int(len(images)),
     )
     pathlib.Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
 
@@ -103,7 +122,8 @@ def report(args):
     epochs = sorted({p["epochs"] for r in results for p in r["points"]})
     lines = [
         "| extra epochs | extra training PFLOPs (dense) | "
-        + " | ".join(f"{r['arm']} top-1" for r in results) + " |",
+        + " | ".join(f"{r['arm']} top-1" for r in results)
+        + " |",
         "| --- | --- | " + " | ".join("---" for _ in results) + " |",
     ]
     dense = next((r for r in results if r["arm"] == "dense"), results[0])
@@ -115,13 +135,18 @@ def report(args):
         extra = next(p for p in dense["points"] if p["epochs"] == epoch)["extra_training_flops"]
         lines.append(f"| {epoch} | {extra / 1e15:.2f} | " + " | ".join(cells) + " |")
     summary = "\n".join(
-        [f"- {r['arm']}: {r['parameters']:,} parameters, {r['flops_per_image'] / 1e6:.1f} MFLOPs per image"
-         for r in results]
+        [
+            f"- {r['arm']}: {r['parameters']:,} parameters, {r['flops_per_image'] / 1e6:.1f} MFLOPs per image"
+            for r in results
+        ]
         + [f"- hardware: {results[0]['hardware']}, backend {results[0]['backend']}"]
     )
     output.with_suffix(".md").write_text(
         "# Sparse upcycling of vit_tiny_cifar10 (benchmarks/upcycling_cifar10.py)\n\n"
-        + summary + "\n\n" + "\n".join(lines) + "\n"
+        + summary
+        + "\n\n"
+        + "\n".join(lines)
+        + "\n"
     )
     output.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
     draw_plot(results, output.with_suffix(".png"))
@@ -145,8 +170,10 @@ def draw_plot(results, path):
     y_max = max(y for _, y in points) + 0.005
 
     def to_pixel(x, y):
-        return (left + (width - left - right) * x / x_max,
-                height - bottom - (height - top - bottom) * (y - y_min) / (y_max - y_min))
+        return (
+            left + (width - left - right) * x / x_max,
+            height - bottom - (height - top - bottom) * (y - y_min) / (y_max - y_min),
+        )
 
     font = load_font(13)
     draw.line((left, height - bottom, width - right, height - bottom), fill="black")
@@ -173,9 +200,11 @@ def draw_plot(results, path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arm", choices=ARMS)
-    parser.add_argument("--cifar10", type=pathlib.Path,
-                        default=pathlib.Path(os.environ.get("KERAS_VMOE_SHARED", "../shared"))
-                        / "data" / "cifar10_jpeg.npz")
+    parser.add_argument(
+        "--cifar10",
+        type=pathlib.Path,
+        default=pathlib.Path(os.environ.get("KERAS_VMOE_SHARED", "../shared")) / "data" / "cifar10_jpeg.npz",
+    )
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--eval-every", type=int, default=5)
     parser.add_argument("--train-limit", type=int, default=None, help="smoke runs")

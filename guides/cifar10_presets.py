@@ -122,8 +122,10 @@ pixels = vmoe.preprocessor(images[:500])
 assignments = expert_assignments(vmoe.backbone, pixels)
 for block, experts in assignments.items():
     counts = np.bincount(experts.ravel() + 1, minlength=9)
-    print(f"block {block}: dropped {counts[0] / experts.size:.1%} of the tokens; "
-          f"tokens per expert {counts[1:].tolist()}")
+    print(
+        f"block {block}: dropped {counts[0] / experts.size:.1%} of the tokens; "
+        f"tokens per expert {counts[1:].tolist()}"
+    )
 
 """
 With capacity factor 1.0 and each image routed on its own, an expert has 8

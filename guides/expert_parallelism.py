@@ -56,9 +56,7 @@ import sys
 
 BACKEND = os.environ.get("KERAS_BACKEND", "jax")
 if BACKEND == "jax":
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    )
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
 import keras
 import numpy as np
@@ -201,9 +199,7 @@ x_test = x_test.astype("float32") / 127.5 - 1.0
 # The archive (and so the subset) is sorted by class, and keras-hub tasks feed
 # NumPy inputs to `fit` in order: shuffle every epoch with tf.data.
 train_dataset = (
-    tf.data.Dataset.from_tensor_slices((x_train, y_train))
-    .shuffle(len(x_train), seed=0)
-    .batch(BATCH_SIZE)
+    tf.data.Dataset.from_tensor_slices((x_train, y_train)).shuffle(len(x_train), seed=0).batch(BATCH_SIZE)
 )
 
 steps = EPOCHS * int(np.ceil(len(x_train) / BATCH_SIZE))

@@ -98,8 +98,9 @@ images, labels = load_cifar10(CIFAR10, "test", limit=NUM_TEST, verbose=False)
 start = time.perf_counter()
 logits = classifier.predict(images, batch_size=500, verbose=0)
 top1 = float(np.mean(np.argmax(logits, -1) == labels))
-print(f"zero-shot top-1 on {len(images)} CIFAR-10 test images: {top1:.4f} "
-      f"({time.perf_counter() - start:.1f} s)")
+print(
+    f"zero-shot top-1 on {len(images)} CIFAR-10 test images: {top1:.4f} ({time.perf_counter() - start:.1f} s)"
+)
 
 """
 On all 10,000 test images this gives **0.7283** (JAX, CPU, the same figure the
@@ -154,8 +155,10 @@ entropy = lambda p: -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1)), 0
 by_hand_local = entropy(gates[0, :3]).mean()
 by_hand_global = max(0.0, math.log(3) - entropy(gates[0, :3].mean(0)))
 print(f"image local entropy:  {float(local_entropy_loss(gates, is_image)):.4f}  by hand {by_hand_local:.4f}")
-print(f"image global entropy: {float(global_entropy_loss(gates, is_image, math.log(3))):.4f}  "
-      f"by hand {by_hand_global:.4f} (tau = log 3: all three experts)")
+print(
+    f"image global entropy: {float(global_entropy_loss(gates, is_image, math.log(3))):.4f}  "
+    f"by hand {by_hand_global:.4f} (tau = log 3: all three experts)"
+)
 
 """
 The model's `MultimodalTokenChoiceRouter` adds `local_weight * local +
@@ -189,11 +192,21 @@ preprocessor = LIMoEPreprocessor(
 keras.utils.set_random_seed(0)
 
 backbone = LIMoEBackbone(
-    image_shape=(32, 32, 3), patch_size=8, vocabulary_size=preprocessor.tokenizer.vocabulary_size(),
-    max_text_length=12, num_layers=2, hidden_dim=64, mlp_dim=128, num_heads=4, embedding_dim=32,
-    moe_layers=(1,), num_experts=4, capacity_factor=1.0,
+    image_shape=(32, 32, 3),
+    patch_size=8,
+    vocabulary_size=preprocessor.tokenizer.vocabulary_size(),
+    max_text_length=12,
+    num_layers=2,
+    hidden_dim=64,
+    mlp_dim=128,
+    num_heads=4,
+    embedding_dim=32,
+    moe_layers=(1,),
+    num_experts=4,
+    capacity_factor=1.0,
     router_options=dict(
-        local_entropy_weights=0.01, global_entropy_weights=0.01,
+        local_entropy_weights=0.01,
+        global_entropy_weights=0.01,
         global_entropy_thresholds=dict(image=math.log(4), text=math.log(2)),
     ),
 )
@@ -208,12 +221,10 @@ rng = np.random.default_rng(0)
 # batch holds one class and no caption can be told from another.
 order = rng.permutation(len(train_images))
 train_images, train_labels = train_images[order], train_labels[order]
-train_captions = np.array([
-    captions_by_class[label][rng.integers(len(TRAIN_TEMPLATES))] for label in train_labels
-])
-history = model.fit(
-    {"images": train_images, "text": train_captions}, batch_size=64, epochs=epochs, verbose=2
+train_captions = np.array(
+    [captions_by_class[label][rng.integers(len(TRAIN_TEMPLATES))] for label in train_labels]
 )
+history = model.fit({"images": train_images, "text": train_captions}, batch_size=64, epochs=epochs, verbose=2)
 print(f"learned temperature: {model.temperature:.2f}")
 
 """
@@ -259,16 +270,23 @@ num_pairs = 32 if FAST else 2000
 # A random draw over the test split (which is stored class by class), as the
 # command line draws it.
 pair_images, pair_labels = load_cifar10(CIFAR10, "test", limit=num_pairs, verbose=False)
-pair_captions = np.array([templates[i % len(templates)].format(class_names[label])
-                          for i, label in enumerate(pair_labels)])
+pair_captions = np.array(
+    [templates[i % len(templates)].format(class_names[label]) for i, label in enumerate(pair_labels)]
+)
 texts = classifier.preprocessor({"text": pair_captions})
-stats = expert_modality_counts(classifier.backbone, classifier.preprocessor(pair_images),
-                               texts["token_ids"], texts["padding_mask"])
+stats = expert_modality_counts(
+    classifier.backbone, classifier.preprocessor(pair_images), texts["token_ids"], texts["padding_mask"]
+)
 for block, block_stats in stats.items():
     share = np.nan_to_num(block_stats.balanced_share[0])
-    print(f"block {block}: image share per expert", np.round(share, 2).tolist(),
-          "| text tokens per expert", block_stats.counts[1].tolist(),
-          "| specific:", block_stats.specific_experts())
+    print(
+        f"block {block}: image share per expert",
+        np.round(share, 2).tolist(),
+        "| text tokens per expert",
+        block_stats.counts[1].tolist(),
+        "| specific:",
+        block_stats.specific_experts(),
+    )
 OUTPUT.mkdir(parents=True, exist_ok=True)
 picture = draw_expert_modality(stats, title=f"limoe_tiny_cifar10 on {num_pairs} CIFAR-10 test pairs")
 picture.save(OUTPUT / "limoe_expert_modality.png")

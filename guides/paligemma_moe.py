@@ -189,14 +189,15 @@ also count the zero-weighted prompt and padding positions).
 
 steps = EPOCHS * int(np.ceil(len(train["responses"]) / BATCH_SIZE))
 schedule = keras.optimizers.schedules.CosineDecay(
-    initial_learning_rate=0.0, warmup_target=1e-3, warmup_steps=max(1, steps // 10),
-    decay_steps=max(1, steps - steps // 10), alpha=0.05,
+    initial_learning_rate=0.0,
+    warmup_target=1e-3,
+    warmup_steps=max(1, steps // 10),
+    decay_steps=max(1, steps - steps // 10),
+    alpha=0.05,
 )
 captioner.compile(
     optimizer=keras.optimizers.AdamW(schedule, weight_decay=0.01),
-    loss=keras.losses.SparseCategoricalCrossentropy(
-        from_logits=True, reduction="mean_with_sample_weight"
-    ),
+    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="mean_with_sample_weight"),
     sampler="greedy",
 )
 
@@ -229,13 +230,13 @@ validation = None if FAST else val
 if validation:
     before = captioner.evaluate(validation, batch_size=BATCH_SIZE, verbose=0, return_dict=True)
 start = time.perf_counter()
-history = captioner.fit(
-    train, validation_data=validation, epochs=EPOCHS, batch_size=BATCH_SIZE, verbose=2
-)
+history = captioner.fit(train, validation_data=validation, epochs=EPOCHS, batch_size=BATCH_SIZE, verbose=2)
 print(f"trained {EPOCHS} epoch(s) in {time.perf_counter() - start:.0f} s")
 if validation:
-    print(f"validation cross-entropy per caption token: {before['loss']:.2f} -> "
-          f"{history.history['val_loss'][-1]:.2f}")
+    print(
+        f"validation cross-entropy per caption token: {before['loss']:.2f} -> "
+        f"{history.history['val_loss'][-1]:.2f}"
+    )
 
 """
 Does the decoder look at the image, or only at the caption so far? Give each
@@ -246,8 +247,10 @@ a model that ignores the image scores both the same.
 if validation:
     mismatched = pairs(np.roll(val_images, 1, axis=0), val_captions)  # The next image's.
     wrong = captioner.evaluate(mismatched, batch_size=BATCH_SIZE, verbose=0, return_dict=True)
-    print(f"validation cross-entropy with the right images: {history.history['val_loss'][-1]:.3f}, "
-          f"with other images: {wrong['loss']:.3f}")
+    print(
+        f"validation cross-entropy with the right images: {history.history['val_loss'][-1]:.3f}, "
+        f"with other images: {wrong['loss']:.3f}"
+    )
 
 """
 ## Captions after training

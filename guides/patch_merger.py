@@ -198,8 +198,10 @@ def block_macs(tokens, dim=64, mlp_dim=256):
 
 without = 6 * block_macs(65)
 with_merger = 3 * block_macs(65) + 2 * 64 * 8 * 64 + 3 * block_macs(9)
-print(f"encoder blocks: {without / 1e6:.1f} M multiply-adds per image without the merger, "
-      f"{with_merger / 1e6:.1f} M with it ({without / with_merger:.2f}x fewer)")
+print(
+    f"encoder blocks: {without / 1e6:.1f} M multiply-adds per image without the merger, "
+    f"{with_merger / 1e6:.1f} M with it ({without / with_merger:.2f}x fewer)"
+)
 
 """
 The three blocks after the merger now cost about an eighth of the others, so
@@ -211,8 +213,13 @@ built in: `VMoEBackbone.from_architecture("vit_b16_pm8")` and
 other block):
 """
 
-print({key: value for key, value in architecture_config("vmoe_b16_every2_e8_k2_pm8").items()
-       if key in ("num_layers", "moe_layers", "patch_merger", "group_size")})
+print(
+    {
+        key: value
+        for key, value in architecture_config("vmoe_b16_every2_e8_k2_pm8").items()
+        if key in ("num_layers", "moe_layers", "patch_merger", "group_size")
+    }
+)
 
 """
 In that V-MoE the MoE layers after the merger route 9 tokens per image; its
@@ -263,14 +270,18 @@ def train_and_evaluate(name, patch_merger):
 merged_model, merged_results = train_and_evaluate("ViT + PatchMerger", PATCH_MERGER)
 _, plain_results = train_and_evaluate("ViT", None)
 
-print(f"\n{'model':<18} {'parameters':>11} {'train acc':>10} {'test acc':>9} {'train time':>11} {'test time':>10}")
+print(
+    f"\n{'model':<18} {'parameters':>11} {'train acc':>10} {'test acc':>9} {'train time':>11} {'test time':>10}"
+)
 for row in (merged_results, plain_results):
     print(
         f"{row['name']:<18} {row['params']:>11,} {row['train_accuracy']:>10.4f} "
         f"{row['test_accuracy']:>9.4f} {row['train_seconds']:>10.1f}s {row['test_seconds']:>9.1f}s"
     )
-print(f"(backend {keras.backend.backend()}, {len(x_train)} training images, "
-      f"{EPOCHS} epoch(s), {len(x_test)} test images)")
+print(
+    f"(backend {keras.backend.backend()}, {len(x_train)} training images, "
+    f"{EPOCHS} epoch(s), {len(x_test)} test images)"
+)
 
 """
 The first epoch's time includes tracing and compiling the model, and on a
@@ -293,8 +304,10 @@ weights = keras.ops.convert_to_numpy(merger.merge_weights(entering))  # (3, 8, 6
 class_names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 for image_index in range(3):
     owner = weights[image_index].argmax(axis=0).reshape(8, 8)
-    print(f"\ntest image {image_index} ({class_names[y_test[image_index]]}): "
-          f"merged token taking the most of each patch")
+    print(
+        f"\ntest image {image_index} ({class_names[y_test[image_index]]}): "
+        f"merged token taking the most of each patch"
+    )
     for row in owner:
         print("  " + " ".join(str(token) for token in row))
     peak = weights[image_index].max(axis=1)

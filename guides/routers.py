@@ -54,7 +54,6 @@ this guide trains nothing, it reads the study's results from
 `benchmarks/results/`.
 """
 
-import json
 import os
 import pathlib
 
@@ -96,9 +95,11 @@ for name, cls in sorted(ROUTERS.items()):
 for name, router in routers.items():
     plan, metrics = router(tokens)
     pairs = dispatched_pairs(plan)[0]
-    print(f"{name:>24}: tokens per expert {pairs.sum(0).tolist()}, "
-          f"dropped tokens {int((pairs.sum(1) == 0).sum())}, auxiliary loss "
-          f"{float(keras.ops.convert_to_numpy(metrics['auxiliary_loss'])[0]):.4f}")
+    print(
+        f"{name:>24}: tokens per expert {pairs.sum(0).tolist()}, "
+        f"dropped tokens {int((pairs.sum(1) == 0).sum())}, auxiliary loss "
+        f"{float(keras.ops.convert_to_numpy(metrics['auxiliary_loss'])[0]):.4f}"
+    )
 
 """
 Token choice with softmax gates sends each token to its favourite expert and
@@ -138,8 +139,10 @@ soft = SoftRouter(4, slots_per_expert=1)
 soft.build(tokens.shape)
 soft_plan, soft_metrics = soft(tokens)
 dispatch = keras.ops.convert_to_numpy(soft_plan.dispatch_weights)[0, :, :, 0]
-print("Soft MoE dispatch weights: each expert's slot sums its weights over the tokens:",
-      np.round(dispatch.sum(0), 4).tolist())
+print(
+    "Soft MoE dispatch weights: each expert's slot sums its weights over the tokens:",
+    np.round(dispatch.sum(0), 4).tolist(),
+)
 
 """
 ## Padding

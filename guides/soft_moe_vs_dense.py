@@ -177,9 +177,11 @@ dense_mlp_macs = T * 2 * d * h
 soft_expert_macs = NUM_EXPERTS * SLOTS_PER_EXPERT * 2 * d * h
 soft_routing_macs = 3 * T * NUM_EXPERTS * SLOTS_PER_EXPERT * d
 print(f"dense MLP:       {dense_mlp_macs:>9,} MACs per image")
-print(f"Soft MoE layer:  {soft_expert_macs:>9,} MACs in the experts "
-      f"+ {soft_routing_macs:,} for routing "
-      f"({soft_routing_macs / dense_mlp_macs:.0%} overhead)")
+print(
+    f"Soft MoE layer:  {soft_expert_macs:>9,} MACs in the experts "
+    f"+ {soft_routing_macs:,} for routing "
+    f"({soft_routing_macs / dense_mlp_macs:.0%} overhead)"
+)
 
 """
 So the two models cost nearly the same per image; the Soft MoE layers have
@@ -244,8 +246,10 @@ for row in (soft_moe_results, dense_results):
         f"{row['name']:<10} {row['params']:>11,} {row['train_accuracy']:>10.4f} "
         f"{row['test_accuracy']:>9.4f} {row['train_seconds']:>10.1f}s"
     )
-print(f"(backend {keras.backend.backend()}, {len(x_train)} training images, "
-      f"{EPOCHS} epoch(s), {len(x_test)} test images)")
+print(
+    f"(backend {keras.backend.backend()}, {len(x_train)} training images, "
+    f"{EPOCHS} epoch(s), {len(x_test)} test images)"
+)
 
 """
 ## Discussion

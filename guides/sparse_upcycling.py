@@ -84,9 +84,12 @@ outputs: exactly the dense MLP. This is the check that the surgery copied
 every weight to the right place.
 """
 
-full = keras_vmoe.upcycle(dense, num_experts=8, moe_layers=(3, 5),
-                          num_selected_experts=8, capacity_factor=1.0)
-difference = np.max(np.abs(full.predict(test_images[:64], verbose=0) - dense.predict(test_images[:64], verbose=0)))
+full = keras_vmoe.upcycle(
+    dense, num_experts=8, moe_layers=(3, 5), num_selected_experts=8, capacity_factor=1.0
+)
+difference = np.max(
+    np.abs(full.predict(test_images[:64], verbose=0) - dense.predict(test_images[:64], verbose=0))
+)
 print(f"K = E: max |logits difference| = {difference:.2e}; {full.count_params():,} parameters")
 
 """
@@ -107,14 +110,18 @@ combine.
 arms = {
     "dense": dense,
     "V-MoE (expert choice)": keras_vmoe.upcycle(
-        dense, num_experts=8, moe_layers=(3, 5), router="expert_choice", capacity_factor=1.0),
+        dense, num_experts=8, moe_layers=(3, 5), router="expert_choice", capacity_factor=1.0
+    ),
     "Soft MoE": keras_vmoe.upcycle(
-        dense, num_experts=8, moe_layers=(3, 5), router="soft", slots_per_expert=8),
+        dense, num_experts=8, moe_layers=(3, 5), router="soft", slots_per_expert=8
+    ),
 }
 for name, model in arms.items():
-    print(f"{name:<22} {type(model).__name__:<24} {model.count_params():>10,} params  "
-          f"{count_flops(model)['total'] / 1e6:7.1f} MFLOPs/image  top-1 before training "
-          f"{accuracy(model):.4f}")
+    print(
+        f"{name:<22} {type(model).__name__:<24} {model.count_params():>10,} params  "
+        f"{count_flops(model)['total'] / 1e6:7.1f} MFLOPs/image  top-1 before training "
+        f"{accuracy(model):.4f}"
+    )
 
 """
 ## Continue training with `fit`
@@ -125,8 +132,10 @@ MoE layers' auxiliary loss and dropped tokens.
 """
 
 model = arms["V-MoE (expert choice)"]
-model.compile(optimizer=keras.optimizers.AdamW(learning_rate=1e-4, weight_decay=0.05),
-              metrics=["sparse_categorical_accuracy"])
+model.compile(
+    optimizer=keras.optimizers.AdamW(learning_rate=1e-4, weight_decay=0.05),
+    metrics=["sparse_categorical_accuracy"],
+)
 model.fit(train_images, train_labels, batch_size=64, epochs=1, verbose=2)
 print(f"after one epoch on {len(train_images)} images: top-1 {accuracy(model):.4f}")
 
@@ -171,9 +180,12 @@ if dinov2_path and pathlib.Path(dinov2_path).is_file():
     from keras_vmoe.convert import load_dinov2_onnx
 
     dinov2 = load_dinov2_onnx(dinov2_path)  # 224x224, 1 + 16 x 16 tokens of width 384.
-    upcycled = keras_vmoe.upcycle(dinov2, num_experts=8, moe_layers=(9, 11), router="expert_choice",
-                                  capacity_factor=1.0)
-    print(f"DINOv2 ViT-S/14: {dinov2.count_params():,} parameters; upcycled: "
-          f"{upcycled.count_params():,}, MoE blocks {upcycled.moe_layers}")
+    upcycled = keras_vmoe.upcycle(
+        dinov2, num_experts=8, moe_layers=(9, 11), router="expert_choice", capacity_factor=1.0
+    )
+    print(
+        f"DINOv2 ViT-S/14: {dinov2.count_params():,} parameters; upcycled: "
+        f"{upcycled.count_params():,}, MoE blocks {upcycled.moe_layers}"
+    )
 else:
     print("KERAS_VMOE_DINOV2_ONNX is not set: skipping the DINOv2 example.")

@@ -7,8 +7,9 @@
 
 `classify` takes image classifiers and the LIMoE zero-shot classifier
 (`limoe_tiny_cifar10`: its class names and prompt templates are in the
-preset; `--labels` replaces them with yours). `expert-modality` draws, for a LIMoE preset, the share of image and
-of text tokens each expert of each MoE block takes
+preset; `--labels` replaces them with yours). `expert-modality` draws, for a
+LIMoE preset, the share of image and of text tokens each expert of each MoE
+block takes
 (`keras_vmoe.models.limoe.expert_modality`).
 
 Bad input (a missing or unreadable image, an unknown preset) ends with one
@@ -16,32 +17,33 @@ line on stderr, `keras-vmoe: error: ...`, and exit status 1.
 """
 
 import argparse
+import json
 import pathlib
 import sys
 
-import numpy as np
-from PIL import Image
-from keras_vmoe.data.cifar10 import CIFAR10_CLASS_NAMES
-from keras_vmoe.presets import BUNDLED_PRESETS
-from keras_hub.utils import imagenet_id_to_name
-import json
-from keras_vmoe.presets import resolve_preset
-from keras_vmoe.models import LIMoEZeroShotClassifier
-from keras_vmoe.models import VisionTransformerImageClassifier
-from keras_vmoe.presets import PresetError
-from keras_vmoe.models import LIMoEBackbone
-from keras_vmoe.models.limoe.expert_modality import routed_experts
-from keras_vmoe.models.routing_inspection import expert_assignments
 import keras
-from keras_vmoe.visualization.routing_map import draw_routing_map
-from keras_vmoe.data.coco_captions import load_coco_captions
+import numpy as np
+from keras_hub.utils import imagenet_id_to_name
+from PIL import Image
+
+from keras_vmoe.data.cifar10 import CIFAR10_CLASS_NAMES
 from keras_vmoe.data.cifar10 import load_cifar10
-from keras_vmoe.models.limoe.expert_modality import MODALITIES
-from keras_vmoe.models.limoe.expert_modality import expert_modality_counts
-from keras_vmoe.visualization.expert_modality import draw_expert_modality
+from keras_vmoe.data.coco_captions import load_coco_captions
 from keras_vmoe.export import ExportError
 from keras_vmoe.export import export_model
+from keras_vmoe.models import LIMoEBackbone
+from keras_vmoe.models import LIMoEZeroShotClassifier
+from keras_vmoe.models import VisionTransformerImageClassifier
+from keras_vmoe.models.limoe.expert_modality import MODALITIES
+from keras_vmoe.models.limoe.expert_modality import expert_modality_counts
+from keras_vmoe.models.limoe.expert_modality import routed_experts
+from keras_vmoe.models.routing_inspection import expert_assignments
+from keras_vmoe.presets import BUNDLED_PRESETS
+from keras_vmoe.presets import PresetError
 from keras_vmoe.presets import preset_infos
+from keras_vmoe.presets import resolve_preset
+from keras_vmoe.visualization.expert_modality import draw_expert_modality
+from keras_vmoe.visualization.routing_map import draw_routing_map
 
 DEFAULT_PRESET = "vmoe_tiny_cifar10"
 
@@ -112,7 +114,6 @@ def class_names(preset, num_classes):
     if preset in BUNDLED_PRESETS and num_classes == len(CIFAR10_CLASS_NAMES):
         return list(CIFAR10_CLASS_NAMES)
     if num_classes == 1000:
-
         return [imagenet_id_to_name(i) for i in range(1000)]
     return [f"class {i}" for i in range(num_classes)]
 
@@ -155,7 +156,7 @@ def routing_panels(backbone, pixels):
             continue  # Merged tokens are not patches: nothing to draw them on.
         moe = backbone.get_layer(f"encoder_block_{index}").mlp
         kind = "Soft MoE" if not moe.drops_tokens else "MoE"
-        panels[f"{kind} block {index}"] = assignment[:, backbone.num_prefix_tokens:]
+        panels[f"{kind} block {index}"] = assignment[:, backbone.num_prefix_tokens :]
     return panels
 
 
@@ -195,7 +196,6 @@ def classify(args):
             print(f"  {names[index]:<24} {row[index]:.3f}")
         captions.append(f"{names[order[0]]} {row[order[0]]:.0%}")
     if args.routing_map:
-
         pixels = classifier.preprocessor(images)
         panels = routing_panels(backbone, pixels)
         if not panels:
@@ -208,8 +208,11 @@ def classify(args):
         sparse = any(moe.drops_tokens for moe in backbone.moe_mlps)
         what = "goes to" if sparse else "takes most of its output from (Soft MoE)"
         picture = draw_routing_map(
-            [display for _, display in photos], panels, grid,
-            num_experts=max(moe.num_experts for moe in backbone.moe_mlps), captions=captions,
+            [display for _, display in photos],
+            panels,
+            grid,
+            num_experts=max(moe.num_experts for moe in backbone.moe_mlps),
+            captions=captions,
             title=f"{args.preset}: the expert each {patch}x{patch} patch {what}",
         )
         path = pathlib.Path(args.routing_map)
@@ -222,7 +225,6 @@ def expert_modality_data(args, classifier):
     """(uint8 images, captions) for the expert-modality picture."""
     size = tuple(classifier.preprocessor.image_converter.image_size)
     if args.cifar10 is not None:
-
         images, labels = load_cifar10(args.cifar10, "test", limit=args.pairs, verbose=False)
         # Each image's class, in the preset's templates in turn.
         templates, names = classifier.templates, classifier.class_names
@@ -255,15 +257,20 @@ def expert_modality(args):
     source = "CIFAR-10 test" if args.cifar10 is not None else "COCO"
     for index, block in stats.items():
         share = np.nan_to_num(block.balanced_share[0])
-        print(f"MoE block {index}: image share per expert (modalities weighted equally): "
-              + " ".join(f"{value:.2f}" for value in share))
+        print(
+            f"MoE block {index}: image share per expert (modalities weighted equally): "
+            + " ".join(f"{value:.2f}" for value in share)
+        )
         specific = block.specific_experts(args.threshold)
-        print("  modality-specific experts: " + "; ".join(
-            f"{modality} {specific[modality] or 'none'}" for modality in MODALITIES))
+        print(
+            "  modality-specific experts: "
+            + "; ".join(f"{modality} {specific[modality] or 'none'}" for modality in MODALITIES)
+        )
     picture = draw_expert_modality(
-        stats, threshold=args.threshold,
+        stats,
+        threshold=args.threshold,
         title=f"{args.preset}: modalities per expert on {len(images)} {source} images and "
-              f"{len(captions)} captions",
+        f"{len(captions)} captions",
     )
     path = pathlib.Path(args.output)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -284,12 +291,13 @@ def export(args):
     except ExportError as error:
         raise CommandError(str(error)) from error
     converter = classifier.preprocessor.image_converter
-    shape = (args.batch_size or ("1" if args.format == "onnx" else "any"),
-             *classifier.backbone.image_shape)
+    shape = (args.batch_size or ("1" if args.format == "onnx" else "any"), *classifier.backbone.image_shape)
     print(f"{args.preset} exported as {args.format} to {output}")
     print(f"  input: float32 pixels of shape ({', '.join(map(str, shape))}), already preprocessed:")
-    print(f"    resized to {tuple(converter.image_size)}, then x * scale + offset with "
-          f"scale={converter.scale!r}, offset={converter.offset!r} (the preset's image converter)")
+    print(
+        f"    resized to {tuple(converter.image_size)}, then x * scale + offset with "
+        f"scale={converter.scale!r}, offset={converter.offset!r} (the preset's image converter)"
+    )
     logits = int(classifier.output.shape[-1])
     names = getattr(classifier, "class_names", None) or class_names(args.preset, logits)
     print(f"  output: (batch, {logits}) logits" + (f": {', '.join(names)}" if logits <= 20 else ""))
@@ -302,8 +310,7 @@ def list_presets(args):
         kind = "zero-shot top-1" if info.zero_shot else "test top-1"
         accuracy = f", CIFAR-10 {kind} {info.test_top1:.4f}" if info.test_top1 else ""
         offline = "loads offline" if info.offline else "needs a download (or a local mirror)"
-        print(f"{info.name}\n  {info.description}\n  {params}{accuracy}; {offline}\n"
-              f"  source: {info.source}")
+        print(f"{info.name}\n  {info.description}\n  {params}{accuracy}; {offline}\n  source: {info.source}")
 
 
 def positive_int(text):
@@ -322,54 +329,92 @@ def build_parser():
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     classify_parser = commands.add_parser(
-        "classify", help="top classes of images, and optionally a routing picture",
+        "classify",
+        help="top classes of images, and optionally a routing picture",
         description="Classify images with a preset: the top classes with their probabilities.",
     )
-    classify_parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format Pillow reads)")
-    classify_parser.add_argument("--preset", default=DEFAULT_PRESET,
-                                 help=f"a built-in preset name or a preset folder (default: {DEFAULT_PRESET})")
-    classify_parser.add_argument("--top", type=positive_int, default=5, help="classes to show per image (default: 5)")
-    classify_parser.add_argument("--routing-map", metavar="FILE.png",
-                                 help="write a picture of the expert each patch goes to in each MoE layer")
-    classify_parser.add_argument("--labels", metavar="NAME,NAME,...",
-                                 help="zero-shot presets: classify among these comma-separated labels "
-                                 "instead of the preset's")
-    classify_parser.add_argument("--max-pixels", type=positive_int, metavar="N",
-                                 help="largest image to read, in pixels (default: Pillow's limit, "
-                                 "about 89 million)")
+    classify_parser.add_argument(
+        "images", nargs="+", metavar="IMAGE", help="image files (any format Pillow reads)"
+    )
+    classify_parser.add_argument(
+        "--preset",
+        default=DEFAULT_PRESET,
+        help=f"a built-in preset name or a preset folder (default: {DEFAULT_PRESET})",
+    )
+    classify_parser.add_argument(
+        "--top", type=positive_int, default=5, help="classes to show per image (default: 5)"
+    )
+    classify_parser.add_argument(
+        "--routing-map",
+        metavar="FILE.png",
+        help="write a picture of the expert each patch goes to in each MoE layer",
+    )
+    classify_parser.add_argument(
+        "--labels",
+        metavar="NAME,NAME,...",
+        help="zero-shot presets: classify among these comma-separated labels instead of the preset's",
+    )
+    classify_parser.add_argument(
+        "--max-pixels",
+        type=positive_int,
+        metavar="N",
+        help="largest image to read, in pixels (default: Pillow's limit, about 89 million)",
+    )
     classify_parser.set_defaults(run=classify)
     modality_parser = commands.add_parser(
-        "expert-modality", help="picture of the image and text tokens each expert takes (LIMoE)",
+        "expert-modality",
+        help="picture of the image and text tokens each expert takes (LIMoE)",
         description="For a LIMoE preset: route CIFAR-10 test images with captions of their class "
         "(the preset's templates), or COCO images and captions, and draw the share of image and "
         "of text tokens each expert of each MoE block takes.",
     )
-    modality_parser.add_argument("--preset", default="limoe_tiny_cifar10",
-                                 help="a LIMoE preset name or folder (default: limoe_tiny_cifar10)")
+    modality_parser.add_argument(
+        "--preset",
+        default="limoe_tiny_cifar10",
+        help="a LIMoE preset name or folder (default: limoe_tiny_cifar10)",
+    )
     data = modality_parser.add_mutually_exclusive_group(required=True)
     data.add_argument("--cifar10", metavar="ARCHIVE", help="cifar10_jpeg.npz")
     data.add_argument("--coco", metavar="ARCHIVE", help="coco_mini_captions.npz")
-    modality_parser.add_argument("--pairs", type=positive_int, default=1000,
-                                 help="images to route (CIFAR-10: one caption each; COCO: five) "
-                                 "(default: 1000)")
-    modality_parser.add_argument("--threshold", type=float, default=0.9,
-                                 help="share that makes an expert modality-specific (default: 0.9)")
+    modality_parser.add_argument(
+        "--pairs",
+        type=positive_int,
+        default=1000,
+        help="images to route (CIFAR-10: one caption each; COCO: five) (default: 1000)",
+    )
+    modality_parser.add_argument(
+        "--threshold",
+        type=float,
+        default=0.9,
+        help="share that makes an expert modality-specific (default: 0.9)",
+    )
     modality_parser.add_argument("--output", required=True, metavar="FILE.png", help="the picture")
     modality_parser.set_defaults(run=expert_modality)
     export_parser = commands.add_parser(
-        "export", help="a preset as a TensorFlow SavedModel or an ONNX file, for serving",
+        "export",
+        help="a preset as a TensorFlow SavedModel or an ONNX file, for serving",
         description="Export a preset's forward pass (preprocessed pixels -> logits) for serving: "
         "a TensorFlow SavedModel (from the JAX or TensorFlow backend) or an ONNX file (any "
         "backend). Needs `pip install keras-vmoe[export]` for ONNX.",
     )
     export_parser.add_argument("output", metavar="OUTPUT", help="SavedModel folder or .onnx file")
-    export_parser.add_argument("--preset", default=DEFAULT_PRESET,
-                               help=f"a built-in preset name or a preset folder (default: {DEFAULT_PRESET})")
-    export_parser.add_argument("--format", choices=("saved_model", "onnx"), default="saved_model",
-                               help="saved_model (default) or onnx")
-    export_parser.add_argument("--batch-size", type=positive_int, metavar="N",
-                               help="fixed batch size (default: any where the exporter allows it, "
-                               "else 1)")
+    export_parser.add_argument(
+        "--preset",
+        default=DEFAULT_PRESET,
+        help=f"a built-in preset name or a preset folder (default: {DEFAULT_PRESET})",
+    )
+    export_parser.add_argument(
+        "--format",
+        choices=("saved_model", "onnx"),
+        default="saved_model",
+        help="saved_model (default) or onnx",
+    )
+    export_parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        metavar="N",
+        help="fixed batch size (default: any where the exporter allows it, else 1)",
+    )
     export_parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     export_parser.set_defaults(run=export)
     presets_parser = commands.add_parser("presets", help="every built-in preset")

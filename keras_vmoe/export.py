@@ -95,6 +95,7 @@ def input_signature(model, batch_size=None, sequence_length=None):
     """The model's inputs as `keras.InputSpec`s, in the structure of
     `model.input`: the batch dimension is `batch_size` (None: any), any other
     unknown dimension (a text length) is `sequence_length`."""
+
     def spec(tensor):
         dims = tuple(sequence_length if dim is None else dim for dim in tensor.shape[1:])
         return keras.InputSpec(shape=(batch_size, *dims), dtype=tensor.dtype)
@@ -108,8 +109,7 @@ def _zeros(signature):
     )
 
 
-def export_model(model, path, format="saved_model", batch_size=None, sequence_length=None,
-                 verbose=False):
+def export_model(model, path, format="saved_model", batch_size=None, sequence_length=None, verbose=False):
     """Exports `model`'s forward pass for serving.
 
     Args:
@@ -154,17 +154,20 @@ def export_model(model, path, format="saved_model", batch_size=None, sequence_le
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ExportError(f"{name} must be a positive int or None, got {value!r}")
     reason = next(
-        (why for (name, where, what), why in UNSUPPORTED_MODELS.items()
-         if where == backend and what == format and name in _class_names(model)), None)
+        (
+            why
+            for (name, where, what), why in UNSUPPORTED_MODELS.items()
+            if where == backend and what == format and name in _class_names(model)
+        ),
+        None,
+    )
     if reason is not None:
         raise ExportError(f"{type(model).__name__}: {reason}")
     static = format == "onnx" and backend in ("jax", "torch")
     if static and batch_size is None:
         batch_size = 1
     signature = input_signature(model, batch_size, sequence_length)
-    if backend != "tensorflow" and any(
-        None in spec.shape[1:] for spec in keras.tree.flatten(signature)
-    ):
+    if backend != "tensorflow" and any(None in spec.shape[1:] for spec in keras.tree.flatten(signature)):
         raise ExportError(
             f"{type(model).__name__} takes inputs of open length "
             f"({[tuple(spec.shape) for spec in keras.tree.flatten(signature)]}), which only "
@@ -187,9 +190,11 @@ def export_model(model, path, format="saved_model", batch_size=None, sequence_le
                 export_onnx(model, target, _zeros(signature))
             else:
                 keras.Model.export(
-                    model, str(target),
+                    model,
+                    str(target),
                     format="tf_saved_model" if format == "saved_model" else "onnx",
-                    verbose=verbose, input_signature=[signature],
+                    verbose=verbose,
+                    input_signature=[signature],
                 )
         # Everything the exporter wrote (jax2onnx puts large weights in a
         # `.onnx.data` file beside the model, named in it).

@@ -51,7 +51,6 @@ from keras_vmoe.models.vision_transformer import VisionTransformerBackbone
 from keras_vmoe.models.vmoe.vmoe_backbone import VMoEBackbone
 from keras_vmoe.models.vmoe.vmoe_image_classifier_preprocessor import VMoEImageClassifierPreprocessor
 from keras_vmoe.models.vmoe.vmoe_image_converter import VMoEImageConverter
-from keras_vmoe.models.vmoe.vmoe_presets import VMOE_BUCKET
 from keras_vmoe.models.vmoe.vmoe_presets import VMOE_CHECKPOINT_PRESETS
 from keras_vmoe.models.vmoe.vmoe_presets import VMoECheckpointPreset  # noqa: F401 (as before)
 from keras_vmoe.models.vmoe.vmoe_presets import vmoe_paper_model_config  # noqa: F401 (as before)
@@ -120,8 +119,7 @@ BUNDLED_PRESETS = _find_bundled_presets()
 def register_bundled_presets():
     """Makes the bundled names known to keras-hub's own `from_preset` loaders."""
     backbones = {
-        cls.__name__: cls
-        for cls in (VisionTransformerBackbone, VMoEBackbone, SoftMoEBackbone, LIMoEBackbone)
+        cls.__name__: cls for cls in (VisionTransformerBackbone, VMoEBackbone, SoftMoEBackbone, LIMoEBackbone)
     }
     for preset in BUNDLED_PRESETS.values():
         register_presets(
@@ -198,14 +196,25 @@ class PresetInfo:
 def preset_infos():
     """A `PresetInfo` for every built-in preset, bundled ones first."""
     infos = [
-        PresetInfo(preset.name, preset.description, preset.params,
-                   f"bundled in the package ({preset.folder})", True,
-                   preset.test_top1, zero_shot=not preset.is_image_classifier)
+        PresetInfo(
+            preset.name,
+            preset.description,
+            preset.params,
+            f"bundled in the package ({preset.folder})",
+            True,
+            preset.test_top1,
+            zero_shot=not preset.is_image_classifier,
+        )
         for preset in BUNDLED_PRESETS.values()
     ]
     infos += [
-        PresetInfo(preset.name, preset.description, preset.params, preset.source,
-                   (cache_folder(preset.name) / "config.json").exists())
+        PresetInfo(
+            preset.name,
+            preset.description,
+            preset.params,
+            preset.source,
+            (cache_folder(preset.name) / "config.json").exists(),
+        )
         for name, preset in sorted(VMOE_CHECKPOINT_PRESETS.items())
     ]
     return infos
@@ -265,9 +274,7 @@ def _convert_vmoe_checkpoint(preset):
             offset=-1.0,
         )
     )
-    classifier = load_vmoe_checkpoint(
-        prefix, preset.model_config, preprocessor=preprocessor, verbose=True
-    )
+    classifier = load_vmoe_checkpoint(prefix, preset.model_config, preprocessor=preprocessor, verbose=True)
     # Write next to the target and rename, so a failure leaves no half preset.
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{preset.name}-", dir=target.parent))

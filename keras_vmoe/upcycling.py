@@ -17,17 +17,17 @@ moe.compile(...); moe.fit(images, labels)
 """
 
 import keras
-
-from keras_vmoe.layers import ROUTERS
-from keras_vmoe.layers.routing import router_names
-import numpy as np
-from keras_vmoe.models import PaliGemmaMoEBackbone
-from keras_vmoe.models import PaliGemmaMoECausalLM
 import keras_hub
+import numpy as np
+
 from keras_vmoe.convert.keras_hub_vit import from_keras_hub_vit
+from keras_vmoe.layers import ROUTERS
 from keras_vmoe.layers.mlp import Mlp
 from keras_vmoe.layers.moe import SoftMoE
 from keras_vmoe.layers.moe import SparseMoE
+from keras_vmoe.layers.routing import router_names
+from keras_vmoe.models import PaliGemmaMoEBackbone
+from keras_vmoe.models import PaliGemmaMoECausalLM
 from keras_vmoe.models import SoftMoEImageClassifier
 from keras_vmoe.models import VisionTransformerBackbone
 from keras_vmoe.models import VisionTransformerImageClassifier
@@ -52,8 +52,9 @@ def _vmoe_arguments(router, num_selected_experts, capacity_factor, group_size, o
 def _soft_arguments(slots_per_expert, capacity_factor, group_size, options):
     if slots_per_expert is None and capacity_factor is None:
         slots_per_expert = 1
-    return dict(slots_per_expert=slots_per_expert, capacity_factor=capacity_factor,
-                group_size=group_size, **options)
+    return dict(
+        slots_per_expert=slots_per_expert, capacity_factor=capacity_factor, group_size=group_size, **options
+    )
 
 
 def _copy_weights(source, target):
@@ -69,8 +70,10 @@ def _copy_mlp_into_experts(mlp, moe):
 
     num_experts = moe.num_experts
     for bank, weight in (
-        (moe.kernel_0, mlp.dense_0.kernel), (moe.bias_0, mlp.dense_0.bias),
-        (moe.kernel_1, mlp.dense_1.kernel), (moe.bias_1, mlp.dense_1.bias),
+        (moe.kernel_0, mlp.dense_0.kernel),
+        (moe.bias_0, mlp.dense_0.bias),
+        (moe.kernel_1, mlp.dense_1.kernel),
+        (moe.bias_1, mlp.dense_1.bias),
     ):
         value = keras.ops.convert_to_numpy(weight)
         bank.assign(np.broadcast_to(value, (num_experts, *value.shape)).astype(bank.dtype))
@@ -143,9 +146,15 @@ def upcycle(
         known = ", ".join(map(repr, [*router_names(), "soft"]))
         raise ValueError(f"upcycle: router must be one of {known}, got {router!r}.")
     vlm = _upcycle_vlm_image_tower(
-        model, num_experts, moe_layers, router=router, num_selected_experts=num_selected_experts,
-        capacity_factor=capacity_factor, slots_per_expert=slots_per_expert,
-        group_size=group_size, **moe_options,
+        model,
+        num_experts,
+        moe_layers,
+        router=router,
+        num_selected_experts=num_selected_experts,
+        capacity_factor=capacity_factor,
+        slots_per_expert=slots_per_expert,
+        group_size=group_size,
+        **moe_options,
     )
     if vlm is not None:
         return vlm
@@ -191,12 +200,15 @@ def upcycle(
     config.pop("name", None)
     classifier_cls = SoftMoEImageClassifier if soft else VMoEImageClassifier
     if soft:
-        config.update(num_experts=num_experts,
-                      **_soft_arguments(slots_per_expert, capacity_factor, group_size, dict(moe_options)))
+        config.update(
+            num_experts=num_experts,
+            **_soft_arguments(slots_per_expert, capacity_factor, group_size, dict(moe_options)),
+        )
     else:
-        config.update(num_experts=num_experts,
-                      **_vmoe_arguments(router, num_selected_experts, capacity_factor, group_size,
-                                        dict(moe_options)))
+        config.update(
+            num_experts=num_experts,
+            **_vmoe_arguments(router, num_selected_experts, capacity_factor, group_size, dict(moe_options)),
+        )
     upcycled = classifier_cls.backbone_cls(**config)
 
     for layer in backbone.layers:
@@ -226,8 +238,12 @@ def upcycle(
             preprocessor_cls.image_converter_cls.from_config(task.preprocessor.image_converter.get_config())
         )
     classifier = classifier_cls(
-        upcycled, num_classes=task.num_classes, preprocessor=preprocessor, dropout=task.dropout,
-        head_bias_init=task.head_bias_init, head_kernel_zero_init=task.head_kernel_zero_init,
+        upcycled,
+        num_classes=task.num_classes,
+        preprocessor=preprocessor,
+        dropout=task.dropout,
+        head_bias_init=task.head_bias_init,
+        head_kernel_zero_init=task.head_kernel_zero_init,
     )
     _copy_weights(task.head, classifier.head)
     return classifier

@@ -12,9 +12,7 @@ SHARED = pathlib.Path(os.environ.get("KERAS_VMOE_SHARED", ROOT.parent / "shared"
 FIXTURES = SHARED / "fixtures" / "vmoe"
 DATA = SHARED / "data"
 
-requires_fixtures = pytest.mark.skipif(
-    not FIXTURES.is_dir(), reason=f"vmoe fixtures not found at {FIXTURES}"
-)
+requires_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"vmoe fixtures not found at {FIXTURES}")
 requires_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"data sets not found at {DATA}")
 CIFAR10 = DATA / "cifar10_jpeg.npz"
 requires_cifar10 = pytest.mark.skipif(
@@ -135,6 +133,8 @@ def routing_decisions(backbone, images):
         plan, _ = moe.router(moe_block_tokens(backbone, images, index), training=False)
         decisions[index] = to_numpy(plan[0])  # Sparse: dispatch_index; soft: dispatch_weights.
     return decisions
+
+
 COCO_CAPTIONS = DATA / "coco_mini_captions.npz"
 requires_coco_captions = pytest.mark.skipif(
     not COCO_CAPTIONS.is_file(), reason=f"COCO caption archive not found at {COCO_CAPTIONS}"

@@ -23,8 +23,8 @@ from keras_vmoe.data import load_cifar10
 from keras_vmoe.models import LIMoEBackbone
 from keras_vmoe.models import LIMoEZeroShotClassifier
 from keras_vmoe.models import SoftMoEImageClassifier
-from keras_vmoe.models import VMoEImageClassifier
 from keras_vmoe.models import VisionTransformerImageClassifier
+from keras_vmoe.models import VMoEImageClassifier
 from keras_vmoe.models import count_flops
 from tests.helpers import CIFAR10
 from tests.helpers import ROOT
@@ -61,7 +61,9 @@ def test_the_four_presets_are_bundled_and_listed():
     # Told apart by their task class.
     zero_shot = presets.BUNDLED_PRESETS[ZERO_SHOT]
     assert zero_shot.task_class == "LIMoEZeroShotClassifier" and not zero_shot.is_image_classifier
-    assert infos[ZERO_SHOT].zero_shot and infos[ZERO_SHOT].test_top1 == metrics(ZERO_SHOT)["zero_shot_test_top1"]
+    assert (
+        infos[ZERO_SHOT].zero_shot and infos[ZERO_SHOT].test_top1 == metrics(ZERO_SHOT)["zero_shot_test_top1"]
+    )
     assert infos[ZERO_SHOT].params == metrics(ZERO_SHOT)["parameters"] > 0
     assert listed[ZERO_SHOT] == zero_shot.description and infos[ZERO_SHOT].offline
     assert ZERO_SHOT in LIMoEBackbone.presets  # Registered with keras-hub.
@@ -94,8 +96,9 @@ def test_each_loads_by_name_from_another_folder_with_its_class(classifiers, tmp_
 
 
 def test_architectures_are_the_recipe_ones(classifiers):
-    vit, vmoe, soft = (classifiers[n].backbone for n in ("vit_tiny_cifar10", "vmoe_tiny_cifar10",
-                                                          "soft_moe_tiny_cifar10"))
+    vit, vmoe, soft = (
+        classifiers[n].backbone for n in ("vit_tiny_cifar10", "vmoe_tiny_cifar10", "soft_moe_tiny_cifar10")
+    )
     for backbone in (vit, vmoe, soft):
         assert (backbone.num_layers, backbone.hidden_dim, backbone.mlp_dim) == (6, 192, 768)
         assert backbone.image_shape == (32, 32, 3) and tuple(backbone.patch_size) == (4, 4)
@@ -222,7 +225,9 @@ def test_every_package_is_listed_in_pyproject():
         for path in (ROOT / "presets" / name).rglob("*"):
             relative = path.relative_to(ROOT / "presets")
             if path.is_file() and "__pycache__" not in path.parts:
-                assert any(relative.match(pattern) for pattern in patterns), f"{path} is left out of the wheel"
+                assert any(relative.match(pattern) for pattern in patterns), (
+                    f"{path} is left out of the wheel"
+                )
 
 
 WHEEL_CHECK = textwrap.dedent(
@@ -230,7 +235,9 @@ WHEEL_CHECK = textwrap.dedent(
     import importlib, json, pathlib, sys
     # The development venv holds an editable install of the repository, whose
     # import hook would serve any module the wheel lacks: drop it.
-    sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
+    sys.meta_path[:] = [
+        f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")
+    ]
     import numpy as np
     import keras_vmoe
     # Every module of the source tree imports from the wheel (none left out).
@@ -257,10 +264,16 @@ def test_the_wheel_ships_the_presets(tmp_path):
     # Build from a copy of the working tree: an in-tree build would write
     # build/ and *.egg-info into the repository (and reuse a stale build/lib).
     source = tmp_path / "source"
-    files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-        cwd=ROOT, check=True, capture_output=True,
-    ).stdout.decode().split("\0")
+    files = (
+        subprocess.run(
+            ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for name in filter(None, files):
         path = ROOT / name
         if path.is_file() and not name.startswith(("tests/", "guides/", "benchmarks/")):
@@ -269,21 +282,27 @@ def test_the_wheel_ships_the_presets(tmp_path):
             target.write_bytes(path.read_bytes())
     wheels = tmp_path / "wheels"
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run(pip + ["wheel", "--no-deps", "--no-build-isolation", str(source), "-w", str(wheels)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        pip + ["wheel", "--no-deps", "--no-build-isolation", str(source), "-w", str(wheels)],
+        check=True,
+        capture_output=True,
+    )
     (wheel,) = wheels.glob("keras_vmoe-*.whl")
     site = tmp_path / "site"
-    subprocess.run(pip + ["install", "--no-deps", "--target", str(site), str(wheel)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        pip + ["install", "--no-deps", "--target", str(site), str(wheel)], check=True, capture_output=True
+    )
     for name in presets.BUNDLED_PRESETS:
         shipped = site / "keras_vmoe" / "bundled_presets" / name
         source_folder = ROOT / "presets" / name
         # Every file of the preset folder, the LIMoE vocabulary under assets/
         # too (pip adds the __pycache__ of recipe.py).
-        assert {p.relative_to(shipped) for p in shipped.rglob("*") if p.is_file()
-                and "__pycache__" not in p.parts} == {
-            p.relative_to(source_folder) for p in source_folder.rglob("*") if p.is_file()
-            and "__pycache__" not in p.parts
+        assert {
+            p.relative_to(shipped) for p in shipped.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+        } == {
+            p.relative_to(source_folder)
+            for p in source_folder.rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts
         }
 
     env = dict(os.environ, PYTHONPATH=str(site), KERAS_BACKEND="jax")
@@ -291,8 +310,9 @@ def test_the_wheel_ships_the_presets(tmp_path):
         ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
         for path in (ROOT / "keras_vmoe").rglob("*.py")
     )
-    result = subprocess.run([sys.executable, "-c", WHEEL_CHECK, *modules], cwd=tmp_path, env=env,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-c", WHEEL_CHECK, *modules], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     checked = json.loads(result.stdout.strip().splitlines()[-1])
     assert pathlib.Path(checked["file"]).is_relative_to(site)

@@ -124,8 +124,14 @@ def reference_size(title):
     on a preset's 8x8 patch grid."""
     blank = [np.zeros((32, 32, 3), "uint8")] * 2
     assignment = np.zeros((2, 64), int)
-    picture = draw_routing_map(blank, {"MoE block 3": assignment, "MoE block 5": assignment},
-                               (8, 8), num_experts=8, captions=["cat 50%", "dog 50%"], title=title)
+    picture = draw_routing_map(
+        blank,
+        {"MoE block 3": assignment, "MoE block 5": assignment},
+        (8, 8),
+        num_experts=8,
+        captions=["cat 50%", "dog 50%"],
+        title=title,
+    )
     return picture.size
 
 
@@ -180,8 +186,12 @@ def png_header(path, width, height):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-                     + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -209,42 +219,67 @@ def bad_inputs(tmp_path, photos):
         "missing image": (["classify", photos[0], missing], ["image not found", str(missing)]),
         "text file": (["classify", text], ["cannot read", str(text), "as an image"]),
         "directory": (["classify", tmp_path], ["not a file", str(tmp_path)]),
-        "unknown preset": (["classify", "--preset", "vmoe_nope", photos[0]],
-                           ["Unknown preset 'vmoe_nope'", "vmoe_tiny_cifar10",
-                            "soft_moe_tiny_cifar10"]),
-        "folder that is not a preset": (["classify", "--preset", not_a_preset, photos[0]],
-                                        ["cannot load the preset", str(not_a_preset),
-                                         "config.json"]),
+        "unknown preset": (
+            ["classify", "--preset", "vmoe_nope", photos[0]],
+            ["Unknown preset 'vmoe_nope'", "vmoe_tiny_cifar10", "soft_moe_tiny_cifar10"],
+        ),
+        "folder that is not a preset": (
+            ["classify", "--preset", not_a_preset, photos[0]],
+            ["cannot load the preset", str(not_a_preset), "config.json"],
+        ),
         "dense preset routing map": (
-            ["classify", "--preset", "vit_tiny_cifar10", "--routing-map", tmp_path / "m.png",
-             photos[0]],
+            ["classify", "--preset", "vit_tiny_cifar10", "--routing-map", tmp_path / "m.png", photos[0]],
             ["'vit_tiny_cifar10' has no MoE layers", "vmoe_tiny_cifar10"],
         ),
-        "routing map not a png": (["classify", "--routing-map", tmp_path / "m.jpg", photos[0]],
-                                  ["--routing-map must name a .png file", "m.jpg"]),
+        "routing map not a png": (
+            ["classify", "--routing-map", tmp_path / "m.jpg", photos[0]],
+            ["--routing-map must name a .png file", "m.jpg"],
+        ),
         "image over the pixel limit": (
             ["classify", photos[0], huge],
-            [str(huge), "20000x20000 = 400,000,000 pixels", "over the limit of 89,478,485 pixels",
-             "--max-pixels 400000000"],
+            [
+                str(huge),
+                "20000x20000 = 400,000,000 pixels",
+                "over the limit of 89,478,485 pixels",
+                "--max-pixels 400000000",
+            ],
         ),
-        "image over a lower limit": (["classify", "--max-pixels", "1000", photos[0]],
-                                     [photos[0], "over the limit of 1,000 pixels"]),
+        "image over a lower limit": (
+            ["classify", "--max-pixels", "1000", photos[0]],
+            [photos[0], "over the limit of 1,000 pixels"],
+        ),
         "truncated png": (["classify", truncated_png], ["cannot read", str(truncated_png), "truncated"]),
         "truncated jpeg": (["classify", truncated_jpeg], ["cannot read", str(truncated_jpeg), "truncated"]),
         "empty file": (["classify", empty], ["cannot read", str(empty), "as an image"]),
         "huge image decodes to nothing": (
-            ["classify", "--max-pixels", "400000000", huge], ["cannot read", str(huge)]),
-        "labels for fixed classes": (["classify", "--labels", "cat,dog", photos[0]],
-                                     ["--labels needs a zero-shot preset", "VMoEImageClassifier"]),
+            ["classify", "--max-pixels", "400000000", huge],
+            ["cannot read", str(huge)],
+        ),
+        "labels for fixed classes": (
+            ["classify", "--labels", "cat,dog", photos[0]],
+            ["--labels needs a zero-shot preset", "VMoEImageClassifier"],
+        ),
     }
 
 
 @pytest.mark.parametrize(
     "case",
-    ["missing image", "text file", "directory", "unknown preset", "folder that is not a preset",
-     "dense preset routing map", "routing map not a png", "image over the pixel limit",
-     "image over a lower limit", "truncated png", "truncated jpeg", "empty file",
-     "huge image decodes to nothing", "labels for fixed classes"],
+    [
+        "missing image",
+        "text file",
+        "directory",
+        "unknown preset",
+        "folder that is not a preset",
+        "dense preset routing map",
+        "routing map not a png",
+        "image over the pixel limit",
+        "image over a lower limit",
+        "truncated png",
+        "truncated jpeg",
+        "empty file",
+        "huge image decodes to nothing",
+        "labels for fixed classes",
+    ],
 )
 def test_bad_input_is_one_error_line_and_status_1(capsys, bad_inputs, case, tmp_path):
     argv, needles = bad_inputs[case]
@@ -286,7 +321,10 @@ def test_console_script_reports_a_missing_image_in_one_line(tmp_path):
     assert script.is_file(), f"console script not installed at {script}"
     missing = tmp_path / "missing.jpg"
     result = subprocess.run(
-        [str(script), "classify", str(missing)], capture_output=True, text=True, timeout=300,
+        [str(script), "classify", str(missing)],
+        capture_output=True,
+        text=True,
+        timeout=300,
         env={**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3"},
     )
     assert result.returncode == 1, result.stderr
@@ -298,8 +336,9 @@ def test_console_script_reports_a_missing_image_in_one_line(tmp_path):
 
 def test_classify_and_routing_map_with_the_limoe_preset(capsys, photos, tmp_path, classifiers):
     path = tmp_path / "routing.png"
-    status, out, err = run(capsys, "classify", "--preset", "limoe_tiny_cifar10", "--top", "3",
-                           "--routing-map", path, *photos)
+    status, out, err = run(
+        capsys, "classify", "--preset", "limoe_tiny_cifar10", "--top", "3", "--routing-map", path, *photos
+    )
     assert status == 0 and ERROR_PREFIX not in err
     table = predictions(out)
     classifier = classifiers["limoe_tiny_cifar10"]
@@ -313,8 +352,9 @@ def test_classify_and_routing_map_with_the_limoe_preset(capsys, photos, tmp_path
 
 def test_classify_with_your_own_labels(capsys, photos, classifiers):
     labels = ["cat", "rocket", "tractor"]
-    status, out, err = run(capsys, "classify", "--preset", "limoe_tiny_cifar10", "--labels",
-                           " cat, rocket,tractor ", *photos)
+    status, out, err = run(
+        capsys, "classify", "--preset", "limoe_tiny_cifar10", "--labels", " cat, rocket,tractor ", *photos
+    )
     classifier = classifiers["limoe_tiny_cifar10"]
     try:
         assert status == 0 and ERROR_PREFIX not in err
@@ -333,12 +373,13 @@ def test_classify_with_your_own_labels(capsys, photos, classifiers):
 @requires_cifar10
 def test_expert_modality_writes_the_picture(capsys, tmp_path):
     path = tmp_path / "pictures" / "experts.png"
-    status, out, err = run(capsys, "expert-modality", "--cifar10", CIFAR10, "--pairs", "16",
-                           "--output", path)
+    status, out, err = run(capsys, "expert-modality", "--cifar10", CIFAR10, "--pairs", "16", "--output", path)
     assert status == 0 and ERROR_PREFIX not in err
     assert out.splitlines()[-1] == f"Expert-modality picture written to {path}"
     assert [line.split(":")[0] for line in out.splitlines() if line.startswith("MoE")] == [
-        "MoE block 3", "MoE block 5"]
+        "MoE block 3",
+        "MoE block 5",
+    ]
     with Image.open(path) as picture:
         assert picture.format == "PNG" and picture.width > picture.height
     # Not a classifier of images and text, or not a picture: one error line.
@@ -384,7 +425,9 @@ def test_console_script_exports_a_saved_model(tmp_path):
     path = tmp_path / "saved"
     result = subprocess.run(
         [str(script), "export", "--preset", "soft_moe_tiny_cifar10", str(path)],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
         env={**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3"},
     )
     assert result.returncode == 0, result.stderr

@@ -6,8 +6,8 @@ import keras
 import numpy as np
 import pytest
 
-from keras_vmoe.export import ExportError
 from keras_vmoe.export import UNSUPPORTED
+from keras_vmoe.export import ExportError
 from keras_vmoe.export import export_model
 from keras_vmoe.models import LIMoEBackbone
 from keras_vmoe.models import LIMoEImageConverter
@@ -48,14 +48,19 @@ def image_classifier(kind):
     if kind == "dense_vit":
         return VMoEImageClassifier(VMoEBackbone(**tiny_vit_arguments()), num_classes=5)
     if kind == "soft_moe":
-        backbone = SoftMoEBackbone(**tiny_vit_arguments(**moe, slots_per_expert=2, pooling="gap",
-                                                        use_class_token=False))
+        backbone = SoftMoEBackbone(
+            **tiny_vit_arguments(**moe, slots_per_expert=2, pooling="gap", use_class_token=False)
+        )
         return SoftMoEImageClassifier(backbone, num_classes=5)
     options = {
         "token_choice_bpr": dict(num_selected_experts=2, batch_priority=True, capacity_factor=1.0),
         "expert_choice": dict(router="expert_choice", capacity_factor=1.0),
-        "patch_merger_map": dict(num_selected_experts=2, pooling="map", use_class_token=False,
-                                 patch_merger=dict(after_block=0, num_tokens=4)),
+        "patch_merger_map": dict(
+            num_selected_experts=2,
+            pooling="map",
+            use_class_token=False,
+            patch_merger=dict(after_block=0, num_tokens=4),
+        ),
     }[kind]
     return VMoEImageClassifier(VMoEBackbone(**tiny_vit_arguments(**moe, **options)), num_classes=5)
 
@@ -65,13 +70,22 @@ def zero_shot_classifier():
     names = ["cat", "dog", "ship"]
     tokenizer = LIMoETokenizer(proto=train_limoe_vocabulary([f"a photo of a {n}." for n in names], 300))
     preprocessor = LIMoEPreprocessor(
-        tokenizer, LIMoEImageConverter(image_size=(32, 32), scale=1 / 127.5, offset=-1.0),
+        tokenizer,
+        LIMoEImageConverter(image_size=(32, 32), scale=1 / 127.5, offset=-1.0),
         sequence_length=8,
     )
     backbone = LIMoEBackbone(
-        image_shape=(32, 32, 3), patch_size=8, vocabulary_size=tokenizer.vocabulary_size(),
-        max_text_length=8, num_layers=2, hidden_dim=16, mlp_dim=32, num_heads=2, embedding_dim=8,
-        moe_layers=(1,), num_experts=4,
+        image_shape=(32, 32, 3),
+        patch_size=8,
+        vocabulary_size=tokenizer.vocabulary_size(),
+        max_text_length=8,
+        num_layers=2,
+        hidden_dim=16,
+        mlp_dim=32,
+        num_heads=2,
+        embedding_dim=8,
+        moe_layers=(1,),
+        num_experts=4,
     )
     perturbed(backbone)
     return LIMoEZeroShotClassifier(backbone, preprocessor, names, ["a photo of a {}."], scale=10.0)
@@ -82,8 +96,15 @@ def vlm_backbone():
     return perturbed(tiny_causal_lm(tiny_tower("vmoe"), proto).backbone)
 
 
-MODELS = ["dense_vit", "token_choice_bpr", "expert_choice", "soft_moe", "patch_merger_map",
-          "limoe_zero_shot", "vlm_backbone"]
+MODELS = [
+    "dense_vit",
+    "token_choice_bpr",
+    "expert_choice",
+    "soft_moe",
+    "patch_merger_map",
+    "limoe_zero_shot",
+    "vlm_backbone",
+]
 
 
 @pytest.fixture(scope="module")

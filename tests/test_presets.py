@@ -13,8 +13,8 @@ from keras_vmoe.convert import backbone_from_vmoe_config
 from keras_vmoe.models import VMoEBackbone
 from keras_vmoe.models import VMoEImageClassifier
 from tests.helpers import FIXTURES
-from tests.helpers import requires_fixtures
 from tests.helpers import f32_atol
+from tests.helpers import requires_fixtures
 from tests.helpers import to_numpy
 
 TOKEN_CHOICE = FIXTURES / "vmoe_tiny_token_choice"
@@ -78,8 +78,12 @@ def test_offline_error_says_what_to_download_and_how_to_load(tmp_path, monkeypat
     with pytest.raises(presets.PresetError) as error:
         VMoEImageClassifier.from_preset(name)
     message = str(error.value)
-    for needle in (f"gs://vmoe_checkpoints/{name}.index", "KERAS_VMOE_CHECKPOINT_MIRROR",
-                   "load_vmoe_checkpoint", f"VMOE_CHECKPOINT_PRESETS['{name}'].model_config"):
+    for needle in (
+        f"gs://vmoe_checkpoints/{name}.index",
+        "KERAS_VMOE_CHECKPOINT_MIRROR",
+        "load_vmoe_checkpoint",
+        f"VMOE_CHECKPOINT_PRESETS['{name}'].model_config",
+    ):
         assert needle in message
     assert not (tmp_path / "home" / "presets" / name).exists()
 
@@ -101,9 +105,7 @@ def test_unknown_name_lists_the_builtin_presets():
 
 def test_builtin_presets_are_listed_by_keras_hub():
     assert set(presets.VMOE_CHECKPOINT_PRESETS) <= set(VMoEImageClassifier.presets)
-    assert set(presets.list_presets()) == set(presets.VMOE_CHECKPOINT_PRESETS) | set(
-        presets.BUNDLED_PRESETS
-    )
+    assert set(presets.list_presets()) == set(presets.VMOE_CHECKPOINT_PRESETS) | set(presets.BUNDLED_PRESETS)
 
 
 @pytest.mark.parametrize(

@@ -43,8 +43,9 @@ def test_all_experts_selected_computes_the_dense_function():
     dense = dense_classifier()
     images = random_images(4)
     # K = E and capacity for every token: gates sum to 1 over identical experts.
-    moe = keras_vmoe.upcycle(dense, NUM_EXPERTS, (1, 3), num_selected_experts=NUM_EXPERTS,
-                             capacity_factor=1.0)
+    moe = keras_vmoe.upcycle(
+        dense, NUM_EXPERTS, (1, 3), num_selected_experts=NUM_EXPERTS, capacity_factor=1.0
+    )
     assert isinstance(moe, VMoEImageClassifier) and moe.backbone.moe_layers == (1, 3)
     np.testing.assert_allclose(to_numpy(moe(images)), to_numpy(dense(images)), atol=1e-5, rtol=0)
     dense_params, d, h = dense.count_params(), 32, 64
@@ -78,7 +79,9 @@ def test_experts_are_copies_and_other_weights_are_kept():
     assert moe.backbone.get_layer("encoder_block_2").mlp.router.__class__.__name__ == "ExpertChoiceRouter"
     # The preprocessor still scales uint8 pixels the same way.
     pixels = np.full((1, 32, 32, 3), 255, "uint8")
-    np.testing.assert_allclose(to_numpy(moe.preprocessor(pixels)), 1.0, atol=1e-6)  # A fused multiply-add: 1 ulp.
+    np.testing.assert_allclose(
+        to_numpy(moe.preprocessor(pixels)), 1.0, atol=1e-6
+    )  # A fused multiply-add: 1 ulp.
 
 
 def test_soft_upcycling_returns_a_soft_moe_classifier():
@@ -93,12 +96,12 @@ def test_soft_upcycling_returns_a_soft_moe_classifier():
 
 def test_backbone_in_backbone_out_and_fit_reports_auxiliary_losses():
     dense = dense_classifier()
-    backbone = keras_vmoe.upcycle(dense.backbone, NUM_EXPERTS, (1, 3), num_selected_experts=2,
-                                  capacity_factor=1.25)
+    backbone = keras_vmoe.upcycle(
+        dense.backbone, NUM_EXPERTS, (1, 3), num_selected_experts=2, capacity_factor=1.25
+    )
     assert isinstance(backbone, VMoEBackbone)
     assert all(isinstance(moe, SparseMoE) for moe in backbone.moe_blocks)
-    classifier = keras_vmoe.upcycle(dense, NUM_EXPERTS, (1, 3), num_selected_experts=2,
-                                    capacity_factor=1.25)
+    classifier = keras_vmoe.upcycle(dense, NUM_EXPERTS, (1, 3), num_selected_experts=2, capacity_factor=1.25)
     classifier.compile(optimizer=keras.optimizers.Adam(1e-3), metrics=["sparse_categorical_accuracy"])
     images = np.random.RandomState(0).randint(0, 256, (8, 32, 32, 3)).astype("uint8")
     history = classifier.fit(images, np.arange(8) % 5, batch_size=4, epochs=2, verbose=0)
@@ -108,7 +111,11 @@ def test_backbone_in_backbone_out_and_fit_reports_auxiliary_losses():
 
 def test_keras_hub_vit_backbone_is_converted_then_upcycled():
     vit = keras_hub.models.ViTBackbone(
-        image_shape=(32, 32, 3), patch_size=8, num_layers=2, num_heads=2, hidden_dim=32,
+        image_shape=(32, 32, 3),
+        patch_size=8,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=32,
         mlp_dim=64,
     )
     backbone = keras_vmoe.upcycle(vit, NUM_EXPERTS, (1,), num_selected_experts=NUM_EXPERTS)
@@ -147,8 +154,13 @@ def test_a_dense_vmoe_checkpoint_upcycles(tmp_path):
     from tests.convert.vmoe_checkpoint_writer import write_vmoe_checkpoint
 
     # A vmoe config with no MoE layers: a dense ViT checkpoint.
-    config = {"num_classes": 3, "patch_size": [8, 8], "hidden_size": 32, "classifier": "token",
-              "encoder": {"num_layers": 2, "mlp_dim": 64, "num_heads": 2}}
+    config = {
+        "num_classes": 3,
+        "patch_size": [8, 8],
+        "hidden_size": 32,
+        "classifier": "token",
+        "encoder": {"num_layers": 2, "mlp_dim": 64, "num_heads": 2},
+    }
     source = perturbed_model(config, (32, 32, 3))
     prefix = str(tmp_path / "dense")
     write_vmoe_checkpoint(prefix, {p: to_numpy(v) for p, v in vmoe_name_table(source).items()})

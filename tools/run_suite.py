@@ -1,9 +1,11 @@
-"""Runs the test suite once per Keras backend, each in its own process.
+"""Runs ruff, then the test suite once per Keras backend, each in its own process.
 
 Usage: python tools/run_suite.py jax tensorflow torch [-- extra pytest args]
 
-Prints one summary line per backend and a total line, and exits non-zero if
-any backend fails (including a backend that ran no test).
+First `ruff check` and `ruff format --check` (configured in pyproject.toml;
+`--no-lint` skips them). Prints one summary line per backend and a total
+line, and exits non-zero if ruff or any backend fails (including a backend
+that ran no test).
 """
 
 import os
@@ -11,6 +13,9 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SUMMARY = re.compile(r"(\d+) (passed|failed|skipped|error|errors|xfailed|xpassed)")
 
@@ -22,9 +27,7 @@ def run_backend(backend, pytest_args):
     command += pytest_args
     print(f"=== {backend}: {' '.join(command[1:])}", flush=True)
     start = time.time()
-    process = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     last_lines = []
     for line in process.stdout:
         sys.stdout.write(line)
@@ -37,12 +40,25 @@ def run_backend(backend, pytest_args):
     return code, counts, time.time() - start
 
 
+def lint():
+    """ruff's lint and format checks on the repository; True when both pass."""
+    ok = True
+    for command in (["check", "."], ["format", "--check", "."]):
+        print(f"=== ruff {' '.join(command)}", flush=True)
+        result = subprocess.run([sys.executable, "-m", "ruff", *command], cwd=ROOT)
+        ok = ok and result.returncode == 0
+    return ok
+
+
 def main(argv):
+    run_lint = "--no-lint" not in argv
+    argv = [arg for arg in argv if arg != "--no-lint"]
     if "--" in argv:
         split = argv.index("--")
         backends, pytest_args = argv[:split], argv[split + 1 :]
     else:
         backends, pytest_args = argv, []
+    linted = lint() if run_lint else True
     results = {}
     for backend in backends:
         results[backend] = run_backend(backend, pytest_args)
@@ -65,7 +81,9 @@ def main(argv):
         f"total: {totals['passed']} passed, {totals['failed'] + totals['error']} failed, "
         f"{totals['skipped']} skipped"
     )
-    return 0 if ok else 1
+    if run_lint:
+        print(f"ruff: {'ok' if linted else 'FAILED'}")
+    return 0 if ok and linted else 1
 
 
 if __name__ == "__main__":

@@ -61,8 +61,9 @@ def interpolate_position_grid(grid, rows, columns):
     if side * side != grid.shape[1]:
         raise CheckpointError(f"The position table has {grid.shape[1]} patch rows, not a square grid.")
     table = grid.reshape(side, side, -1).astype(np.float64)
-    resized = np.einsum("ri,ijd,cj->rcd", cubic_resize_matrix(side, rows), table,
-                        cubic_resize_matrix(side, columns))
+    resized = np.einsum(
+        "ri,ijd,cj->rcd", cubic_resize_matrix(side, rows), table, cubic_resize_matrix(side, columns)
+    )
     return resized.reshape(1, rows * columns, -1).astype(np.float32)
 
 
@@ -90,7 +91,7 @@ def read_dinov2_onnx(path):
     # Hugging Face names (after the export's prefix, often none); the rest
     # are the exporter's unnamed constants (`onnx::...`) or other heads.
     own = re.compile(re.escape(prefix) + r"(embeddings|encoder|layernorm)\.")
-    params = {name[len(prefix):]: value for name, value in arrays.items() if own.match(name)}
+    params = {name[len(prefix) :]: value for name, value in arrays.items() if own.match(name)}
 
     # Linear layers: MatMul(x, W) followed by Add(., <name>.bias).
     consumers = {}
@@ -103,13 +104,16 @@ def read_dinov2_onnx(path):
         for add in consumers.get(node.output[0], []):
             biases = [n for n in add.input if own.match(n) and n.endswith(".bias")]
             if add.op_type == "Add" and biases:
-                params[biases[0][len(prefix):-len(".bias")] + ".weight"] = arrays[node.input[1]]
+                params[biases[0][len(prefix) : -len(".bias")] + ".weight"] = arrays[node.input[1]]
 
     if "embeddings.position_embeddings" not in params:
         # The exporter folded the table into a class-token row and a patch grid.
         dim = params["embeddings.cls_token"].shape[-1]
-        unnamed = [v for n, v in arrays.items() if not own.match(n)
-                   and v.ndim == 3 and v.shape[0] == 1 and v.shape[2] == dim]
+        unnamed = [
+            v
+            for n, v in arrays.items()
+            if not own.match(n) and v.ndim == 3 and v.shape[0] == 1 and v.shape[2] == dim
+        ]
         rows = [v for v in unnamed if v.shape[1] == 1]
         grids = [v for v in unnamed if v.shape[1] > 1 and math.isqrt(v.shape[1]) ** 2 == v.shape[1]]
         if len(rows) != 1 or len(grids) != 1:
@@ -155,10 +159,19 @@ def load_dinov2_onnx(path, image_size=None, pooling=None, dtype=None):
     num_heads = dim // 64  # DINOv2: head_dim 64 in every size (S: 6, B: 12, L: 16, g: 24).
     mlp_dim = params["encoder.layer.0.mlp.fc1.weight"].shape[1]
     backbone = VMoEBackbone(
-        image_shape=(*image_size, channels), patch_size=patch, num_layers=len(layers),
-        hidden_dim=dim, mlp_dim=mlp_dim, num_heads=num_heads, pooling=pooling,
-        use_class_token=True, position_embedding="learned", approximate_gelu=False,
-        layer_norm_epsilon=1e-6, layer_scale_init=1.0, dtype=dtype,
+        image_shape=(*image_size, channels),
+        patch_size=patch,
+        num_layers=len(layers),
+        hidden_dim=dim,
+        mlp_dim=mlp_dim,
+        num_heads=num_heads,
+        pooling=pooling,
+        use_class_token=True,
+        position_embedding="learned",
+        approximate_gelu=False,
+        layer_norm_epsilon=1e-6,
+        layer_scale_init=1.0,
+        dtype=dtype,
     )
     rows, columns = image_size[0] // patch, image_size[1] // patch
     table = params["embeddings.position_embeddings"]
@@ -166,7 +179,10 @@ def load_dinov2_onnx(path, image_size=None, pooling=None, dtype=None):
     head_dim = dim // num_heads
     assignments = [
         (backbone.get_layer("patch_embedding").conv.kernel, patch_weight.transpose(2, 3, 1, 0)),
-        (backbone.get_layer("patch_embedding").conv.bias, params["embeddings.patch_embeddings.projection.bias"]),
+        (
+            backbone.get_layer("patch_embedding").conv.bias,
+            params["embeddings.patch_embeddings.projection.bias"],
+        ),
         (backbone.get_layer("class_token").token, params["embeddings.cls_token"]),
         (backbone.get_layer("position_embedding").embedding, position),
         (backbone.get_layer("encoder_norm").gamma, params["layernorm.weight"]),
@@ -175,14 +191,20 @@ def load_dinov2_onnx(path, image_size=None, pooling=None, dtype=None):
     for index, block in enumerate(backbone.encoder_blocks):
         theirs = f"encoder.layer.{index}."
         attention = theirs + "attention."
-        for ours, name in ((block.attention.query, "attention.query"), (block.attention.key, "attention.key"),
-                           (block.attention.value, "attention.value")):
+        for ours, name in (
+            (block.attention.query, "attention.query"),
+            (block.attention.key, "attention.key"),
+            (block.attention.value, "attention.value"),
+        ):
             assignments += [
                 (ours.kernel, params[f"{attention}{name}.weight"].reshape(dim, num_heads, head_dim)),
                 (ours.bias, params[f"{attention}{name}.bias"].reshape(num_heads, head_dim)),
             ]
         assignments += [
-            (block.attention.out.kernel, params[f"{attention}output.dense.weight"].reshape(num_heads, head_dim, dim)),
+            (
+                block.attention.out.kernel,
+                params[f"{attention}output.dense.weight"].reshape(num_heads, head_dim, dim),
+            ),
             (block.attention.out.bias, params[f"{attention}output.dense.bias"]),
             (block.attention_norm.gamma, params[theirs + "norm1.weight"]),
             (block.attention_norm.beta, params[theirs + "norm1.bias"]),

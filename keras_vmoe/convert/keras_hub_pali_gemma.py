@@ -17,16 +17,16 @@ layers of copied experts.
 """
 
 import keras
+import keras_hub
 import numpy as np
 
 from keras_vmoe.errors import CheckpointError
 from keras_vmoe.models import PaliGemmaMoEBackbone
-from keras_vmoe.models import VMoEBackbone
+from keras_vmoe.models import PaliGemmaMoECausalLM
 from keras_vmoe.models import PaliGemmaMoECausalLMPreprocessor
 from keras_vmoe.models import PaliGemmaMoEImageConverter
 from keras_vmoe.models import PaliGemmaMoETokenizer
-import keras_hub
-from keras_vmoe.models import PaliGemmaMoECausalLM
+from keras_vmoe.models import VMoEBackbone
 
 
 def _vit_pairs(vit, tower, projection):
@@ -34,13 +34,22 @@ def _vit_pairs(vit, tower, projection):
     encoder = vit.get_layer("image_encoder")
     embeddings = encoder.vision_embeddings
     pairs = [
-        ("patch embedding kernel", embeddings.patch_embedding.kernel,
-         tower.get_layer("patch_embedding").conv.kernel),
-        ("patch embedding bias", embeddings.patch_embedding.bias,
-         tower.get_layer("patch_embedding").conv.bias),
+        (
+            "patch embedding kernel",
+            embeddings.patch_embedding.kernel,
+            tower.get_layer("patch_embedding").conv.kernel,
+        ),
+        (
+            "patch embedding bias",
+            embeddings.patch_embedding.bias,
+            tower.get_layer("patch_embedding").conv.bias,
+        ),
         # (N, D) -> (1, N, D).
-        ("position embedding", embeddings.position_embedding.embeddings,
-         tower.get_layer("position_embedding").embedding),
+        (
+            "position embedding",
+            embeddings.position_embedding.embeddings,
+            tower.get_layer("position_embedding").embedding,
+        ),
         ("final LayerNorm scale", encoder.encoder_layer_norm.gamma, tower.get_layer("encoder_norm").gamma),
         ("final LayerNorm bias", encoder.encoder_layer_norm.beta, tower.get_layer("encoder_norm").beta),
         ("image projection kernel", vit.get_layer("image_classifier").kernel, projection.kernel),

@@ -7,18 +7,22 @@ final LayerNorm, so the result has `pooling=None` unless you ask otherwise.
 """
 
 import keras
+import keras_hub
 
 from keras_vmoe.errors import CheckpointError
-import keras_hub
 from keras_vmoe.models import VMoEBackbone
 
 
 def keras_hub_vit_name_table(backbone):
     """{keras-hub weight path suffix: our variable} for a dense VMoEBackbone."""
     table = {
-        "vit_patching_and_embedding/patch_embedding/kernel": backbone.get_layer("patch_embedding").conv.kernel,
+        "vit_patching_and_embedding/patch_embedding/kernel": backbone.get_layer(
+            "patch_embedding"
+        ).conv.kernel,
         "vit_patching_and_embedding/patch_embedding/bias": backbone.get_layer("patch_embedding").conv.bias,
-        "vit_patching_and_embedding/position_embedding/embeddings": backbone.get_layer("position_embedding").embedding,
+        "vit_patching_and_embedding/position_embedding/embeddings": backbone.get_layer(
+            "position_embedding"
+        ).embedding,
         "vit_encoder/ln/gamma": backbone.get_layer("encoder_norm").gamma,
         "vit_encoder/ln/beta": backbone.get_layer("encoder_norm").beta,
     }
@@ -97,6 +101,8 @@ def from_keras_hub_vit(vit, pooling=None, dtype=None):
     if missing:
         raise CheckpointError(f"The keras-hub ViT lacks weights {missing}.")
     for path, variable in table.items():
-        value = keras.ops.convert_to_numpy(theirs[path]).reshape(variable.shape)  # position table: (N, D) -> (1, N, D)
+        value = keras.ops.convert_to_numpy(theirs[path]).reshape(
+            variable.shape
+        )  # position table: (N, D) -> (1, N, D)
         variable.assign(value.astype(variable.dtype))
     return backbone

@@ -13,12 +13,12 @@ import math
 import keras
 import numpy as np
 
-from keras_vmoe.errors import CheckpointError
 from keras_vmoe.convert.vmoe_checkpoint_reader import read_vmoe_checkpoint
-from keras_vmoe.models import SoftMoEBackbone
-from keras_vmoe.models import VMoEBackbone
+from keras_vmoe.errors import CheckpointError
 from keras_vmoe.layers import SoftMoE
+from keras_vmoe.models import SoftMoEBackbone
 from keras_vmoe.models import SoftMoEImageClassifier
+from keras_vmoe.models import VMoEBackbone
 from keras_vmoe.models import VMoEImageClassifier
 
 TOKEN_CHOICE_ROUTERS = ("NoisyTopExpertsPerItemRouter",)
@@ -34,12 +34,27 @@ OT_ROUTERS = {
     "SparseProjectionTransportTopItemsPerExpertRouter": ("sparse_expert_choice", {"projection": "dense"}),
 }
 _MODEL_KEYS = {
-    "name", "num_classes", "patch_size", "hidden_size", "encoder", "classifier",
-    "representation_size", "deterministic", "head_bias_init", "head_kernel_zero_init",
+    "name",
+    "num_classes",
+    "patch_size",
+    "hidden_size",
+    "encoder",
+    "classifier",
+    "representation_size",
+    "deterministic",
+    "head_bias_init",
+    "head_kernel_zero_init",
 }
 _ENCODER_KEYS = {
-    "num_layers", "mlp_dim", "num_heads", "dropout_rate", "attention_dropout_rate",
-    "attention_qk_norm", "moe", "position_emb", "deterministic",
+    "num_layers",
+    "mlp_dim",
+    "num_heads",
+    "dropout_rate",
+    "attention_dropout_rate",
+    "attention_qk_norm",
+    "moe",
+    "position_emb",
+    "deterministic",
 }
 _MOE_KEYS = {"layers", "num_experts", "group_size", "router", "dropout_rate", "split_rngs", "deterministic"}
 
@@ -87,8 +102,9 @@ def _ot_router_options(router, kind):
                 "the Sinkhorn solver (use_lbfgs=False) is."
             )
         # ott runs its fixed loop in steps of 10 iterations.
-        options.update(num_iterations=10 * (maxiter // 10),
-                       combine_weights="softmax" if softmax_combine else "plan")
+        options.update(
+            num_iterations=10 * (maxiter // 10), combine_weights="softmax" if softmax_combine else "plan"
+        )
     else:
         if not softmax_combine:
             raise ValueError(
@@ -125,8 +141,7 @@ def _moe_arguments(moe, bfloat16_dispatch):
     dispatcher = dict(router.get("dispatcher") or {})
     if dispatcher.get("capacity") is not None:
         raise ValueError(
-            "vmoe model config: a fixed dispatcher 'capacity' is not supported; "
-            "give 'capacity_factor'."
+            "vmoe model config: a fixed dispatcher 'capacity' is not supported; give 'capacity_factor'."
         )
     use_bfloat16 = dispatcher.get("bfloat16", False) if bfloat16_dispatch is None else bfloat16_dispatch
     options = dict(
@@ -262,9 +277,7 @@ def vmoe_name_table(classifier):
     if backbone.use_class_token:
         table["cls"] = backbone.get_layer("class_token").token
     if backbone.position_embedding == "learned":
-        table["Encoder/posembed_input/pos_embedding"] = backbone.get_layer(
-            "position_embedding"
-        ).embedding
+        table["Encoder/posembed_input/pos_embedding"] = backbone.get_layer("position_embedding").embedding
     for index, block in enumerate(backbone.encoder_blocks):
         prefix = f"Encoder/encoderblock_{index}"
         table.update(_layer_norm_table(f"{prefix}/LayerNorm_0", block.attention_norm))
@@ -332,7 +345,12 @@ def assign_parameters(table, params, source, verbose=False):
 
 
 def load_vmoe_checkpoint(
-    prefix, model_config, image_shape=None, bfloat16_dispatch=None, dtype=None, preprocessor=None,
+    prefix,
+    model_config,
+    image_shape=None,
+    bfloat16_dispatch=None,
+    dtype=None,
+    preprocessor=None,
     verbose=False,
 ):
     """Loads a google-research/vmoe checkpoint as a keras_vmoe classifier.

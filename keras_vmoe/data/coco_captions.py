@@ -38,7 +38,9 @@ def load_coco_captions(path, image_size=None, split=None, limit=None):
             f"load_coco_captions: no caption archive at {path}; expected coco_mini_captions.npz "
             "with the keys jpeg, offsets and captions."
         )
-    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
+    if image_size is not None and (
+        isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1
+    ):
         raise ValueError(f"load_coco_captions: image_size must be None or an int >= 1, got {image_size!r}.")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
         raise ValueError(f"load_coco_captions: limit must be None or an int >= 0, got {limit!r}.")

@@ -97,9 +97,7 @@ class ExpertExchange:
         return exchange
 
     def _constrain(self, x, axes):
-        return keras.distribution.distribute_tensor(
-            x, keras.distribution.TensorLayout(axes, self.mesh)
-        )
+        return keras.distribution.distribute_tensor(x, keras.distribution.TensorLayout(axes, self.mesh))
 
     def _split_groups(self, x):
         """(G, ...) -> (*group_split, G', ...), constrained to the group split."""
@@ -171,9 +169,7 @@ class ExpertExchange:
         slots = group_local.dispatch(tokens, plan.dispatch_index)  # (G, E, C, D)
         capacity = ops.shape(slots)[2]
         outputs = self.from_experts(experts(self.to_experts(slots)), capacity)
-        return self.gather_groups(
-            group_local.combine(outputs, plan.combine_index, plan.combine_weights)
-        )
+        return self.gather_groups(group_local.combine(outputs, plan.combine_index, plan.combine_weights))
 
     def soft_moe(self, tokens, dispatch_weights, combine_weights, experts):
         """`keras_vmoe.ops.soft_moe` with the slots exchanged between devices."""

@@ -76,8 +76,7 @@ def get_layout_map(device_mesh, expert_axis="expert", batch_axis="batch", model_
         )
     if not isinstance(device_mesh, keras.distribution.DeviceMesh):
         raise ValueError(
-            f"get_layout_map: device_mesh must be a keras.distribution.DeviceMesh, "
-            f"got {device_mesh!r}."
+            f"get_layout_map: device_mesh must be a keras.distribution.DeviceMesh, got {device_mesh!r}."
         )
     if expert_axis is None:
         raise ValueError("get_layout_map: expert_axis must name a mesh axis, got None.")

@@ -11,6 +11,13 @@ from keras_vmoe.layers.mlp import Mlp
 from keras_vmoe.layers.moe import MoELayer
 from keras_vmoe.layers.moe import SoftMoE
 from keras_vmoe.layers.moe import SparseMoE
+from keras_vmoe.layers.multimodal_routing import MultimodalTokenChoiceRouter
+from keras_vmoe.layers.multimodal_routing import global_entropy_loss
+from keras_vmoe.layers.multimodal_routing import local_entropy_loss
+from keras_vmoe.layers.ot_routing import SinkhornExpertChoiceRouter
+from keras_vmoe.layers.ot_routing import SinkhornTokenChoiceRouter
+from keras_vmoe.layers.ot_routing import SparseExpertChoiceRouter
+from keras_vmoe.layers.ot_routing import SparseTokenChoiceRouter
 from keras_vmoe.layers.patch_merger import PatchMerger
 from keras_vmoe.layers.routing import ROUTERS
 from keras_vmoe.layers.routing import ExpertChoiceRouter
@@ -22,12 +29,5 @@ from keras_vmoe.layers.routing_plans import SoftRoutingPlan
 from keras_vmoe.layers.routing_plans import compute_capacity
 from keras_vmoe.layers.routing_plans import top_c_tokens_plan
 from keras_vmoe.layers.routing_plans import top_k_experts_plan
-from keras_vmoe.layers.ot_routing import SinkhornExpertChoiceRouter
-from keras_vmoe.layers.ot_routing import SinkhornTokenChoiceRouter
-from keras_vmoe.layers.ot_routing import SparseExpertChoiceRouter
-from keras_vmoe.layers.ot_routing import SparseTokenChoiceRouter
 from keras_vmoe.layers.sparse_top_k import SparseTopKRouter
 from keras_vmoe.layers.sparse_top_k import sparse_top_k_mask
-from keras_vmoe.layers.multimodal_routing import MultimodalTokenChoiceRouter
-from keras_vmoe.layers.multimodal_routing import global_entropy_loss
-from keras_vmoe.layers.multimodal_routing import local_entropy_loss

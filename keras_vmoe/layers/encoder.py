@@ -73,9 +73,7 @@ class ClassToken(keras.layers.Layer):
     """Prepends one learned token (vmoe's `cls`, zero-initialised)."""
 
     def build(self, input_shape):
-        self.token = self.add_weight(
-            shape=(1, 1, input_shape[-1]), initializer="zeros", name="token"
-        )
+        self.token = self.add_weight(shape=(1, 1, input_shape[-1]), initializer="zeros", name="token")
 
     def call(self, tokens):
         token = ops.cast(self.token, tokens.dtype)
@@ -91,8 +89,7 @@ def sincos2d_position_embedding(grid_size, dim, temperature=10_000.0):
     """vmoe's fixed 2-D sin-cos embedding (MoCo v3): (grid_h * grid_w, dim)."""
     if dim % 4 != 0 or dim < 8:
         raise ValueError(
-            f"A 'sincos2d' position embedding needs hidden_dim to be a multiple "
-            f"of 4 and >= 8, got {dim}."
+            f"A 'sincos2d' position embedding needs hidden_dim to be a multiple of 4 and >= 8, got {dim}."
         )
     y, x = np.mgrid[: grid_size[0], : grid_size[1]].astype("float32")
     y, x = y.ravel(), x.ravel()
@@ -148,9 +145,7 @@ class PositionEmbedding(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update(
-            kind=self.kind, grid_size=self.grid_size, num_prefix_tokens=self.num_prefix_tokens
-        )
+        config.update(kind=self.kind, grid_size=self.grid_size, num_prefix_tokens=self.num_prefix_tokens)
         return config
 
 
@@ -186,9 +181,7 @@ class MultiHeadDotProductAttention(keras.layers.Layer):
     def build(self, query_shape, value_shape=None):
         dim = query_shape[-1]
         if dim % self.num_heads:
-            raise ValueError(
-                f"hidden_dim={dim} must be divisible by num_heads={self.num_heads}."
-            )
+            raise ValueError(f"hidden_dim={dim} must be divisible by num_heads={self.num_heads}.")
         head_dim = dim // self.num_heads
         self.head_dim = head_dim
 
@@ -218,12 +211,16 @@ class MultiHeadDotProductAttention(keras.layers.Layer):
         self.out.build((None, None, self.num_heads, head_dim))
         if self.qk_norm:
             self.query_norm = keras.layers.LayerNormalization(
-                epsilon=self.layer_norm_epsilon, center=False, dtype=self.dtype_policy,
+                epsilon=self.layer_norm_epsilon,
+                center=False,
+                dtype=self.dtype_policy,
                 name="query_norm",
             )
             self.query_norm.build((None, None, self.num_heads, head_dim))
             self.key_norm = keras.layers.LayerNormalization(
-                epsilon=self.layer_norm_epsilon, center=False, dtype=self.dtype_policy,
+                epsilon=self.layer_norm_epsilon,
+                center=False,
+                dtype=self.dtype_policy,
                 name="key_norm",
             )
             self.key_norm.build((None, None, self.num_heads, head_dim))
@@ -305,7 +302,8 @@ class EncoderBlock(keras.layers.Layer):
         self.attention_dropout_rate = attention_dropout_rate
         self.layer_norm_epsilon = layer_norm_epsilon
         self.layer_scale_init = (
-            None if layer_scale_init is None
+            None
+            if layer_scale_init is None
             else check_float("layer_scale_init", layer_scale_init, owner="EncoderBlock")
         )
         self.attention_norm = keras.layers.LayerNormalization(
@@ -343,9 +341,7 @@ class EncoderBlock(keras.layers.Layer):
     def attend(self, inputs, training=None, attention_mask=None):
         """The block's first half, the attention with its residual: the tokens
         that `mlp_norm` then feeds the MLP (and so a MoE layer's router)."""
-        x = self.attention(
-            self.attention_norm(inputs), training=training, attention_mask=attention_mask
-        )
+        x = self.attention(self.attention_norm(inputs), training=training, attention_mask=attention_mask)
         if self.layer_scale_init is not None:
             x = x * ops.cast(self.attention_scale, x.dtype)
         return inputs + self.dropout(x, training=training)
@@ -438,8 +434,11 @@ class MultiHeadAttentionPooling(keras.layers.Layer):
         self.approximate_gelu = bool(approximate_gelu)
         self.layer_norm_epsilon = layer_norm_epsilon
         self.attention = MultiHeadDotProductAttention(
-            num_heads, qk_norm=qk_norm, layer_norm_epsilon=layer_norm_epsilon,
-            dtype=self.dtype_policy, name="attention",
+            num_heads,
+            qk_norm=qk_norm,
+            layer_norm_epsilon=layer_norm_epsilon,
+            dtype=self.dtype_policy,
+            name="attention",
         )
         self.norm = keras.layers.LayerNormalization(
             epsilon=layer_norm_epsilon, dtype=self.dtype_policy, name="norm"
@@ -448,9 +447,7 @@ class MultiHeadAttentionPooling(keras.layers.Layer):
 
     def build(self, input_shape):
         dim = input_shape[-1]
-        self.probe = self.add_weight(
-            shape=(1, 1, dim), initializer="glorot_uniform", name="probe"
-        )
+        self.probe = self.add_weight(shape=(1, 1, dim), initializer="glorot_uniform", name="probe")
         self.attention.build((None, 1, dim), input_shape)
         self.norm.build((None, 1, dim))
         self.mlp.build((None, 1, dim))

@@ -34,9 +34,7 @@ class Mlp(keras.layers.Layer):
 
     def build(self, input_shape):
         self.dense_0.build(input_shape)
-        self.dense_1 = keras.layers.Dense(
-            input_shape[-1], dtype=self.dtype_policy, name="dense_1"
-        )
+        self.dense_1 = keras.layers.Dense(input_shape[-1], dtype=self.dtype_policy, name="dense_1")
         self.dense_1.build(tuple(input_shape[:-1]) + (self.mlp_dim,))
 
     def call(self, inputs, training=None):

@@ -17,8 +17,8 @@ from keras_vmoe.distribution.expert_exchange import ExpertExchange
 from keras_vmoe.distribution.layout_map import check_expert_layouts
 from keras_vmoe.layers.routing import Router
 from keras_vmoe.layers.routing import SoftRouter
-from keras_vmoe.layers.routing import router_names
 from keras_vmoe.layers.routing import make_router
+from keras_vmoe.layers.routing import router_names
 from keras_vmoe.layers.routing_plans import SoftRoutingPlan
 from keras_vmoe.layers.routing_plans import compute_capacity
 from keras_vmoe.validation import check_float
@@ -87,9 +87,13 @@ class MoELayer(keras.layers.Layer):
         initializer = keras.initializers.VarianceScaling(
             scale=float(num_experts), mode="fan_avg", distribution="uniform"
         )
-        self.kernel_0 = self.add_weight(shape=(num_experts, dim, hidden), initializer=initializer, name="kernel_0")
+        self.kernel_0 = self.add_weight(
+            shape=(num_experts, dim, hidden), initializer=initializer, name="kernel_0"
+        )
         self.bias_0 = self.add_weight(shape=(num_experts, hidden), initializer="zeros", name="bias_0")
-        self.kernel_1 = self.add_weight(shape=(num_experts, hidden, dim), initializer=initializer, name="kernel_1")
+        self.kernel_1 = self.add_weight(
+            shape=(num_experts, hidden, dim), initializer=initializer, name="kernel_1"
+        )
         self.bias_1 = self.add_weight(shape=(num_experts, dim), initializer="zeros", name="bias_1")
 
     def resolve_group_size(self, input_shape):
@@ -98,8 +102,7 @@ class MoELayer(keras.layers.Layer):
         group_size = self.group_size or tokens
         if group_size is None:
             raise ValueError(
-                f"{type(self).__name__} needs a known number of tokens per image "
-                "(or an explicit group_size)."
+                f"{type(self).__name__} needs a known number of tokens per image (or an explicit group_size)."
             )
         if isinstance(batch, int) and isinstance(tokens, int) and (batch * tokens) % group_size:
             raise ValueError(
@@ -178,9 +181,7 @@ class MoELayer(keras.layers.Layer):
                     f"{type(self.router).__name__} does not use them; use a "
                     "keras_vmoe.layers.MultimodalTokenChoiceRouter (or `token_mask` for padding)."
                 )
-            options["token_modalities"] = ops.reshape(
-                ops.cast(token_modalities, "int32"), (-1, group_size)
-            )
+            options["token_modalities"] = ops.reshape(ops.cast(token_modalities, "int32"), (-1, group_size))
         plan, metrics = self.router(tokens, training=training, token_mask=mask, **options)
         tokens, experts = self.round_to_dispatch_dtype(tokens), self.rounded_experts(training)
         if isinstance(plan, SoftRoutingPlan):
@@ -278,8 +279,7 @@ class SparseMoE(MoELayer):
         **kwargs,
     ):
         super().__init__(
-            num_experts, mlp_dim, group_size, approximate_gelu, dropout_rate,
-            dispatch_dtype, **kwargs
+            num_experts, mlp_dim, group_size, approximate_gelu, dropout_rate, dispatch_dtype, **kwargs
         )
         if isinstance(router, dict):
             router = keras.saving.deserialize_keras_object(router)
@@ -287,12 +287,19 @@ class SparseMoE(MoELayer):
             if router == "soft":
                 raise ValueError("SparseMoE: Soft MoE routing is the SoftMoE layer.")
             shared = dict(
-                num_experts=num_experts, num_selected_experts=num_selected_experts,
-                capacity_factor=capacity_factor, batch_priority=batch_priority,
-                noise_std=noise_std, importance_loss_weight=importance_loss_weight,
-                load_loss_weight=load_loss_weight, gshard_loss_weight=gshard_loss_weight,
-                z_loss_weight=z_loss_weight, capacity_rounding=capacity_rounding,
-                capacity_multiple_of=capacity_multiple_of, seed=seed, name="router",
+                num_experts=num_experts,
+                num_selected_experts=num_selected_experts,
+                capacity_factor=capacity_factor,
+                batch_priority=batch_priority,
+                noise_std=noise_std,
+                importance_loss_weight=importance_loss_weight,
+                load_loss_weight=load_loss_weight,
+                gshard_loss_weight=gshard_loss_weight,
+                z_loss_weight=z_loss_weight,
+                capacity_rounding=capacity_rounding,
+                capacity_multiple_of=capacity_multiple_of,
+                seed=seed,
+                name="router",
             )
             try:
                 router = make_router(router, shared, router_options)
@@ -367,8 +374,7 @@ class SoftMoE(MoELayer):
         **kwargs,
     ):
         super().__init__(
-            num_experts, mlp_dim, group_size, approximate_gelu, dropout_rate,
-            dispatch_dtype, **kwargs
+            num_experts, mlp_dim, group_size, approximate_gelu, dropout_rate, dispatch_dtype, **kwargs
         )
         if slots_per_expert is None and capacity_factor is None:
             raise ValueError(
@@ -387,9 +393,7 @@ class SoftMoE(MoELayer):
                 "capacity_factor", capacity_factor, exclusive_minimum=0.0, owner="SoftMoE"
             )
         else:
-            slots_per_expert = check_int(
-                "slots_per_expert", slots_per_expert, minimum=1, owner="SoftMoE"
-            )
+            slots_per_expert = check_int("slots_per_expert", slots_per_expert, minimum=1, owner="SoftMoE")
         self.slots_per_expert = slots_per_expert
         self.capacity_factor = capacity_factor
         self.noise_std = noise_std
@@ -400,9 +404,7 @@ class SoftMoE(MoELayer):
         """Slots per expert for groups of `group_size` tokens."""
         if self.slots_per_expert is not None:
             return self.slots_per_expert
-        return compute_capacity(
-            group_size, self.num_experts, self.capacity_factor, "round", multiple_of=None
-        )
+        return compute_capacity(group_size, self.num_experts, self.capacity_factor, "round", multiple_of=None)
 
     def build(self, input_shape):
         dim = input_shape[-1]

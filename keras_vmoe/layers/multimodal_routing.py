@@ -132,8 +132,7 @@ class MultimodalTokenChoiceRouter(TokenChoiceRouter):
         modalities = tuple(modalities)
         if not modalities or len(set(modalities)) != len(modalities):
             raise ValueError(
-                "MultimodalTokenChoiceRouter: `modalities` must be distinct names, "
-                f"got {modalities}."
+                f"MultimodalTokenChoiceRouter: `modalities` must be distinct names, got {modalities}."
             )
         self.modalities = modalities
         self.local_entropy_weights = _per_modality(
@@ -143,7 +142,9 @@ class MultimodalTokenChoiceRouter(TokenChoiceRouter):
             "global_entropy_weights", global_entropy_weights, modalities, 0.01
         )
         self.global_entropy_thresholds = _per_modality(
-            "global_entropy_thresholds", global_entropy_thresholds, modalities,
+            "global_entropy_thresholds",
+            global_entropy_thresholds,
+            modalities,
             math.log(max(num_experts / 2, 1.0)),
         )
 
@@ -154,9 +155,7 @@ class MultimodalTokenChoiceRouter(TokenChoiceRouter):
         routed = ops.greater_equal(token_modalities, 0)
         if token_mask is not None:
             routed = ops.logical_and(routed, ops.cast(token_mask, "bool"))
-        return super().call(
-            tokens, training=training, token_mask=routed, token_modalities=token_modalities
-        )
+        return super().call(tokens, training=training, token_mask=routed, token_modalities=token_modalities)
 
     def route_gates(self, tokens, training, token_mask, token_modalities=None):
         """Token choice's gates and losses, plus the entropy losses per modality."""
@@ -170,9 +169,7 @@ class MultimodalTokenChoiceRouter(TokenChoiceRouter):
         for index, modality in enumerate(self.modalities):
             in_modality = ops.equal(token_modalities, index)
             local = local_entropy_loss(gates, in_modality)
-            global_ = global_entropy_loss(
-                gates, in_modality, self.global_entropy_thresholds[modality]
-            )
+            global_ = global_entropy_loss(gates, in_modality, self.global_entropy_thresholds[modality])
             metrics[f"{modality}_local_entropy"] = ops.broadcast_to(local, (num_groups,))
             metrics[f"{modality}_global_entropy"] = ops.broadcast_to(global_, (num_groups,))
             auxiliary = (

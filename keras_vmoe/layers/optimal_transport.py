@@ -76,9 +76,13 @@ def simplex_projection(x, k=None):
     values, indices = moe_ops.top_k(x, k)  # Sorted, decreasing.
     cumulative = ops.cumsum(values, axis=-1)
     ranks = ops.arange(1, k + 1, dtype=values.dtype)
-    support = ops.sum(ops.cast(1.0 / ranks + values - cumulative / ranks > 0, "int32"), axis=-1, keepdims=True)
+    support = ops.sum(
+        ops.cast(1.0 / ranks + values - cumulative / ranks > 0, "int32"), axis=-1, keepdims=True
+    )
     support = ops.maximum(support, 1)
-    threshold = (ops.take_along_axis(cumulative, support - 1, axis=-1) - 1.0) / ops.cast(support, values.dtype)
+    threshold = (ops.take_along_axis(cumulative, support - 1, axis=-1) - 1.0) / ops.cast(
+        support, values.dtype
+    )
     projected = ops.relu(values - threshold)  # (..., k)
     if k == length:
         # Back to the input's order: the inverse permutation of `indices`.
@@ -101,8 +105,9 @@ def _scatter_rows(values, indices, length):
     return ops.reshape(out, (*lead, length))
 
 
-def semi_dual_plan(similarity, row_mass, column_mass, k=None, max_steps=20, learning_rate=1e-2,
-                   tolerance=1e-3):
+def semi_dual_plan(
+    similarity, row_mass, column_mass, k=None, max_steps=20, learning_rate=1e-2, tolerance=1e-3
+):
     """Regularised OT plan by jaxopt's semi-dual, solved with Adam as vmoe does.
 
     The problem is laid out by columns: `similarity` (G, N, M) holds, for each
@@ -143,4 +148,3 @@ def semi_dual_plan(similarity, row_mass, column_mass, k=None, max_steps=20, lear
         second_moment = ops.where(keep, new_second, second_moment)
         active = ops.logical_and(active, ops.sqrt(ops.sum(ops.square(gradient), axis=-1)) > tolerance)
     return ops.stop_gradient(columns(alpha))
-

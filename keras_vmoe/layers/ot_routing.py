@@ -13,7 +13,7 @@ plan), and the combine weight of a dispatched pair is the softmax gate (vmoe's
 | `sinkhorn_expert_choice` | `KLProjectionNoisyTopItemsPerExpertRouter` | Sinkhorn on the logits |
 | `sparse_token_choice` | `KSparseProjectionTransportTopExpertsPerItemRouter` | K-sparse per token |
 | `sparse_expert_choice` | `KSparseProjectionTransportTopItemsPerExpertRouter` | C-sparse per expert |
-| `sparse_expert_choice`, `projection="dense"` | `SparseProjectionTransportTopItemsPerExpertRouter` | L2-regularised |
+| `sparse_expert_choice` (`projection="dense"`) | `SparseProjectionTransportTopItemsPerExpertRouter` | L2 |
 
 Sinkhorn: marginals 1 per token and S / E per expert; `num_iterations` is the
 exact count (vmoe's `maxiter` runs 10 * floor(maxiter / 10) of them, which the
@@ -51,7 +51,9 @@ COMBINE_WEIGHTS = ("softmax", "plan")
 def _no_unsupported_losses(owner, **weights):
     for name, weight in weights.items():
         if weight:
-            raise ValueError(f"{owner}: `{name}` is not a loss of this router (vmoe's has none); got {weight}.")
+            raise ValueError(
+                f"{owner}: `{name}` is not a loss of this router (vmoe's has none); got {weight}."
+            )
 
 
 def _nonzero_statistics(plan, axis, name, token_mask=None):
@@ -66,8 +68,11 @@ def _nonzero_statistics(plan, axis, name, token_mask=None):
             f"{name}_max": ops.max(counts * weights, axis=1),
             f"{name}_avg": ops.sum(counts * weights, axis=1) / ops.maximum(ops.sum(weights, axis=1), 1.0),
         }
-    return {f"{name}_min": ops.min(counts, axis=1), f"{name}_max": ops.max(counts, axis=1),
-            f"{name}_avg": ops.mean(counts, axis=1)}
+    return {
+        f"{name}_min": ops.min(counts, axis=1),
+        f"{name}_max": ops.max(counts, axis=1),
+        f"{name}_avg": ops.mean(counts, axis=1),
+    }
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
@@ -96,7 +101,9 @@ class SinkhornTokenChoiceRouter(TokenChoiceRouter):
     def __init__(self, num_experts, num_iterations=20, combine_weights="softmax", **kwargs):
         super().__init__(num_experts, **kwargs)
         owner = type(self).__name__
-        _no_unsupported_losses(owner, gshard_loss_weight=self.gshard_loss_weight, z_loss_weight=self.z_loss_weight)
+        _no_unsupported_losses(
+            owner, gshard_loss_weight=self.gshard_loss_weight, z_loss_weight=self.z_loss_weight
+        )
         self.num_iterations = check_int("num_iterations", num_iterations, minimum=0, owner=owner)
         self.combine_weights = check_choice("combine_weights", combine_weights, COMBINE_WEIGHTS, owner=owner)
 
@@ -164,8 +171,9 @@ class _SemiDualSolver:
         self.tolerance = check_float("tolerance", tolerance, minimum=0.0, owner=owner)
 
     def _solve(self, similarity, row_mass, column_mass, k):
-        return semi_dual_plan(similarity, row_mass, column_mass, k, self.max_steps, self.learning_rate,
-                              self.tolerance)
+        return semi_dual_plan(
+            similarity, row_mass, column_mass, k, self.max_steps, self.learning_rate, self.tolerance
+        )
 
     def _solver_config(self):
         return dict(max_steps=self.max_steps, learning_rate=self.learning_rate, tolerance=self.tolerance)
@@ -201,7 +209,9 @@ class SparseTokenChoiceRouter(_SemiDualSolver, TokenChoiceRouter):
         num_groups, group_size, num_experts = ops.shape(gates)
         token_weights = _weights(token_mask)
         token_mass = ops.ones((num_groups, group_size)) if token_weights is None else token_weights
-        expert_mass = ops.repeat(ops.sum(token_mass, axis=1, keepdims=True) / num_experts, num_experts, axis=1)
+        expert_mass = ops.repeat(
+            ops.sum(token_mass, axis=1, keepdims=True) / num_experts, num_experts, axis=1
+        )
         # Columns are the tokens (mass 1), rows the experts (mass S / E).
         plan = self._solve(gates, expert_mass, token_mass, self.num_selected_experts)  # (G, S, E)
         metrics = {"auxiliary_loss": ops.zeros((num_groups,), "float32")}
@@ -236,11 +246,13 @@ class SparseExpertChoiceRouter(_SemiDualSolver, ExpertChoiceRouter):
         Other arguments: as `ExpertChoiceRouter`.
     """
 
-    def __init__(self, num_experts, projection="k_sparse", max_steps=20, learning_rate=1e-2,
-                 tolerance=1e-3, **kwargs):
+    def __init__(
+        self, num_experts, projection="k_sparse", max_steps=20, learning_rate=1e-2, tolerance=1e-3, **kwargs
+    ):
         super().__init__(num_experts, **kwargs)
-        self.projection = check_choice("projection", projection, ("k_sparse", "dense"),
-                                       owner=type(self).__name__)
+        self.projection = check_choice(
+            "projection", projection, ("k_sparse", "dense"), owner=type(self).__name__
+        )
         self._solver_options(max_steps, learning_rate, tolerance)
 
     def route_gates(self, tokens, training, token_mask):
@@ -253,7 +265,9 @@ class SparseExpertChoiceRouter(_SemiDualSolver, ExpertChoiceRouter):
             token_mass = ops.cast(token_mask, "float32")
             # Padding never enters a column's support.
             similarity = ops.where(ops.cast(token_mask, "bool")[:, None, :], similarity, -1e9)
-        expert_mass = ops.repeat(ops.sum(token_mass, axis=1, keepdims=True) / num_experts, num_experts, axis=1)
+        expert_mass = ops.repeat(
+            ops.sum(token_mass, axis=1, keepdims=True) / num_experts, num_experts, axis=1
+        )
         k = self.capacity(group_size) if self.projection == "k_sparse" else None
         plan = ops.transpose(self._solve(similarity, token_mass, expert_mass, k), (0, 2, 1))
         metrics = {}

@@ -84,22 +84,16 @@ class PatchMerger(keras.layers.Layer):
 
     def build(self, input_shape):
         if len(input_shape) != 3:
-            raise ValueError(
-                f"{self.name}: expects tokens of shape (batch, tokens, dim), got {input_shape}."
-            )
+            raise ValueError(f"{self.name}: expects tokens of shape (batch, tokens, dim), got {input_shape}.")
         self.check_length(input_shape[1])
         dim = input_shape[-1]
         self.norm.build(input_shape)
         # (D, M), the paper's W; LeCun-normal over fan_in = D.
-        self.kernel = self.add_weight(
-            shape=(dim, self.num_tokens), initializer="lecun_normal", name="kernel"
-        )
+        self.kernel = self.add_weight(shape=(dim, self.num_tokens), initializer="lecun_normal", name="kernel")
 
     def _weights(self, normalized):
         """float32 softmax over the N tokens of W^T x^T: (B, M, N)."""
-        scores = ops.einsum(
-            "bnd,dm->bmn", ops.cast(normalized, "float32"), ops.cast(self.kernel, "float32")
-        )
+        scores = ops.einsum("bnd,dm->bmn", ops.cast(normalized, "float32"), ops.cast(self.kernel, "float32"))
         return ops.softmax(scores, axis=-1)
 
     def merge_weights(self, tokens):

@@ -26,7 +26,6 @@ import keras
 from keras import ops
 
 from keras_vmoe import ops as moe_ops
-from keras_vmoe.ops.tools import values as values_ops
 from keras_vmoe.layers.normalization import l2_normalize
 from keras_vmoe.layers.routing_plans import RoutingPlan  # noqa: F401 (public here too)
 from keras_vmoe.layers.routing_plans import SoftRoutingPlan
@@ -36,6 +35,7 @@ from keras_vmoe.layers.routing_plans import token_choice_metrics
 from keras_vmoe.layers.routing_plans import token_mean
 from keras_vmoe.layers.routing_plans import top_c_tokens_plan
 from keras_vmoe.layers.routing_plans import top_k_experts_plan
+from keras_vmoe.ops.tools import values as values_ops
 from keras_vmoe.validation import check_choice
 from keras_vmoe.validation import check_float
 from keras_vmoe.validation import check_int
@@ -75,9 +75,7 @@ def gshard_loss(gates, token_weights=None):
     """
     num_experts = ops.shape(gates)[-1]
     top1 = moe_ops.one_hot(ops.argmax(gates, axis=-1), num_experts, dtype=gates.dtype)
-    loss = ops.mean(
-        token_mean(top1, token_weights) * token_mean(gates, token_weights), axis=-1
-    )
+    loss = ops.mean(token_mean(top1, token_weights) * token_mean(gates, token_weights), axis=-1)
     return loss * float(num_experts**2)
 
 
@@ -252,8 +250,12 @@ class TokenChoiceRouter(Router):
         scores, combine_gates, metrics = self.route_gates(tokens, training, token_mask, **gate_options)
         self.check_gates(combine_gates, "gates", training)
         plan, kept = top_k_experts_plan(
-            scores, combine_gates, self.num_selected_experts, self.capacity(tokens.shape[1]),
-            batch_priority=self.batch_priority, token_mask=token_mask,
+            scores,
+            combine_gates,
+            self.num_selected_experts,
+            self.capacity(tokens.shape[1]),
+            batch_priority=self.batch_priority,
+            token_mask=token_mask,
             renormalize=self.renormalize_combine_weights,
         )
         metrics.update(token_choice_metrics(kept, weights))
@@ -406,9 +408,7 @@ class SoftRouter(Router):
 
     def __init__(self, num_experts, slots_per_expert, noise_std=0.0, seed=None, **kwargs):
         super().__init__(num_experts, noise_std=noise_std, seed=seed, **kwargs)
-        self.slots_per_expert = check_int(
-            "slots_per_expert", slots_per_expert, minimum=1, owner="SoftRouter"
-        )
+        self.slots_per_expert = check_int("slots_per_expert", slots_per_expert, minimum=1, owner="SoftRouter")
 
     def capacity(self, group_size):
         return self.slots_per_expert
@@ -485,9 +485,7 @@ def router_names():
 def router_class(name):
     """The router class registered under `name`; the error lists the known names."""
     if name not in ROUTERS:
-        raise ValueError(
-            f"unknown router {name!r}; expected one of {', '.join(map(repr, router_names()))}."
-        )
+        raise ValueError(f"unknown router {name!r}; expected one of {', '.join(map(repr, router_names()))}.")
     return ROUTERS[name]
 
 
@@ -518,8 +516,7 @@ def make_router(name, shared_options, router_options=None):
     unknown = sorted(set(router_options or {}) - known)
     if unknown:
         raise ValueError(
-            f"router {name!r} ({cls.__name__}) does not take {unknown}; its arguments are "
-            f"{sorted(known)}."
+            f"router {name!r} ({cls.__name__}) does not take {unknown}; its arguments are {sorted(known)}."
         )
     options.update(router_options or {})
     return cls(**options)

@@ -33,9 +33,7 @@ from keras_vmoe.validation import check_choice
 # constant folding of a sort over -inf changed the order it exported.
 PADDING_SCORE = -1e30
 
-RoutingPlan = collections.namedtuple(
-    "RoutingPlan", ["dispatch_index", "combine_index", "combine_weights"]
-)
+RoutingPlan = collections.namedtuple("RoutingPlan", ["dispatch_index", "combine_index", "combine_weights"])
 SoftRoutingPlan = collections.namedtuple("SoftRoutingPlan", ["dispatch_weights", "combine_weights"])
 
 
@@ -99,8 +97,13 @@ def scatter_table(destinations, values, num_groups, table_size):
 
 
 def top_k_experts_plan(
-    scores, combine_gates, num_selected_experts, capacity, batch_priority=False,
-    token_mask=None, renormalize=False,
+    scores,
+    combine_gates,
+    num_selected_experts,
+    capacity,
+    batch_priority=False,
+    token_mask=None,
+    renormalize=False,
 ):
     """Every token picks its top K experts by `scores` (vmoe's top-experts-per-item dispatcher).
 
@@ -135,7 +138,9 @@ def top_k_experts_plan(
         # Serve tokens in decreasing order of their top-1 score; padding last.
         priority = top_scores[..., 0]
         if weights is not None:
-            priority = ops.where(ops.cast(token_mask, "bool"), priority, ops.full_like(priority, PADDING_SCORE))
+            priority = ops.where(
+                ops.cast(token_mask, "bool"), priority, ops.full_like(priority, PADDING_SCORE)
+            )
         order = ops.cast(ops.argsort(-priority, axis=-1), "int32")
         experts_in_order = ops.take_along_axis(top_experts, ops.repeat(order[..., None], k, axis=-1), axis=1)
     else:
@@ -204,9 +209,7 @@ def top_c_tokens_plan(scores, combine_gates, capacity, token_mask=None):
     destinations = dispatch_index * num_experts + experts
     if token_mask is not None:
         # A padding token in a slot: the slot stays empty, the token untaken.
-        real = ops.take_along_axis(
-            ops.cast(token_mask, "bool")[:, None, :], dispatch_index, axis=2
-        )
+        real = ops.take_along_axis(ops.cast(token_mask, "bool")[:, None, :], dispatch_index, axis=2)
         dispatch_index = ops.where(real, dispatch_index, group_size)
         destinations = ops.where(real, destinations, group_size * num_experts)
     # Token-major view for the combine: (G, S, E) flat slot or E * C.

@@ -56,6 +56,7 @@ def _threshold(x, k, regularization, exponent, num_bisections):
     with mass > k; their midpoint is the solution, or the middle of that gap
     (far from either end, so y is exactly 1 and 0 there, whatever the rounding).
     """
+
     def mass(tau):
         return ops.sum(_mask(x, tau, regularization, exponent), axis=-1, keepdims=True)
 
@@ -109,8 +110,9 @@ def sparse_top_k_mask(x, k, regularization=0.1, p=2.0, num_bisections=30):
     x = ops.cast(x, "float32")
     n = x.shape[-1]
     check_int("k", k, minimum=1, maximum=n, owner="sparse_top_k_mask")
-    regularization = check_float("regularization", regularization, exclusive_minimum=0.0,
-                                 owner="sparse_top_k_mask")
+    regularization = check_float(
+        "regularization", regularization, exclusive_minimum=0.0, owner="sparse_top_k_mask"
+    )
     p = check_float("p", p, exclusive_minimum=1.0, maximum=2.0, owner="sparse_top_k_mask")
     exponent = 1.0 / (p - 1.0)  # q - 1
 
@@ -161,7 +163,9 @@ class SparseTopKRouter(TokenChoiceRouter):
     def __init__(self, num_experts, regularization=0.1, p=2.0, **kwargs):
         super().__init__(num_experts, **kwargs)
         owner = type(self).__name__
-        self.regularization = check_float("regularization", regularization, exclusive_minimum=0.0, owner=owner)
+        self.regularization = check_float(
+            "regularization", regularization, exclusive_minimum=0.0, owner=owner
+        )
         self.p = check_float("p", p, exclusive_minimum=1.0, maximum=2.0, owner=owner)
 
     def route_gates(self, tokens, training, token_mask):

@@ -1,8 +1,6 @@
 """Model families: backbones, tasks, image converters and preprocessors."""
 
 from keras_vmoe.models.flops import count_flops
-from keras_vmoe.models.routing_inspection import expert_assignments
-from keras_vmoe.models.routing_inspection import router_inputs
 from keras_vmoe.models.image_classifier import VisionTransformerImageClassifier
 from keras_vmoe.models.limoe import LIMoEBackbone
 from keras_vmoe.models.limoe import LIMoEContrastiveModel
@@ -17,16 +15,18 @@ from keras_vmoe.models.pali_gemma_moe import PaliGemmaMoECausalLMPreprocessor
 from keras_vmoe.models.pali_gemma_moe import PaliGemmaMoEImageConverter
 from keras_vmoe.models.pali_gemma_moe import PaliGemmaMoETokenizer
 from keras_vmoe.models.pali_gemma_moe import train_pali_gemma_moe_vocabulary
+from keras_vmoe.models.routing_inspection import expert_assignments
+from keras_vmoe.models.routing_inspection import router_inputs
 from keras_vmoe.models.soft_moe import SOFT_MOE_ARCHITECTURES
 from keras_vmoe.models.soft_moe import SoftMoEBackbone
 from keras_vmoe.models.soft_moe import SoftMoEImageClassifier
 from keras_vmoe.models.soft_moe import SoftMoEImageClassifierPreprocessor
 from keras_vmoe.models.soft_moe import SoftMoEImageConverter
 from keras_vmoe.models.vision_transformer import VisionTransformerBackbone
-from keras_vmoe.models.vision_transformer_preprocessing import VisionTransformerImageClassifierPreprocessor
-from keras_vmoe.models.vision_transformer_preprocessing import VisionTransformerImageConverter
 from keras_vmoe.models.vision_transformer import every_n
 from keras_vmoe.models.vision_transformer import last_n
+from keras_vmoe.models.vision_transformer_preprocessing import VisionTransformerImageClassifierPreprocessor
+from keras_vmoe.models.vision_transformer_preprocessing import VisionTransformerImageConverter
 from keras_vmoe.models.vmoe import VMOE_ARCHITECTURES
 from keras_vmoe.models.vmoe import VMoEBackbone
 from keras_vmoe.models.vmoe import VMoEImageClassifier

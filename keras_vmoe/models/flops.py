@@ -63,7 +63,8 @@ def count_flops(model):
     backbone = getattr(model, "backbone", model)
     height, width, channels = backbone.image_shape
     patch_height, patch_width = (
-        backbone.patch_size if isinstance(backbone.patch_size, (tuple, list))
+        backbone.patch_size
+        if isinstance(backbone.patch_size, (tuple, list))
         else (backbone.patch_size, backbone.patch_size)
     )
     num_patches = (height // patch_height) * (width // patch_width)

@@ -4,13 +4,11 @@ import keras
 from keras_hub.models import ImageClassifier
 from keras_hub.models import Task
 
-from keras_vmoe.models.router_metrics import RouterMetricsMixin
-from keras_vmoe.models.vision_transformer import VisionTransformerBackbone
-from keras_vmoe.models.vision_transformer_preprocessing import (
-    VisionTransformerImageClassifierPreprocessor,
-)
 from keras_vmoe.export import ExportMixin
 from keras_vmoe.models.preset_mixin import BuiltinPresetMixin
+from keras_vmoe.models.router_metrics import RouterMetricsMixin
+from keras_vmoe.models.vision_transformer import VisionTransformerBackbone
+from keras_vmoe.models.vision_transformer_preprocessing import VisionTransformerImageClassifierPreprocessor
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")

@@ -12,8 +12,9 @@ model families, never the reverse.
 import os
 import pathlib
 
-from keras_vmoe.errors import PresetError
 import h5py
+
+from keras_vmoe.errors import PresetError
 
 _resolver = None
 

@@ -27,9 +27,7 @@ class RouterMetricsMixin:
             self.moe_dropped_tokens_tracker = keras.metrics.Mean(name="moe_dropped_tokens")
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        loss = super().compute_loss(
-            x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training
-        )
+        loss = super().compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training)
         self.record_router_metrics()
         return loss
 

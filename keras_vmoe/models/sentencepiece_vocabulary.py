@@ -2,6 +2,7 @@
 whose presets ship their own (LIMoE, the PaliGemma-style VLM)."""
 
 import io
+
 import sentencepiece
 
 

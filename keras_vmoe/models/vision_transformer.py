@@ -12,6 +12,7 @@ image-text stack uses too. Any backbone can merge its tokens with a
 import keras
 from keras_hub.models import Backbone
 
+from keras_vmoe.export import ExportMixin
 from keras_vmoe.layers.encoder import POOLINGS
 from keras_vmoe.layers.encoder import POSITION_EMBEDDINGS
 from keras_vmoe.layers.encoder import ClassToken
@@ -23,7 +24,6 @@ from keras_vmoe.layers.encoder import SequencePooling
 from keras_vmoe.layers.mlp import Mlp
 from keras_vmoe.layers.moe import MoELayer
 from keras_vmoe.layers.patch_merger import PatchMerger
-from keras_vmoe.export import ExportMixin
 from keras_vmoe.models.preset_mixin import BuiltinPresetMixin
 from keras_vmoe.validation import as_pair
 from keras_vmoe.validation import check_choice
@@ -42,8 +42,15 @@ def moe_factory(layer_class, num_experts, mlp_dim, **arguments):
 
 
 def encoder_blocks(
-    num_layers, num_heads, mlp_dim, moe_layers=(), make_moe=None, approximate_gelu=True,
-    dropout_rate=0.0, dtype=None, **block_options,
+    num_layers,
+    num_heads,
+    mlp_dim,
+    moe_layers=(),
+    make_moe=None,
+    approximate_gelu=True,
+    dropout_rate=0.0,
+    dtype=None,
+    **block_options,
 ):
     """The Transformer blocks of an encoder: `encoder_block_<i>`, with a dense
     `Mlp` or, for `i` in `moe_layers`, the layer `make_moe(i)` returns.
@@ -57,10 +64,16 @@ def encoder_blocks(
             mlp = make_moe(index)
         else:
             mlp = Mlp(mlp_dim, approximate_gelu, dropout_rate, dtype=dtype, name="mlp")
-        blocks.append(EncoderBlock(
-            num_heads, mlp, dropout_rate=dropout_rate, dtype=dtype, name=f"encoder_block_{index}",
-            **block_options,
-        ))
+        blocks.append(
+            EncoderBlock(
+                num_heads,
+                mlp,
+                dropout_rate=dropout_rate,
+                dtype=dtype,
+                name=f"encoder_block_{index}",
+                **block_options,
+            )
+        )
     return blocks
 
 
@@ -93,9 +106,7 @@ def check_image_and_patch_size(image_shape, patch_size, owner):
     divides it; returns them as a tuple and an (int, int) pair."""
     image_shape = tuple(image_shape)
     if len(image_shape) != 3:
-        raise ValueError(
-            f"{owner}: image_shape must be (height, width, channels), got {image_shape}."
-        )
+        raise ValueError(f"{owner}: image_shape must be (height, width, channels), got {image_shape}.")
     patch_size = as_pair("patch_size", patch_size, owner=owner)
     for axis, name in ((0, "height"), (1, "width")):
         size = check_int(f"image {name}", image_shape[axis], minimum=1, owner=owner)
@@ -118,9 +129,7 @@ def check_patch_merger(patch_merger, num_layers, num_patches, owner):
     if not isinstance(patch_merger, dict):
         raise ValueError(f"{owner}: patch_merger must be None or {usage}, got {patch_merger!r}.")
     if set(patch_merger) != set(PATCH_MERGER_KEYS):
-        raise ValueError(
-            f"{owner}: patch_merger must be {usage}; got the keys {sorted(patch_merger)}."
-        )
+        raise ValueError(f"{owner}: patch_merger must be {usage}; got the keys {sorted(patch_merger)}.")
     after_block = patch_merger["after_block"]
     check_int("patch_merger after_block", after_block, owner=owner)
     if num_layers < 2:
@@ -239,9 +248,7 @@ class VisionTransformerBackbone(ExportMixin, BuiltinPresetMixin, Backbone):
         mlp_dim = check_int("mlp_dim", mlp_dim, minimum=1, owner=owner)
         num_heads = check_int("num_heads", num_heads, minimum=1, owner=owner)
         if hidden_dim % num_heads:
-            raise ValueError(
-                f"{owner}: hidden_dim={hidden_dim} must be divisible by num_heads={num_heads}."
-            )
+            raise ValueError(f"{owner}: hidden_dim={hidden_dim} must be divisible by num_heads={num_heads}.")
         check_choice("pooling", pooling, POOLINGS, owner=owner)
         check_choice("position_embedding", position_embedding, POSITION_EMBEDDINGS, owner=owner)
         if use_class_token is None:
@@ -268,42 +275,59 @@ class VisionTransformerBackbone(ExportMixin, BuiltinPresetMixin, Backbone):
         if use_class_token:
             x = ClassToken(dtype=dtype, name="class_token")(x)
         x = PositionEmbedding(
-            position_embedding, grid_size, num_prefix_tokens, dtype=dtype,
+            position_embedding,
+            grid_size,
+            num_prefix_tokens,
+            dtype=dtype,
             name="position_embedding",
         )(x)
         x = keras.layers.Dropout(dropout_rate, dtype=dtype, name="embedding_dropout")(x)
         blocks = encoder_blocks(
-            num_layers, num_heads, mlp_dim, moe_layers, moe_mlp, approximate_gelu, dropout_rate,
-            dtype=dtype, attention_qk_norm=attention_qk_norm,
-            attention_dropout_rate=attention_dropout_rate, layer_norm_epsilon=layer_norm_epsilon,
+            num_layers,
+            num_heads,
+            mlp_dim,
+            moe_layers,
+            moe_mlp,
+            approximate_gelu,
+            dropout_rate,
+            dtype=dtype,
+            attention_qk_norm=attention_qk_norm,
+            attention_dropout_rate=attention_dropout_rate,
+            layer_norm_epsilon=layer_norm_epsilon,
             layer_scale_init=layer_scale_init,
         )
         for index, block in enumerate(blocks):
             if patch_merger and index > patch_merger["after_block"] and index in moe_layers:
                 rescale_group_size(
-                    block.mlp, num_prefix_tokens + num_patches,
-                    num_prefix_tokens + patch_merger["num_tokens"], owner,
+                    block.mlp,
+                    num_prefix_tokens + num_patches,
+                    num_prefix_tokens + patch_merger["num_tokens"],
+                    owner,
                 )
             x = block(x)
             if patch_merger and index == patch_merger["after_block"]:
                 x = PatchMerger(
-                    patch_merger["num_tokens"], num_prefix_tokens, layer_norm_epsilon,
-                    dtype=dtype, name="patch_merger",
+                    patch_merger["num_tokens"],
+                    num_prefix_tokens,
+                    layer_norm_epsilon,
+                    dtype=dtype,
+                    name="patch_merger",
                 )(x)
-        x = keras.layers.LayerNormalization(
-            epsilon=layer_norm_epsilon, dtype=dtype, name="encoder_norm"
-        )(x)
+        x = keras.layers.LayerNormalization(epsilon=layer_norm_epsilon, dtype=dtype, name="encoder_norm")(x)
         if pooling == "map":
             x = MultiHeadAttentionPooling(
-                num_heads, mlp_dim, attention_qk_norm, approximate_gelu, layer_norm_epsilon,
-                dtype=dtype, name="map_pooling",
+                num_heads,
+                mlp_dim,
+                attention_qk_norm,
+                approximate_gelu,
+                layer_norm_epsilon,
+                dtype=dtype,
+                name="map_pooling",
             )(x)
         elif pooling is not None:
             x = SequencePooling(pooling, num_prefix_tokens, dtype=dtype, name="pooling")(x)
         if representation_size is not None:
-            x = keras.layers.Dense(
-                representation_size, activation="tanh", dtype=dtype, name="pre_logits"
-            )(x)
+            x = keras.layers.Dense(representation_size, activation="tanh", dtype=dtype, name="pre_logits")(x)
         super().__init__(inputs=images, outputs=x, dtype=dtype, **kwargs)
 
         # === Config ===

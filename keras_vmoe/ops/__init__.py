@@ -76,7 +76,6 @@ def soft_moe(tokens, dispatch_weights, combine_weights, experts):
     return _fast_soft_moe(tokens, dispatch_weights, combine_weights, experts)
 
 
-
 @contextlib.contextmanager
 def portable():
     """Within this context the ops trace to what every exporter can serialise.

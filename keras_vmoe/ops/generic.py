@@ -20,9 +20,7 @@ def dispatch_rows(dispatch_index, group_size):
     dispatch_index = ops.convert_to_tensor(dispatch_index, "int32")
     num_groups = ops.shape(dispatch_index)[0]
     offsets = ops.arange(0, num_groups, dtype="int32")[:, None, None] * group_size
-    rows = ops.where(
-        dispatch_index == group_size, num_groups * group_size, dispatch_index + offsets
-    )
+    rows = ops.where(dispatch_index == group_size, num_groups * group_size, dispatch_index + offsets)
     return ops.reshape(ops.transpose(rows, (1, 0, 2)), (-1,))
 
 
@@ -51,9 +49,7 @@ def dispatch(tokens, dispatch_index):
     """
     num_groups, group_size, dim = ops.shape(tokens)
     num_experts = ops.shape(dispatch_index)[1]
-    flat = ops.concatenate(
-        [ops.reshape(tokens, (-1, dim)), ops.zeros((1, dim), tokens.dtype)], axis=0
-    )
+    flat = ops.concatenate([ops.reshape(tokens, (-1, dim)), ops.zeros((1, dim), tokens.dtype)], axis=0)
     gathered = ops.take(flat, dispatch_rows(dispatch_index, group_size), axis=0)
     return ops.reshape(gathered, (num_experts, -1, dim))
 

@@ -82,7 +82,6 @@ def soft_combine(expert_outputs, combine_weights):
     return tf.matmul(weights, outputs)
 
 
-
 def soft_moe(tokens, dispatch_weights, combine_weights, experts):
     tokens = ops.convert_to_tensor(tokens)
     num_groups, group_size, num_experts, slots = ops.shape(dispatch_weights)

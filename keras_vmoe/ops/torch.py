@@ -42,9 +42,7 @@ def combine(expert_outputs, combine_index, combine_weights):
     num_experts, num_slots, _ = expert_outputs.shape
     num_groups = combine_index.shape[0]
     rows = generic.combine_rows(combine_index, num_experts, num_slots // num_groups)
-    return _weighted_choices(
-        _with_zero_row(expert_outputs), rows, ops.convert_to_tensor(combine_weights)
-    )
+    return _weighted_choices(_with_zero_row(expert_outputs), rows, ops.convert_to_tensor(combine_weights))
 
 
 def sparse_moe(tokens, plan, experts):

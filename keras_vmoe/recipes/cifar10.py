@@ -28,7 +28,6 @@ import datetime
 import json
 import os
 import pathlib
-import platform
 import shutil
 import sys
 import tempfile
@@ -39,11 +38,10 @@ import keras
 import numpy as np
 
 from keras_vmoe import models
-from keras_vmoe.ops.tools.device import device_description
-
 from keras_vmoe.data.cifar10 import CIFAR10_CLASS_NAMES
 from keras_vmoe.data.cifar10 import load_cifar10
 from keras_vmoe.models.flops import count_flops
+from keras_vmoe.ops.tools.device import device_description
 from keras_vmoe.presets import BUNDLED_PRESETS
 
 FAMILIES = ("vit", "vmoe", "soft_moe")
@@ -136,7 +134,9 @@ class Cifar10Recipe:
     def build_preprocessor(self):
         preprocessor_cls = self.classifier_class().preprocessor_cls
         return preprocessor_cls(
-            preprocessor_cls.image_converter_cls(image_size=(IMAGE_SIZE, IMAGE_SIZE), scale=PIXEL_SCALE, offset=PIXEL_OFFSET)
+            preprocessor_cls.image_converter_cls(
+                image_size=(IMAGE_SIZE, IMAGE_SIZE), scale=PIXEL_SCALE, offset=PIXEL_OFFSET
+            )
         )
 
 
@@ -161,8 +161,10 @@ def random_erasing(images, rng, probability, min_size=8, max_size=16):
     left = rng.integers(0, width - size + 1)
     rows, columns = np.arange(height)[None, :, None], np.arange(width)[None, None, :]
     inside = (
-        (rows >= top[:, None, None]) & (rows < (top + size)[:, None, None])
-        & (columns >= left[:, None, None]) & (columns < (left + size)[:, None, None])
+        (rows >= top[:, None, None])
+        & (rows < (top + size)[:, None, None])
+        & (columns >= left[:, None, None])
+        & (columns < (left + size)[:, None, None])
         & (rng.random(count) < probability)[:, None, None]
     )
     return np.where(inside[..., None], np.uint8(128), images)
@@ -188,20 +190,29 @@ def mixup_and_cutmix(pixels, targets, rng, mixup_alpha, cutmix_alpha):
     box_height = np.round(height * np.sqrt(1 - weight)).astype(int)
     box_width = np.round(width * np.sqrt(1 - weight)).astype(int)
     centre_y, centre_x = rng.integers(0, height, count), rng.integers(0, width, count)
-    top, bottom = np.clip(centre_y - box_height // 2, 0, height), np.clip(centre_y + box_height // 2, 0, height)
+    top, bottom = (
+        np.clip(centre_y - box_height // 2, 0, height),
+        np.clip(centre_y + box_height // 2, 0, height),
+    )
     left, right = np.clip(centre_x - box_width // 2, 0, width), np.clip(centre_x + box_width // 2, 0, width)
     rows, columns = np.arange(height)[None, :, None], np.arange(width)[None, None, :]
     in_box = (
-        (rows >= top[:, None, None]) & (rows < bottom[:, None, None])
-        & (columns >= left[:, None, None]) & (columns < right[:, None, None])
+        (rows >= top[:, None, None])
+        & (rows < bottom[:, None, None])
+        & (columns >= left[:, None, None])
+        & (columns < right[:, None, None])
         & use_cutmix[:, None, None]
     )
     box_share = in_box.mean(axis=(1, 2))
     weight = np.where(use_cutmix, 1.0 - box_share, weight).astype("float32")
     mixed = np.where(
-        in_box[..., None], pixels[partner],
-        np.where(use_cutmix[:, None, None, None], pixels,
-                 weight[:, None, None, None] * pixels + (1 - weight[:, None, None, None]) * pixels[partner]),
+        in_box[..., None],
+        pixels[partner],
+        np.where(
+            use_cutmix[:, None, None, None],
+            pixels,
+            weight[:, None, None, None] * pixels + (1 - weight[:, None, None, None]) * pixels[partner],
+        ),
     )
     return mixed.astype("float32"), weight[:, None] * targets + (1 - weight[:, None]) * targets[partner]
 
@@ -221,28 +232,35 @@ def make_optimizer(learning_rate, weight_decay, warmup_steps, total_steps):
         decay_steps=max(total_steps - warmup_steps, 1),
         alpha=0.0,
     )
-    optimizer = keras.optimizers.AdamW(
-        learning_rate=schedule, weight_decay=weight_decay, global_clipnorm=1.0
-    )
+    optimizer = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=weight_decay, global_clipnorm=1.0)
     # Decay kernels (and expert kernel banks) only: not biases, norms,
     # embeddings, the router's scale, a temperature.
     optimizer.exclude_from_weight_decay(
-        var_names=["bias", "gamma", "beta", "scale", "position_embedding", "class_token",
-                   "probe", "embeddings", "log_temperature"]
+        var_names=[
+            "bias",
+            "gamma",
+            "beta",
+            "scale",
+            "position_embedding",
+            "class_token",
+            "probe",
+            "embeddings",
+            "log_temperature",
+        ]
     )
     return optimizer
 
 
 def _compile(classifier, recipe, steps_per_epoch):
     optimizer = make_optimizer(
-        recipe.learning_rate, recipe.weight_decay, recipe.warmup_epochs * steps_per_epoch,
+        recipe.learning_rate,
+        recipe.weight_decay,
+        recipe.warmup_epochs * steps_per_epoch,
         recipe.epochs * steps_per_epoch,
     )
     classifier.compile(
         optimizer=optimizer,
-        loss=keras.losses.CategoricalCrossentropy(
-            from_logits=True, label_smoothing=recipe.label_smoothing
-        ),
+        loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=recipe.label_smoothing),
         metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
     )
 
@@ -268,8 +286,11 @@ def fit_recipe(classifier, recipe, images, labels, rng, verbose="auto", after_ep
         augmented = random_crop_and_flip(images[order], rng, recipe.crop_padding)
         augmented = random_erasing(augmented, rng, recipe.erasing_probability)
         return mixup_and_cutmix(
-            to_model_inputs(augmented), one_hot[labels[order]], rng,
-            recipe.mixup_alpha, recipe.cutmix_alpha,
+            to_model_inputs(augmented),
+            one_hot[labels[order]],
+            rng,
+            recipe.mixup_alpha,
+            recipe.cutmix_alpha,
         )
 
     # One thread prepares the next epoch while the accelerator trains on
@@ -283,8 +304,14 @@ def fit_recipe(classifier, recipe, images, labels, rng, verbose="auto", after_ep
             # The recipe augments and scales on the host, so it runs Keras'
             # own fit: the task's fit would run its preprocessor again.
             keras.Model.fit(
-                classifier, pixels, targets, batch_size=recipe.batch_size,
-                epochs=epoch + 1, initial_epoch=epoch, shuffle=False, verbose=verbose,
+                classifier,
+                pixels,
+                targets,
+                batch_size=recipe.batch_size,
+                epochs=epoch + 1,
+                initial_epoch=epoch,
+                shuffle=False,
+                verbose=verbose,
             )
             if after_epoch is not None:
                 after_epoch(epoch)
@@ -310,9 +337,11 @@ def train(recipe, cifar10_path, epochs=None, train_limit=None, verbose="auto"):
     images, labels = load_cifar10(cifar10_path, "train", limit=train_limit, verbose=verbose != 0)
     test_images, test_labels = load_cifar10(cifar10_path, "test", limit=train_limit, verbose=verbose != 0)
     classifier = recipe.build_classifier(preprocessor=False)
-    print(f"{recipe.name}: {classifier.count_params():,} parameters, "
-          f"{count_flops(classifier)['total'] / 1e6:,.1f} MFLOPs per image; "
-          f"{recipe.epochs} epochs on {hardware()}")
+    print(
+        f"{recipe.name}: {classifier.count_params():,} parameters, "
+        f"{count_flops(classifier)['total'] / 1e6:,.1f} MFLOPs per image; "
+        f"{recipe.epochs} epochs on {hardware()}"
+    )
     start = time.perf_counter()
     fit_recipe(classifier, recipe, images, labels, rng, verbose=verbose)
     training_time = time.perf_counter() - start
@@ -347,10 +376,12 @@ def store_weights_as_float16(folder):
     for path in sorted(pathlib.Path(folder).glob("*.weights.h5")):
         with h5py.File(path, "a") as weights:
             arrays = []
-            weights.visititems(
-                lambda name, item: arrays.append(name)
-                if isinstance(item, h5py.Dataset) and item.dtype == np.float32 else None
-            )
+
+            def collect(name, item, arrays=arrays):
+                if isinstance(item, h5py.Dataset) and item.dtype == np.float32:
+                    arrays.append(name)
+
+            weights.visititems(collect)
             for name in arrays:
                 value = weights[name][()]
                 del weights[name]
@@ -371,8 +402,10 @@ def save_preset(recipe, classifier, folder):
     folder = pathlib.Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     with_preprocessor = type(classifier)(
-        classifier.backbone, num_classes=classifier.num_classes,
-        preprocessor=recipe.build_preprocessor(), dropout=classifier.dropout,
+        classifier.backbone,
+        num_classes=classifier.num_classes,
+        preprocessor=recipe.build_preprocessor(),
+        dropout=classifier.dropout,
         head_bias_init=classifier.head_bias_init,
         head_kernel_zero_init=classifier.head_kernel_zero_init,
     )
@@ -427,21 +460,42 @@ def recipe_parser(recipe, recipe_file, trains):
         prog=f"python {recipe_file}",
         description=f"Train the {recipe.name} preset {trains} and measure it. {recipe.description}",
     )
-    parser.add_argument("--cifar10", type=pathlib.Path, default=default_cifar10_path(),
-                        help="cifar10_jpeg.npz (default: $KERAS_VMOE_SHARED/data/cifar10_jpeg.npz)")
-    parser.add_argument("--output", type=pathlib.Path, default=pathlib.Path(recipe_file).parent,
-                        help="preset folder to write (default: next to this recipe)")
-    parser.add_argument("--epochs", type=int, default=None,
-                        help=f"override the recipe's {recipe.epochs} epochs (smoke runs)")
-    parser.add_argument("--train-limit", type=int, default=None,
-                        help="train and evaluate on N randomly drawn images of each split (smoke runs)")
-    parser.add_argument("--verbose", type=int, choices=(0, 1, 2), default=None,
-                        help="Keras fit verbosity (default: progress bars on a terminal, a line "
-                        "per epoch otherwise)")
-    parser.add_argument("--skip-training", action="store_true",
-                        help="only evaluate the preset already in --output")
-    parser.add_argument("--skip-evaluation", action="store_true",
-                        help="train and save only (evaluate later, e.g. on another machine)")
+    parser.add_argument(
+        "--cifar10",
+        type=pathlib.Path,
+        default=default_cifar10_path(),
+        help="cifar10_jpeg.npz (default: $KERAS_VMOE_SHARED/data/cifar10_jpeg.npz)",
+    )
+    parser.add_argument(
+        "--output",
+        type=pathlib.Path,
+        default=pathlib.Path(recipe_file).parent,
+        help="preset folder to write (default: next to this recipe)",
+    )
+    parser.add_argument(
+        "--epochs", type=int, default=None, help=f"override the recipe's {recipe.epochs} epochs (smoke runs)"
+    )
+    parser.add_argument(
+        "--train-limit",
+        type=int,
+        default=None,
+        help="train and evaluate on N randomly drawn images of each split (smoke runs)",
+    )
+    parser.add_argument(
+        "--verbose",
+        type=int,
+        choices=(0, 1, 2),
+        default=None,
+        help="Keras fit verbosity (default: progress bars on a terminal, a line per epoch otherwise)",
+    )
+    parser.add_argument(
+        "--skip-training", action="store_true", help="only evaluate the preset already in --output"
+    )
+    parser.add_argument(
+        "--skip-evaluation",
+        action="store_true",
+        help="train and save only (evaluate later, e.g. on another machine)",
+    )
     return parser
 
 
@@ -460,12 +514,15 @@ def main(recipe, recipe_file, argv=None):
         recipe = dataclasses.replace(recipe, epochs=args.epochs)
     if not args.skip_training:
         classifier, record = train(
-            recipe, args.cifar10, train_limit=args.train_limit,
+            recipe,
+            args.cifar10,
+            train_limit=args.train_limit,
             verbose=args.verbose if args.verbose is not None else (1 if sys.stdout.isatty() else 2),
         )
         save_preset(recipe, classifier, args.output)
-        update_metrics(args.output, dict(training=record, preset=recipe.name,
-                                         recipe=dataclasses.asdict(recipe)))
+        update_metrics(
+            args.output, dict(training=record, preset=recipe.name, recipe=dataclasses.asdict(recipe))
+        )
         print(f"Saved the preset to {args.output}")
     if not args.skip_evaluation:
         # A preset written to its bundled folder is measured as users load

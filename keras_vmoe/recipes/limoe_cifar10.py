@@ -33,9 +33,22 @@ import time
 
 import keras
 import numpy as np
+import sentencepiece
 
 from keras_vmoe.data.cifar10 import CIFAR10_CLASS_NAMES
 from keras_vmoe.data.cifar10 import load_cifar10
+from keras_vmoe.data.coco_captions import load_coco_captions
+from keras_vmoe.models import LIMoEBackbone
+from keras_vmoe.models import LIMoEContrastiveModel
+from keras_vmoe.models import LIMoEImageConverter
+from keras_vmoe.models import LIMoEPreprocessor
+from keras_vmoe.models import LIMoETokenizer
+from keras_vmoe.models import LIMoEZeroShotClassifier
+from keras_vmoe.models.limoe.limoe_tokenizer import train_limoe_vocabulary
+from keras_vmoe.recipes.cifar10 import IMAGE_SIZE
+from keras_vmoe.recipes.cifar10 import PIXEL_OFFSET
+from keras_vmoe.recipes.cifar10 import PIXEL_SCALE
+from keras_vmoe.recipes.cifar10 import TINY_ENCODER
 from keras_vmoe.recipes.cifar10 import hardware
 from keras_vmoe.recipes.cifar10 import make_optimizer
 from keras_vmoe.recipes.cifar10 import parse_recipe_arguments
@@ -45,19 +58,6 @@ from keras_vmoe.recipes.cifar10 import store_weights_as_float16
 from keras_vmoe.recipes.cifar10 import to_model_inputs
 from keras_vmoe.recipes.cifar10 import training_record
 from keras_vmoe.recipes.cifar10 import update_metrics
-from keras_vmoe.recipes.cifar10 import IMAGE_SIZE
-from keras_vmoe.recipes.cifar10 import PIXEL_OFFSET
-from keras_vmoe.recipes.cifar10 import PIXEL_SCALE
-from keras_vmoe.recipes.cifar10 import TINY_ENCODER
-import sentencepiece
-from keras_vmoe.models import LIMoEZeroShotClassifier
-from keras_vmoe.data.coco_captions import load_coco_captions
-from keras_vmoe.models.limoe.limoe_tokenizer import train_limoe_vocabulary
-from keras_vmoe.models import LIMoEBackbone
-from keras_vmoe.models import LIMoEContrastiveModel
-from keras_vmoe.models import LIMoEImageConverter
-from keras_vmoe.models import LIMoEPreprocessor
-from keras_vmoe.models import LIMoETokenizer
 
 TRAIN_TEMPLATES = (
     "a photo of a {}.",
@@ -208,16 +208,21 @@ def zero_shot_top1(backbone, recipe, proto, images, labels):
     return float(np.mean(np.argmax(similarity, -1) == labels))
 
 
-def fit_limoe(model, recipe, images, labels, caption_ids, caption_mask, rng, verbose="auto",
-              after_epoch=None):
+def fit_limoe(
+    model, recipe, images, labels, caption_ids, caption_mask, rng, verbose="auto", after_epoch=None
+):
     """Contrastive training on uint8 `images`: every image gets a caption of
     its class from a random training template, redrawn every epoch."""
     steps_per_epoch = max(len(images) // recipe.batch_size, 1)
     examples_per_epoch = min(steps_per_epoch * recipe.batch_size, len(images))
-    model.compile(optimizer=make_optimizer(
-        recipe.learning_rate, recipe.weight_decay, recipe.warmup_epochs * steps_per_epoch,
-        recipe.epochs * steps_per_epoch,
-    ))
+    model.compile(
+        optimizer=make_optimizer(
+            recipe.learning_rate,
+            recipe.weight_decay,
+            recipe.warmup_epochs * steps_per_epoch,
+            recipe.epochs * steps_per_epoch,
+        )
+    )
     num_templates = caption_ids.shape[1]
 
     def epoch_inputs():
@@ -236,8 +241,13 @@ def fit_limoe(model, recipe, images, labels, caption_ids, caption_mask, rng, ver
             if epoch + 1 < recipe.epochs:
                 upcoming = executor.submit(epoch_inputs)
             keras.Model.fit(
-                model, inputs, batch_size=recipe.batch_size, epochs=epoch + 1,
-                initial_epoch=epoch, shuffle=False, verbose=verbose,
+                model,
+                inputs,
+                batch_size=recipe.batch_size,
+                epochs=epoch + 1,
+                initial_epoch=epoch,
+                shuffle=False,
+                verbose=verbose,
             )
             if after_epoch is not None:
                 after_epoch(epoch)
@@ -254,17 +264,26 @@ def train(recipe, cifar10_path, epochs=None, train_limit=None, verbose="auto"):
     images, labels = load_cifar10(cifar10_path, "train", limit=train_limit, verbose=verbose != 0)
     test_images, test_labels = load_cifar10(cifar10_path, "test", limit=train_limit, verbose=verbose != 0)
     model = recipe.build_model(vocabulary_size=_vocabulary_size(proto))
-    print(f"{recipe.name}: {model.backbone.count_params():,} backbone parameters; "
-          f"{recipe.epochs} epochs on {hardware()}", flush=True)
+    print(
+        f"{recipe.name}: {model.backbone.count_params():,} backbone parameters; "
+        f"{recipe.epochs} epochs on {hardware()}",
+        flush=True,
+    )
     start = time.perf_counter()
     fit_limoe(model, recipe, images, labels, caption_ids, caption_mask, rng, verbose=verbose)
     training_time = time.perf_counter() - start
     top1 = zero_shot_top1(model.backbone, recipe, proto, test_images, test_labels)
-    print(f"{recipe.name}: trained in {training_time:.0f} s; zero-shot test top-1 {top1:.4f} "
-          f"(temperature {model.temperature:.1f})", flush=True)
+    print(
+        f"{recipe.name}: trained in {training_time:.0f} s; zero-shot test top-1 {top1:.4f} "
+        f"(temperature {model.temperature:.1f})",
+        flush=True,
+    )
     record = training_record(
-        recipe.epochs, len(images), training_time,
-        zero_shot_top1_after_training=top1, learned_temperature=model.temperature,
+        recipe.epochs,
+        len(images),
+        training_time,
+        zero_shot_top1_after_training=top1,
+        learned_temperature=model.temperature,
     )
     return model, proto, record
 
@@ -314,8 +333,11 @@ def save_preset(recipe, model, proto, folder):
     folder = pathlib.Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     classifier = LIMoEZeroShotClassifier(
-        model.backbone, recipe.build_preprocessor(proto), list(CIFAR10_CLASS_NAMES),
-        list(recipe.eval_templates), scale=model.temperature,
+        model.backbone,
+        recipe.build_preprocessor(proto),
+        list(CIFAR10_CLASS_NAMES),
+        list(recipe.eval_templates),
+        scale=model.temperature,
     )
     staging = pathlib.Path(tempfile.mkdtemp(prefix=".preset-", dir=folder))
     try:
@@ -339,9 +361,9 @@ def retrieval_recall(image_vectors, text_vectors, text_image, ks=(1, 5)):
     for k in ks:
         hits = text_image[ranked_texts[:, :k]] == np.arange(len(image_vectors))[:, None]
         recall[f"image_to_text_recall@{k}"] = float(np.mean(hits.any(axis=1)))
-        recall[f"text_to_image_recall@{k}"] = float(np.mean(
-            (ranked_images[:, :k] == text_image[:, None]).any(axis=1)
-        ))
+        recall[f"text_to_image_recall@{k}"] = float(
+            np.mean((ranked_images[:, :k] == text_image[:, None]).any(axis=1))
+        )
     return recall
 
 
@@ -352,9 +374,11 @@ def coco_retrieval(classifier, coco_path):
     texts = [caption for per_image in captions for caption in per_image]
     text_image = np.repeat(np.arange(len(images)), captions.shape[1])
     inputs = classifier.preprocessor({"text": texts})
-    text_vectors = np.asarray(keras.ops.convert_to_numpy(classifier.backbone.embed_text(
-        inputs["token_ids"], inputs["padding_mask"]
-    )))
+    text_vectors = np.asarray(
+        keras.ops.convert_to_numpy(
+            classifier.backbone.embed_text(inputs["token_ids"], inputs["padding_mask"])
+        )
+    )
     image_vectors = image_embeddings(classifier.backbone, images)
     recall = retrieval_recall(image_vectors, text_vectors, text_image)
     recall.update(coco_images=int(len(images)), coco_captions=len(texts))
@@ -385,15 +409,28 @@ def evaluate_preset(preset, cifar10_path, coco_path=None, limit=None):
 def main(recipe, recipe_file, argv=None):
     """Command line of the preset's `recipe.py`."""
     parser = recipe_parser(recipe, recipe_file, "on captioned CIFAR-10")
-    parser.add_argument("--coco", type=pathlib.Path, default=None,
-                        help="coco_mini_captions.npz, for the retrieval check")
-    parser.add_argument("--weights", type=pathlib.Path, default=None,
-                        help="save the preset from a finished run instead of training: an .npz "
-                        "of the contrastive model's weights in get_weights() order")
-    parser.add_argument("--vocabulary", type=pathlib.Path, default=None,
-                        help="with --weights: the run's SentencePiece model (vocabulary.spm)")
-    parser.add_argument("--record", type=pathlib.Path, default=None,
-                        help="with --weights: the run's training record (JSON), kept in metrics.json")
+    parser.add_argument(
+        "--coco", type=pathlib.Path, default=None, help="coco_mini_captions.npz, for the retrieval check"
+    )
+    parser.add_argument(
+        "--weights",
+        type=pathlib.Path,
+        default=None,
+        help="save the preset from a finished run instead of training: an .npz "
+        "of the contrastive model's weights in get_weights() order",
+    )
+    parser.add_argument(
+        "--vocabulary",
+        type=pathlib.Path,
+        default=None,
+        help="with --weights: the run's SentencePiece model (vocabulary.spm)",
+    )
+    parser.add_argument(
+        "--record",
+        type=pathlib.Path,
+        default=None,
+        help="with --weights: the run's training record (JSON), kept in metrics.json",
+    )
     args = parse_recipe_arguments(parser, argv)
     verbose = "auto" if args.verbose is None else args.verbose
     if args.weights is not None:

@@ -1,6 +1,6 @@
 """Pictures of what a model does (routing maps, routing plans, LIMoE expert modalities)."""
 
-from keras_vmoe.visualization.routing_map import draw_routing_map
 from keras_vmoe.visualization.expert_modality import draw_expert_modality
+from keras_vmoe.visualization.routing_map import draw_routing_map
 from keras_vmoe.visualization.routing_plans import dispatched_pairs
 from keras_vmoe.visualization.routing_plans import draw_routing_plans

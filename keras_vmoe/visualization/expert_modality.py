@@ -40,11 +40,13 @@ def _panel(draw, stats, name, left, top, column, threshold, fonts):
         (left, top + 20),
         f"{int(stats.counts[0].sum()):,} image / {int(stats.counts[1].sum()):,} text tokens kept; "
         f"dropped {dropped[0]:.1%} / {dropped[1]:.1%}",
-        fill=(60, 60, 60), font=small,
+        fill=(60, 60, 60),
+        font=small,
     )
     y0 = top + 44  # Top chart: balanced shares.
-    draw.text((left, y0), "share of the expert's tokens (modalities weighted equally)",
-              fill=(0, 0, 0), font=small)
+    draw.text(
+        (left, y0), "share of the expert's tokens (modalities weighted equally)", fill=(0, 0, 0), font=small
+    )
     y0 += 18
     specific = stats.specific_experts(threshold)
     for e in range(num_experts):
@@ -59,7 +61,9 @@ def _panel(draw, stats, name, left, top, column, threshold, fonts):
         draw.text((x0 + 3, y0 + share_height + 3), f"e{e}{mark}", fill=(0, 0, 0), font=small)
     y0 += share_height + 24  # Bottom chart: each modality over the experts.
     scale = max(float(distribution.max()), 1.5 / num_experts)
-    draw.text((left, y0), f"fraction of each modality's tokens (chart top: {scale:.0%})", fill=(0, 0, 0), font=small)
+    draw.text(
+        (left, y0), f"fraction of each modality's tokens (chart top: {scale:.0%})", fill=(0, 0, 0), font=small
+    )
     y0 += 18
     base = y0 + distribution_height
     for e in range(num_experts):
@@ -96,12 +100,18 @@ def draw_expert_modality(stats_by_block, title=None, threshold=0.9, column=56):
     bottom = 0
     for p, (index, stats) in enumerate(stats_by_block.items()):
         left = margin + p * (panel_width + 2 * margin)
-        bottom = max(bottom, _panel(draw, stats, f"MoE block {index}", left, title_height + 4,
-                                    column, threshold, fonts))
+        bottom = max(
+            bottom,
+            _panel(draw, stats, f"MoE block {index}", left, title_height + 4, column, threshold, fonts),
+        )
     y = title_height + bottom + 6
     for k, (label, colour) in enumerate((("image", IMAGE_COLOUR), ("text", TEXT_COLOUR))):
         draw.rectangle((margin + k * 90, y, margin + k * 90 + 16, y + 16), fill=colour, outline=(0, 0, 0))
         draw.text((margin + k * 90 + 22, y), label, fill=(0, 0, 0), font=fonts[1])
-    draw.text((margin + 190, y), f"* modality-specific: share >= {threshold:.0%};  "
-              "dotted: uniform 1/E", fill=(0, 0, 0), font=fonts[1])
+    draw.text(
+        (margin + 190, y),
+        f"* modality-specific: share >= {threshold:.0%};  dotted: uniform 1/E",
+        fill=(0, 0, 0),
+        font=fonts[1],
+    )
     return canvas.crop((0, 0, width, min(height, y + 26)))

@@ -24,8 +24,16 @@ from PIL import ImageFont
 
 # Tableau's ten categorical colours: distinct at a glance, also when tinted.
 PALETTE = (
-    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
 )
 DROPPED_COLOUR = (30, 30, 30)
 
@@ -59,8 +67,12 @@ def _tint_patches(photo, assignment, grid_shape, colours, alpha):
     for r in range(rows):
         for c in range(columns):
             expert = int(assignment[r * columns + c])
-            box = (round(c * cell_w), round(r * cell_h), round((c + 1) * cell_w) - 1,
-                   round((r + 1) * cell_h) - 1)
+            box = (
+                round(c * cell_w),
+                round(r * cell_h),
+                round((c + 1) * cell_w) - 1,
+                round((r + 1) * cell_h) - 1,
+            )
             if expert < 0:
                 draw.rectangle(box, fill=DROPPED_COLOUR)
                 draw_mask.rectangle(box, fill=215)
@@ -83,8 +95,9 @@ def _tint_patches(photo, assignment, grid_shape, colours, alpha):
     return tinted
 
 
-def draw_routing_map(photos, assignments, grid_shape, num_experts, captions=None, title=None,
-                     panel_size=192, alpha=0.55):
+def draw_routing_map(
+    photos, assignments, grid_shape, num_experts, captions=None, title=None, panel_size=192, alpha=0.55
+):
     """Draws routing decisions over the images.
 
     Args:
@@ -119,8 +132,13 @@ def draw_routing_map(photos, assignments, grid_shape, num_experts, captions=None
     width = margin + panels * (panel_size + margin)
     legend_columns = max(1, min(num_experts + 1, (width - margin) // 110))
     legend_rows = -(-(num_experts + 1) // legend_columns)  # Room for "dropped" too.
-    height = (title_height + header_height + len(photos) * (panel_size + caption_height + margin)
-              + legend_rows * 24 + margin)
+    height = (
+        title_height
+        + header_height
+        + len(photos) * (panel_size + caption_height + margin)
+        + legend_rows * 24
+        + margin
+    )
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     if title:

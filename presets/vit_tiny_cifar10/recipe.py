@@ -1,6 +1,6 @@
 """Recipe of the `vit_tiny_cifar10` preset: the dense ViT of the three.
 
-    python presets/vit_tiny_cifar10/recipe.py --cifar10 PATH/cifar10_jpeg.npz
+python presets/vit_tiny_cifar10/recipe.py --cifar10 PATH/cifar10_jpeg.npz
 """
 
 import sys

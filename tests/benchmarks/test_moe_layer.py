@@ -16,9 +16,22 @@ def test_quick_benchmark_times_every_candidate(tmp_path):
     backend = keras.backend.backend()
     out = tmp_path / "quick.json"
     process = subprocess.run(
-        [sys.executable, "benchmarks/moe_layer.py", "--quick", "--backends", backend,
-         "--parts", "headline", "--out", str(out)],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300,
+        [
+            sys.executable,
+            "benchmarks/moe_layer.py",
+            "--quick",
+            "--backends",
+            backend,
+            "--parts",
+            "headline",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=300,
     )
     assert process.returncode == 0, process.stdout[-3000:]
     report = json.loads(out.read_text())

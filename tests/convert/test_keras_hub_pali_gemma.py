@@ -22,11 +22,25 @@ PROMPTS = ["caption en", "two dogs"]
 # With PaliGemma 2's Gemma 2 options, so that they convert too: post-norms,
 # logit soft caps, local attention over 8 positions in every other block.
 KERAS_HUB_BACKBONE = dict(
-    image_size=16, num_layers=2, num_query_heads=2, num_key_value_heads=1, hidden_dim=16,
-    intermediate_dim=32, head_dim=8, vit_patch_size=4, vit_num_layers=2, vit_num_heads=2,
-    vit_hidden_dim=16, vit_intermediate_dim=32, query_head_dim_normalize=False,
-    use_post_ffw_norm=True, use_post_attention_norm=True, attention_logit_soft_cap=50.0,
-    final_logit_soft_cap=30.0, use_sliding_window_attention=True, sliding_window_size=8,
+    image_size=16,
+    num_layers=2,
+    num_query_heads=2,
+    num_key_value_heads=1,
+    hidden_dim=16,
+    intermediate_dim=32,
+    head_dim=8,
+    vit_patch_size=4,
+    vit_num_layers=2,
+    vit_num_heads=2,
+    vit_hidden_dim=16,
+    vit_intermediate_dim=32,
+    query_head_dim_normalize=False,
+    use_post_ffw_norm=True,
+    use_post_attention_norm=True,
+    attention_logit_soft_cap=50.0,
+    final_logit_soft_cap=30.0,
+    use_sliding_window_attention=True,
+    sliding_window_size=8,
 )
 
 
@@ -79,7 +93,8 @@ def test_converted_preset_gives_keras_hub_logits_and_greedy_tokens(keras_hub_and
     np.testing.assert_allclose(
         to_numpy(converted.backbone.embed_images(x["images"])),
         to_numpy(reference.backbone.vit_encoder(x["images"])),
-        atol=1e-5, rtol=0,
+        atol=1e-5,
+        rtol=0,
     )
     expected, actual = to_numpy(reference(x)), to_numpy(converted(x))
     assert np.abs(expected).max() > 1.0  # Logits of a real scale, not all near zero.
@@ -102,8 +117,9 @@ def test_upcycled_tower_with_all_experts_computes_the_dense_vlm(keras_hub_and_co
     )[0]
     # K = E and capacity for every token: each token's output is its gates
     # (summing to 1) times 4 copies of the dense MLP.
-    moe = keras_vmoe.upcycle(dense, num_experts=4, moe_layers=(0, 1), num_selected_experts=4,
-                             capacity_factor=1.0)
+    moe = keras_vmoe.upcycle(
+        dense, num_experts=4, moe_layers=(0, 1), num_selected_experts=4, capacity_factor=1.0
+    )
     assert isinstance(moe, PaliGemmaMoECausalLM) and moe.preprocessor is dense.preprocessor
     tower = moe.backbone.image_encoder
     assert isinstance(tower, VMoEBackbone) and tower.moe_layers == (0, 1)

@@ -82,10 +82,12 @@ def bfloat16_flip_spread(model, images, trials=6, relative=2.0**-19, seed=0):
     spread = 0.0
     for _ in range(trials):
         for layer in layers:
+
             def noisy_round(x, layer=layer):
                 scale = relative * float(np.abs(to_numpy(x)).max())
                 noise = rng.uniform(-scale, scale, tuple(x.shape)).astype("float32")
                 return type(layer).round_to_dispatch_dtype(layer, x + keras.ops.convert_to_tensor(noise))
+
             layer.round_to_dispatch_dtype = noisy_round
         try:
             spread = max(spread, relative_error(to_numpy(model(images, training=False)), clean))
@@ -126,8 +128,12 @@ def test_soft_moe_fixture_router_metrics():
     # its metrics are means over slots and move by far less than 1e-4.
     for block, rtol in ((first, 5e-5), (second, 1e-4)):
         metrics = moe_router_metrics(model, io["images"], block)
-        for name in ("combine_weights_min_mean", "combine_weights_max_mean",
-                     "dispatch_weights_min_mean", "dispatch_weights_max_mean"):
+        for name in (
+            "combine_weights_min_mean",
+            "combine_weights_max_mean",
+            "dispatch_weights_min_mean",
+            "dispatch_weights_max_mean",
+        ):
             expected = io[f"metrics/encoderblock_{block}/{name}"]
             # vmoe reports these over the batch, the router per group (all of one size).
             np.testing.assert_allclose(np.mean(to_numpy(metrics[name])), expected, rtol=rtol)
@@ -152,9 +158,13 @@ def our_metric_name(vmoe_name):
 
 
 @requires_fixtures
-@pytest.mark.parametrize("folder, router", [
-    (SINKHORN, "SinkhornTokenChoiceRouter"), (KSPARSE, "SparseExpertChoiceRouter"),
-])
+@pytest.mark.parametrize(
+    "folder, router",
+    [
+        (SINKHORN, "SinkhornTokenChoiceRouter"),
+        (KSPARSE, "SparseExpertChoiceRouter"),
+    ],
+)
 def test_optimal_transport_fixture_logits_plans_and_metrics(folder, router):
     model, config, io = load_fixture(folder)
     assert isinstance(model, VMoEImageClassifier)
@@ -178,8 +188,13 @@ def test_optimal_transport_fixture_logits_plans_and_metrics(folder, router):
         prefix = f"metrics/encoderblock_{block}/"
         for key in (key for key in io.files if key.startswith(prefix)):
             expected = io[key]
-            np.testing.assert_allclose(to_numpy(metrics[our_metric_name(key[len(prefix):])]),
-                                       np.broadcast_to(expected, (2,)), rtol=1e-4, atol=1e-6, err_msg=key)
+            np.testing.assert_allclose(
+                to_numpy(metrics[our_metric_name(key[len(prefix) :])]),
+                np.broadcast_to(expected, (2,)),
+                rtol=1e-4,
+                atol=1e-6,
+                err_msg=key,
+            )
 
 
 @requires_fixtures
@@ -196,7 +211,10 @@ def test_optimal_transport_configs_convert_with_vmoe_defaults():
     config = json.loads((KSPARSE / "config.json").read_text())
     config["encoder"]["moe"]["router"].update(
         name="vmoe.projects.sparsity_constrained_ot.sparse_projection_routing."
-             "SparseProjectionTransportTopItemsPerExpertRouter", maxiter=7, adam_lr=0.05)
+        "SparseProjectionTransportTopItemsPerExpertRouter",
+        maxiter=7,
+        adam_lr=0.05,
+    )
     router = load_vmoe_checkpoint(str(KSPARSE / "ckpt"), config).backbone.moe_blocks[0].router
     assert (router.projection, router.max_steps, router.learning_rate) == ("dense", 7, 0.05)
     for update, needle in [
@@ -219,28 +237,76 @@ def test_reader_returns_every_parameter_once():
 
 ROUND_TRIP_CONFIGS = {
     "bpr_k1_prelogits_map": {
-        "num_classes": 5, "patch_size": [8, 8], "hidden_size": 32, "classifier": "map",
+        "num_classes": 5,
+        "patch_size": [8, 8],
+        "hidden_size": 32,
+        "classifier": "map",
         "representation_size": 16,
-        "encoder": {"num_layers": 2, "mlp_dim": 64, "num_heads": 2, "attention_qk_norm": True,
-                    "moe": {"layers": [1], "num_experts": 4, "group_size": 32,
-                            "router": {"num_selected_experts": 1, "noise_std": 1.0,
-                                       "dispatcher": {"name": "einsum", "capacity_factor": 0.5,
-                                                      "batch_priority": True, "bfloat16": False}}}},
+        "encoder": {
+            "num_layers": 2,
+            "mlp_dim": 64,
+            "num_heads": 2,
+            "attention_qk_norm": True,
+            "moe": {
+                "layers": [1],
+                "num_experts": 4,
+                "group_size": 32,
+                "router": {
+                    "num_selected_experts": 1,
+                    "noise_std": 1.0,
+                    "dispatcher": {
+                        "name": "einsum",
+                        "capacity_factor": 0.5,
+                        "batch_priority": True,
+                        "bfloat16": False,
+                    },
+                },
+            },
+        },
     },
     "soft_map_one_slot_8_experts": {
-        "num_classes": 3, "patch_size": [8, 8], "hidden_size": 32, "classifier": "map",
-        "encoder": {"num_layers": 2, "mlp_dim": 64, "num_heads": 2, "attention_qk_norm": True,
-                    "moe": {"layers": [1], "num_experts": 8, "group_size": 16,
-                            "router": {"name": "vmoe.projects.soft_moe.router.SoftRouter",
-                                       "num_slots": 1, "capacity_factor": None}}},
+        "num_classes": 3,
+        "patch_size": [8, 8],
+        "hidden_size": 32,
+        "classifier": "map",
+        "encoder": {
+            "num_layers": 2,
+            "mlp_dim": 64,
+            "num_heads": 2,
+            "attention_qk_norm": True,
+            "moe": {
+                "layers": [1],
+                "num_experts": 8,
+                "group_size": 16,
+                "router": {
+                    "name": "vmoe.projects.soft_moe.router.SoftRouter",
+                    "num_slots": 1,
+                    "capacity_factor": None,
+                },
+            },
+        },
     },
     "expert_choice_sincos": {
-        "num_classes": 3, "patch_size": [8, 8], "hidden_size": 32, "classifier": "gap",
-        "encoder": {"num_layers": 2, "mlp_dim": 64, "num_heads": 2,
-                    "position_emb": {"name": "sincos2d"},
-                    "moe": {"layers": [0, 1], "num_experts": 4, "group_size": 16,
-                            "router": {"name": "NoisyTopItemsPerExpertRouter", "noise_std": 1.0,
-                                       "dispatcher": {"name": "einsum", "capacity_factor": 1.0}}}},
+        "num_classes": 3,
+        "patch_size": [8, 8],
+        "hidden_size": 32,
+        "classifier": "gap",
+        "encoder": {
+            "num_layers": 2,
+            "mlp_dim": 64,
+            "num_heads": 2,
+            "position_emb": {"name": "sincos2d"},
+            "moe": {
+                "layers": [0, 1],
+                "num_experts": 4,
+                "group_size": 16,
+                "router": {
+                    "name": "NoisyTopItemsPerExpertRouter",
+                    "noise_std": 1.0,
+                    "dispatcher": {"name": "einsum", "capacity_factor": 1.0},
+                },
+            },
+        },
     },
 }
 

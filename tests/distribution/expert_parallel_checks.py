@@ -137,9 +137,9 @@ def run_both(build, x, y=None, train=None, layout_options=None, evaluate=False):
         if train is not None:
             compile_for_training(model)
             if evaluate:  # Before training: the loss of the predicted logits.
-                loss = model.evaluate(
-                    x[:BATCH], y[:BATCH], verbose=0, return_dict=True, callbacks=WAIT
-                )["loss"]
+                loss = model.evaluate(x[:BATCH], y[:BATCH], verbose=0, return_dict=True, callbacks=WAIT)[
+                    "loss"
+                ]
                 results["evaluate_difference"] = abs(
                     loss - cross_entropy(results["single"]["logits"][:BATCH], y[:BATCH])
                 )
@@ -189,9 +189,7 @@ def check_vmoe():
     model, dist, results = run_both(build, x, y, train=train, evaluate=True)
     out = summary(results)
     out["shards"] = shard_shapes(model)
-    bank_sizes = {
-        int(np.prod(getattr(layer, name).shape)) for layer in moe_layers(model) for name in BANKS
-    }
+    bank_sizes = {int(np.prod(getattr(layer, name).shape)) for layer in moe_layers(model) for name in BANKS}
     with dist.scope():
         train = keras_vmoe.distribution.step_collectives(model, x[:BATCH], y[:BATCH])
         predict = keras_vmoe.distribution.step_collectives(model, x[:BATCH], step="predict")

@@ -26,7 +26,11 @@ ENTRY %main.1 (param: f32[8,32]) -> f32[8,32] {
 def test_counts_shapes_group_sizes_and_bytes():
     report = collective_report(HLO)
     assert report.counts() == {
-        "all-to-all": 1, "all-gather": 2, "all-reduce": 2, "reduce-scatter": 1, "collective-permute": 1,
+        "all-to-all": 1,
+        "all-gather": 2,
+        "all-reduce": 2,
+        "reduce-scatter": 1,
+        "collective-permute": 1,
     }
     all_to_all = report.of_kind("all-to-all")[0]
     assert all_to_all.shapes == [(1, 2, 4, 32)] * 4

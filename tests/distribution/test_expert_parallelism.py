@@ -14,9 +14,8 @@ import sys
 import keras
 import pytest
 
-from tests.helpers import f32_atol
-
 from tests.helpers import ROOT
+from tests.helpers import f32_atol
 
 pytestmark = pytest.mark.skipif(
     keras.backend.backend() != "jax",
@@ -39,7 +38,11 @@ def results(tmp_path_factory):
     script = ROOT / "tests" / "distribution" / "expert_parallel_checks.py"
     process = subprocess.run(
         [sys.executable, str(script), str(path)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         timeout=TIMEOUT_S,
     )
     assert process.returncode == 0, process.stdout[-3000:]
@@ -135,4 +138,3 @@ def test_clear_errors(results):
     assert message and "'.*mope.*/kernel_0' matches no variable" in message
     message = errors["unknown_axis"]
     assert message and "expert_axis='experts' is not an axis" in message and "('batch', 'expert')" in message
-

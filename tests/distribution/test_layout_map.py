@@ -17,8 +17,8 @@ from keras_vmoe.layers.routing import ExpertChoiceRouter
 from keras_vmoe.layers.routing import TokenChoiceRouter
 from keras_vmoe.models import VMoEBackbone
 from tests.helpers import backend
-from tests.helpers import tiny_vit_arguments
 from tests.helpers import f32_atol
+from tests.helpers import tiny_vit_arguments
 from tests.helpers import to_numpy
 
 jax_only = pytest.mark.skipif(backend() != "jax", reason="keras.distribution shards only on JAX")

@@ -57,7 +57,10 @@ def semi_dual(similarity, row_mass, column_mass, k, max_steps=20, lr=1e-2, tol=1
     m1, m2 = np.zeros_like(alpha), np.zeros_like(alpha)
 
     def columns(alpha):
-        return np.stack([simplex_projection((alpha + row) / s, k) for row, s in zip(similarity, safe)]) * b[:, None]
+        return (
+            np.stack([simplex_projection((alpha + row) / s, k) for row, s in zip(similarity, safe)])
+            * b[:, None]
+        )
 
     steps = 0
     while True:
@@ -105,7 +108,11 @@ def pav_top_k_mask(x, k, regularization):
         blocks.append([i, i + 1, value, 1])
         while len(blocks) > 1 and blocks[-2][2] / blocks[-2][3] <= blocks[-1][2] / blocks[-1][3]:
             last = blocks.pop()
-            blocks[-1][1], blocks[-1][2], blocks[-1][3] = last[1], blocks[-1][2] + last[2], blocks[-1][3] + last[3]
+            blocks[-1][1], blocks[-1][2], blocks[-1][3] = (
+                last[1],
+                blocks[-1][2] + last[2],
+                blocks[-1][3] + last[3],
+            )
     v = np.empty_like(s)
     for start, end, total, count in blocks:
         v[start:end] = total / count

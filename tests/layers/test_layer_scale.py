@@ -7,33 +7,43 @@ import numpy as np
 import pytest
 
 import keras_vmoe
-from keras_vmoe import presets
 from keras_vmoe.layers.encoder import EncoderBlock
 from keras_vmoe.layers.mlp import Mlp
 from keras_vmoe.models import VMoEBackbone
 from keras_vmoe.models import router_inputs
-from tests.helpers import backend
+from tests.helpers import ROOT
+from tests.helpers import f32_atol
 from tests.helpers import random_images
 from tests.helpers import tiny_vit_arguments
-from tests.helpers import f32_atol
-from tests.helpers import ROOT
 from tests.helpers import to_numpy
 
 DIM = 32
 # An EncoderBlock's weights before LayerScale existed (and still without it).
 BLOCK_WEIGHTS = [
-    "attention_norm/gamma", "attention_norm/beta",
-    "attention/query/kernel", "attention/query/bias", "attention/key/kernel", "attention/key/bias",
-    "attention/value/kernel", "attention/value/bias", "attention/out/kernel", "attention/out/bias",
-    "mlp_norm/gamma", "mlp_norm/beta",
-    "mlp/dense_0/kernel", "mlp/dense_0/bias", "mlp/dense_1/kernel", "mlp/dense_1/bias",
+    "attention_norm/gamma",
+    "attention_norm/beta",
+    "attention/query/kernel",
+    "attention/query/bias",
+    "attention/key/kernel",
+    "attention/key/bias",
+    "attention/value/kernel",
+    "attention/value/bias",
+    "attention/out/kernel",
+    "attention/out/bias",
+    "mlp_norm/gamma",
+    "mlp_norm/beta",
+    "mlp/dense_0/kernel",
+    "mlp/dense_0/bias",
+    "mlp/dense_1/kernel",
+    "mlp/dense_1/bias",
 ]
 
 
 def block(layer_scale_init=None, seed=0, build=True):
     keras.utils.set_random_seed(seed)
-    layer = EncoderBlock(num_heads=2, mlp=Mlp(64, name="mlp"), layer_scale_init=layer_scale_init,
-                         name="block")
+    layer = EncoderBlock(
+        num_heads=2, mlp=Mlp(64, name="mlp"), layer_scale_init=layer_scale_init, name="block"
+    )
     if not build:
         return layer
     layer.build((None, 5, DIM))
@@ -193,5 +203,6 @@ def test_router_inputs_see_the_scaled_attention_branch(upcycled):
     x = to_numpy(keras.Model(backbone.input, block.input)(images))
     h = x + to_numpy(block.attention_scale) * to_numpy(block.attention(block.attention_norm(x)))
     routed = to_numpy(block.mlp_norm(h))  # What the MoE layer gets (the first test's formula).
-    np.testing.assert_allclose(to_numpy(router_inputs(backbone, images)[1]).reshape(routed.shape), routed,
-                               atol=1e-5, rtol=0)
+    np.testing.assert_allclose(
+        to_numpy(router_inputs(backbone, images)[1]).reshape(routed.shape), routed, atol=1e-5, rtol=0
+    )

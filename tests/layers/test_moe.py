@@ -44,8 +44,7 @@ def np_gelu(x):
 
 def expert_weights(layer):
     return [
-        to_numpy(v).astype(np.float64)
-        for v in (layer.kernel_0, layer.bias_0, layer.kernel_1, layer.bias_1)
+        to_numpy(v).astype(np.float64) for v in (layer.kernel_0, layer.bias_0, layer.kernel_1, layer.bias_1)
     ]
 
 
@@ -153,16 +152,13 @@ def test_sparse_dropped_tokens_get_zero_output():
     np.testing.assert_array_equal(out[dropped], 0.0)
     assert np.all(np.abs(out[~dropped]).max(axis=-1) > 0)
     np.testing.assert_allclose(out, np_sparse_from_plan(layer, x, plan), rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(
-        to_numpy(layer.router_metrics["dropped_tokens"]), dropped.mean(), atol=1e-6
-    )
+    np.testing.assert_allclose(to_numpy(layer.router_metrics["dropped_tokens"]), dropped.mean(), atol=1e-6)
 
 
 @pytest.mark.parametrize("batch_priority", [False, True])
 def test_sparse_top_all_experts_matches_brute_force(batch_priority):
     # K = E and capacity for every token: out = sum_e gate_e * expert_e(x).
-    layer = SparseMoE(E, H, num_selected_experts=E, capacity_factor=1.0,
-                      batch_priority=batch_priority)
+    layer = SparseMoE(E, H, num_selected_experts=E, capacity_factor=1.0, batch_priority=batch_priority)
     x = inputs(2)
     layer(x)
     randomize(layer, 2)
@@ -478,11 +474,23 @@ def test_soft_moe_noise_only_in_training():
 
 SPARSE_CONFIGS = [
     # round(8 * 2 * 2.0 / 4) = 8 slots, as in the top-2 tests above.
-    dict(num_selected_experts=2, capacity_factor=2.0, group_size=T, batch_priority=True,
-         noise_std=0.5, importance_loss_weight=0.01, load_loss_weight=0.02,
-         gshard_loss_weight=0.03, z_loss_weight=0.04, capacity_rounding="round",
-         capacity_multiple_of=None, approximate_gelu=False, dropout_rate=0.1,
-         dispatch_dtype="bfloat16", seed=3),
+    dict(
+        num_selected_experts=2,
+        capacity_factor=2.0,
+        group_size=T,
+        batch_priority=True,
+        noise_std=0.5,
+        importance_loss_weight=0.01,
+        load_loss_weight=0.02,
+        gshard_loss_weight=0.03,
+        z_loss_weight=0.04,
+        capacity_rounding="round",
+        capacity_multiple_of=None,
+        approximate_gelu=False,
+        dropout_rate=0.1,
+        dispatch_dtype="bfloat16",
+        seed=3,
+    ),
     dict(router="expert_choice", capacity_factor=2.0, noise_std=0.0),
 ]
 
@@ -495,8 +503,16 @@ def test_sparse_config_round_trip(kwargs):
         if name in kwargs:
             assert config[name] == kwargs[name]
     router_config = config["router"]["config"]
-    for name in ("num_selected_experts", "capacity_factor", "batch_priority", "noise_std",
-                 "z_loss_weight", "capacity_rounding", "capacity_multiple_of", "seed"):
+    for name in (
+        "num_selected_experts",
+        "capacity_factor",
+        "batch_priority",
+        "noise_std",
+        "z_loss_weight",
+        "capacity_rounding",
+        "capacity_multiple_of",
+        "seed",
+    ):
         if name in kwargs:
             assert router_config[name] == kwargs[name], name
     clone = SparseMoE.from_config(config)
@@ -514,8 +530,10 @@ def test_sparse_config_round_trip(kwargs):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(slots_per_expert=2, noise_std=0.1, dispatch_dtype="bfloat16", seed=2),
-     dict(slots_per_expert=None, capacity_factor=0.6, group_size=2 * T, approximate_gelu=False)],
+    [
+        dict(slots_per_expert=2, noise_std=0.1, dispatch_dtype="bfloat16", seed=2),
+        dict(slots_per_expert=None, capacity_factor=0.6, group_size=2 * T, approximate_gelu=False),
+    ],
 )
 def test_soft_config_round_trip(kwargs):
     layer = SoftMoE(E, H, name="soft", **kwargs)

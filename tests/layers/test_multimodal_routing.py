@@ -15,8 +15,7 @@ from keras_vmoe.layers import local_entropy_loss
 from tests.helpers import to_numpy
 
 # Two groups of three tokens over E = 2 experts.
-GATES = np.array([[[0.5, 0.5], [1.0, 0.0], [0.9, 0.1]],
-                  [[0.2, 0.8], [0.6, 0.4], [0.5, 0.5]]], "float32")
+GATES = np.array([[[0.5, 0.5], [1.0, 0.0], [0.9, 0.1]], [[0.2, 0.8], [0.6, 0.4], [0.5, 0.5]]], "float32")
 IMAGE_MASK = np.array([[True, True, False], [True, False, False]])
 
 
@@ -46,8 +45,9 @@ def test_padding_is_not_routed_and_leaves_the_losses_alone():
     mask = np.ones((2, 8), bool)
     mask[:, 6:] = False
     for batch_priority in (False, True):
-        router = TokenChoiceRouter(4, num_selected_experts=2, capacity_factor=2.0,
-                                   batch_priority=batch_priority, noise_std=0.0)
+        router = TokenChoiceRouter(
+            4, num_selected_experts=2, capacity_factor=2.0, batch_priority=batch_priority, noise_std=0.0
+        )
         plan, metrics = router(tokens, token_mask=mask)
         combine_index = to_numpy(plan.combine_index)
         dropped_slot = 4 * router.capacity(8)
@@ -58,30 +58,40 @@ def test_padding_is_not_routed_and_leaves_the_losses_alone():
         _, alone = router(tokens[:, :6])
         # Other matmul shapes: last-bit gate differences, which the squared
         # coefficient of variation can magnify where a group is balanced.
-        np.testing.assert_allclose(to_numpy(metrics["importance_loss"]), to_numpy(alone["importance_loss"]),
-                                   rtol=1e-5, atol=1e-7)
-        np.testing.assert_allclose(to_numpy(metrics["gshard_loss"]), to_numpy(alone["gshard_loss"]),
-                                   rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(
+            to_numpy(metrics["importance_loss"]), to_numpy(alone["importance_loss"]), rtol=1e-5, atol=1e-7
+        )
+        np.testing.assert_allclose(
+            to_numpy(metrics["gshard_loss"]), to_numpy(alone["gshard_loss"]), rtol=1e-5, atol=1e-7
+        )
 
 
 def test_multimodal_router_adds_weighted_entropy_losses_and_trains_the_router():
     tokens = np.random.RandomState(1).normal(size=(2, 6, 8)).astype("float32")
     modalities = np.array([[0, 0, 0, 0, 1, -1], [0, 0, 0, 0, 1, 1]], "int32")
     router = MultimodalTokenChoiceRouter(
-        4, batch_priority=True, noise_std=0.0, local_entropy_weights={"image": 0.5, "text": 0.0},
-        global_entropy_weights=0.25, global_entropy_thresholds=math.log(4),
+        4,
+        batch_priority=True,
+        noise_std=0.0,
+        local_entropy_weights={"image": 0.5, "text": 0.0},
+        global_entropy_weights=0.25,
+        global_entropy_thresholds=math.log(4),
     )
     plan, metrics = router(tokens, token_modalities=modalities)
     gates = to_numpy(ops.softmax(router.gate_logits(tokens), axis=-1))
     image = modalities == 0
     assert to_numpy(metrics["image_local_entropy"])[0] == pytest.approx(
-        float(to_numpy(local_entropy_loss(gates, image))), rel=1e-5)
+        float(to_numpy(local_entropy_loss(gates, image))), rel=1e-5
+    )
     plain = TokenChoiceRouter(4, batch_priority=True, noise_std=0.0)
     plain.build(tokens.shape)
     plain.kernel.assign(router.kernel)
     _, base = plain(tokens, token_mask=modalities >= 0)
-    expected = (to_numpy(base["auxiliary_loss"]) + 0.5 * to_numpy(metrics["image_local_entropy"])
-                + 0.25 * (to_numpy(metrics["image_global_entropy"]) + to_numpy(metrics["text_global_entropy"])))
+    expected = (
+        to_numpy(base["auxiliary_loss"])
+        + 0.5 * to_numpy(metrics["image_local_entropy"])
+        + 0.25 * (to_numpy(metrics["image_global_entropy"]) + to_numpy(metrics["text_global_entropy"]))
+    )
     np.testing.assert_allclose(to_numpy(metrics["auxiliary_loss"]), expected, rtol=1e-5)
     restored = MultimodalTokenChoiceRouter.from_config(router.get_config())
     assert restored.local_entropy_weights == {"image": 0.5, "text": 0.0}
@@ -93,8 +103,13 @@ def test_multimodal_router_adds_weighted_entropy_losses_and_trains_the_router():
     if keras.backend.backend() == "jax":
         import jax
 
-        moe = SparseMoE(4, 16, router=MultimodalTokenChoiceRouter(
-            4, noise_std=0.0, importance_loss_weight=0.0, load_loss_weight=0.0))
+        moe = SparseMoE(
+            4,
+            16,
+            router=MultimodalTokenChoiceRouter(
+                4, noise_std=0.0, importance_loss_weight=0.0, load_loss_weight=0.0
+            ),
+        )
         moe(tokens, token_modalities=modalities)
 
         def auxiliary(kernel):

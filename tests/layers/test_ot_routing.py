@@ -51,6 +51,7 @@ def build(name, dim=6, num_experts=4, seed=0, scale=3.0, **options):
 def call(router, tokens, token_mask=None, compiled=True):
     """(plan, metrics) as numpy; JAX compiles once per router config and shape
     (eagerly with `compiled=False`)."""
+
     def run(trainable, non_trainable, x, mask, _router=router):
         return _router.stateless_call(trainable, non_trainable, x, training=False, token_mask=mask)[0]
 
@@ -61,8 +62,10 @@ def call(router, tokens, token_mask=None, compiled=True):
         if key not in _JITTED:
             _JITTED[key] = jax.jit(run)
         plan, metrics = _JITTED[key](
-            [v.value for v in router.trainable_variables], [v.value for v in router.non_trainable_variables],
-            tokens, token_mask,
+            [v.value for v in router.trainable_variables],
+            [v.value for v in router.non_trainable_variables],
+            tokens,
+            token_mask,
         )
     else:
         plan, metrics = router(tokens, training=False, token_mask=token_mask)
@@ -150,16 +153,22 @@ def test_simplex_projection_and_semi_dual_match_numpy(k):
             similarity = np.where(token_mask[:, None, :], similarity, -1e9)
         token_mass = np.ones((2, 24)) if token_mask is None else token_mask.astype("float64")
         expert_mass = np.repeat(token_mass.sum(1, keepdims=True) / 4, 4, axis=1)
-        got = to_numpy(semi_dual_plan(similarity.astype("float32"), token_mass.astype("float32"),
-                                      expert_mass.astype("float32"), k))
+        got = to_numpy(
+            semi_dual_plan(
+                similarity.astype("float32"), token_mass.astype("float32"), expert_mass.astype("float32"), k
+            )
+        )
         # Adam's sign-like steps carry float32 rounding of the gradient; 20
         # steps of lr 0.01 keep the plans within 1e-6 (measured 1.7e-7).
         np.testing.assert_allclose(np.transpose(got, (0, 2, 1)), expected, atol=2e-5)
         assert router.projection in ("dense", "k_sparse")
     if k is not None and k <= 4:  # Token choice: columns are the tokens, k per token.
         expected = ref.sparse_token_choice_plan(gates, k)
-        got = to_numpy(semi_dual_plan(gates.astype("float32"), np.full((2, 4), 6.0, "float32"),
-                                      np.ones((2, 24), "float32"), k))
+        got = to_numpy(
+            semi_dual_plan(
+                gates.astype("float32"), np.full((2, 4), 6.0, "float32"), np.ones((2, 24), "float32"), k
+            )
+        )
         np.testing.assert_allclose(got, expected, atol=2e-5)
 
 
@@ -169,8 +178,11 @@ def test_semi_dual_stops_when_the_gradient_is_small():
     gates = np.tile(np.eye(4), (1, 2, 1)).astype("float32") * 0.5 + 0.125  # (1, 8, 4)
     expected, steps = ref.semi_dual(np.transpose(gates[0]), np.ones(8), np.full(4, 2.0), 2)
     assert steps == 1
-    got = to_numpy(semi_dual_plan(np.transpose(gates, (0, 2, 1)), np.ones((1, 8), "float32"),
-                                  np.full((1, 4), 2.0, "float32"), 2))
+    got = to_numpy(
+        semi_dual_plan(
+            np.transpose(gates, (0, 2, 1)), np.ones((1, 8), "float32"), np.full((1, 4), 2.0, "float32"), 2
+        )
+    )
     np.testing.assert_allclose(got[0], expected, atol=1e-6)
 
 
@@ -287,7 +299,7 @@ def test_sparse_plans_are_sparse_and_meet_their_marginals(seed, capacity_factor)
 
 def test_sparse_top_k_matches_the_isotonic_route():
     rng = np.random.RandomState(0)
-    for trial in range(40):
+    for _ in range(40):
         n = rng.randint(2, 12)
         k = rng.randint(1, n + 1)
         regularization = float(10 ** rng.uniform(-2, 1))
@@ -331,6 +343,7 @@ def test_sparse_top_k_gradient_matches_finite_differences():
     x = rng.randn(3, 6)
     cotangent = rng.randn(3, 6)
     for p in (2.0, 4.0 / 3.0):
+
         def value(v):
             return float(np.sum(to_numpy(sparse_top_k_mask(v.astype("float32"), 2, 0.8, p)) * cotangent))
 
@@ -387,13 +400,16 @@ def test_sparse_top_k_router_gates():
 # configs and errors
 
 
-@pytest.mark.parametrize("cls, options", [
-    (SinkhornTokenChoiceRouter, dict(num_iterations=30, combine_weights="plan", num_selected_experts=2)),
-    (SinkhornExpertChoiceRouter, dict(num_iterations=10, capacity_factor=2.0)),
-    (SparseTokenChoiceRouter, dict(max_steps=7, learning_rate=0.05, tolerance=1e-4)),
-    (SparseExpertChoiceRouter, dict(projection="dense", max_steps=9)),
-    (SparseTopKRouter, dict(regularization=0.3, p=1.5, num_selected_experts=2)),
-])
+@pytest.mark.parametrize(
+    "cls, options",
+    [
+        (SinkhornTokenChoiceRouter, dict(num_iterations=30, combine_weights="plan", num_selected_experts=2)),
+        (SinkhornExpertChoiceRouter, dict(num_iterations=10, capacity_factor=2.0)),
+        (SparseTokenChoiceRouter, dict(max_steps=7, learning_rate=0.05, tolerance=1e-4)),
+        (SparseExpertChoiceRouter, dict(projection="dense", max_steps=9)),
+        (SparseTopKRouter, dict(regularization=0.3, p=1.5, num_selected_experts=2)),
+    ],
+)
 def test_config_round_trip(cls, options):
     router = cls(4, **options)
     clone = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(router))

@@ -12,8 +12,10 @@ from tests.helpers import to_numpy
 def random_tokens(batch=2, length=16, dim=8, seed=0):
     rng = np.random.RandomState(seed)
     # Per-token offsets and scales, so the LayerNorm has work to do.
-    return (rng.normal(size=(batch, length, dim)) * rng.uniform(0.5, 3, (batch, length, 1))
-            + rng.normal(size=(batch, length, 1))).astype("float32")
+    return (
+        rng.normal(size=(batch, length, dim)) * rng.uniform(0.5, 3, (batch, length, 1))
+        + rng.normal(size=(batch, length, 1))
+    ).astype("float32")
 
 
 def built_merger(num_tokens=4, num_prefix_tokens=0, length=16, dim=8, seed=1):

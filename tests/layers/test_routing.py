@@ -209,8 +209,14 @@ SEEDS = st.integers(0, 2**31 - 1)
     seed=SEEDS,
 )
 def test_token_choice_plan_invariants(
-    num_groups, group_size, num_experts, k_choice, capacity_factor,
-    multiple_of, batch_priority, seed,
+    num_groups,
+    group_size,
+    num_experts,
+    k_choice,
+    capacity_factor,
+    multiple_of,
+    batch_priority,
+    seed,
 ):
     k = min(num_experts, int(k_choice)) if k_choice != "E" else num_experts
     # "full": capacity_factor = E / K gives every expert room for every token.
@@ -222,9 +228,14 @@ def test_token_choice_plan_invariants(
     tokens = rng.randn(num_groups, group_size, dim).astype("float32")
     kernel = rng.randn(dim, num_experts).astype("float32")
     router = make_router(
-        TokenChoiceRouter, dim, kernel=kernel, num_experts=num_experts,
-        num_selected_experts=k, capacity_factor=capacity_factor,
-        capacity_multiple_of=multiple_of, batch_priority=batch_priority,
+        TokenChoiceRouter,
+        dim,
+        kernel=kernel,
+        num_experts=num_experts,
+        num_selected_experts=k,
+        capacity_factor=capacity_factor,
+        capacity_multiple_of=multiple_of,
+        batch_priority=batch_priority,
     )
     plan, metrics, gates_f32 = route(router, tokens, with_gates=True)
     capacity = expected_capacity(group_size * k, num_experts, capacity_factor, multiple_of)
@@ -295,9 +306,7 @@ def test_token_choice_plan_invariants(
         np.testing.assert_array_equal(plan.dispatch_index, ref_dispatch)
     # Metrics agree with the plan.
     np.testing.assert_allclose(metrics["dropped_choices"], 1.0 - kept.mean(axis=(1, 2)), atol=1e-6)
-    np.testing.assert_allclose(
-        metrics["dropped_tokens"], (~kept.any(axis=-1)).mean(axis=1), atol=1e-6
-    )
+    np.testing.assert_allclose(metrics["dropped_tokens"], (~kept.any(axis=-1)).mean(axis=1), atol=1e-6)
     if full:
         # Nothing is dropped; every token sits once in each of its K experts.
         assert C >= S
@@ -308,12 +317,9 @@ def test_token_choice_plan_invariants(
             np.testing.assert_array_equal(counts[:S], k)
 
 
-
 def test_token_choice_tiny_capacity_drops():
     # 8 tokens, 2 experts, C = ceil(8 * 0.25 / 2) = 1: at most 2 tokens kept.
-    router = make_router(
-        TokenChoiceRouter, 4, num_experts=2, capacity_factor=0.25, capacity_multiple_of=None
-    )
+    router = make_router(TokenChoiceRouter, 4, num_experts=2, capacity_factor=0.25, capacity_multiple_of=None)
     tokens = np.random.RandomState(1).randn(3, 8, 4).astype("float32")
     plan, metrics = route(router, tokens)
     assert plan.dispatch_index.shape == (3, 2, 1)
@@ -330,13 +336,17 @@ def test_token_choice_tiny_capacity_drops():
 def test_top1_choices_served_before_top2(batch_priority):
     # Tokens are their own logits (identity kernel). Expert 1 is the 2nd
     # choice of tokens 0..2 and the 1st choice of the last token, 3.
-    logits = np.array(
-        [[3.0, 2.0, 0.0], [3.1, 2.0, 0.0], [2.9, 2.0, 0.0], [0.0, 3.05, 2.0]], "float32"
-    )[None]
+    logits = np.array([[3.0, 2.0, 0.0], [3.1, 2.0, 0.0], [2.9, 2.0, 0.0], [0.0, 3.05, 2.0]], "float32")[None]
     # C = ceil(4 * 2 * 0.3 / 3) = ceil(0.8) = 1.
     router = make_router(
-        TokenChoiceRouter, 3, kernel=np.eye(3), num_experts=3, num_selected_experts=2,
-        capacity_factor=0.3, capacity_multiple_of=None, batch_priority=batch_priority,
+        TokenChoiceRouter,
+        3,
+        kernel=np.eye(3),
+        num_experts=3,
+        num_selected_experts=2,
+        capacity_factor=0.3,
+        capacity_multiple_of=None,
+        batch_priority=batch_priority,
     )
     plan, _ = route(router, logits)
     assert plan.dispatch_index.shape == (1, 3, 1)
@@ -498,8 +508,13 @@ def test_uniform_gates_have_zero_importance_loss():
 def test_auxiliary_loss_is_weighted_sum():
     tokens = np.random.RandomState(2).randn(2, 8, 4).astype("float32")
     router = make_router(
-        TokenChoiceRouter, 4, num_experts=4, importance_loss_weight=0.1,
-        gshard_loss_weight=0.2, z_loss_weight=0.3, load_loss_weight=0.4,
+        TokenChoiceRouter,
+        4,
+        num_experts=4,
+        importance_loss_weight=0.1,
+        gshard_loss_weight=0.2,
+        z_loss_weight=0.3,
+        load_loss_weight=0.4,
     )
     _, metrics = route(router, tokens)
     expected = 0.1 * metrics["importance_loss"] + 0.2 * metrics["gshard_loss"] + 0.3 * metrics["z_loss"]
@@ -527,9 +542,7 @@ def test_renormalize_combine_weights():
     tokens = np.random.RandomState(4).randn(2, 8, 4).astype("float32")
     kwargs = dict(num_experts=4, num_selected_experts=2, capacity_factor=2.0)
     plain, _ = route(make_router(TokenChoiceRouter, 4, **kwargs), tokens)
-    renorm, _ = route(
-        make_router(TokenChoiceRouter, 4, renormalize_combine_weights=True, **kwargs), tokens
-    )
+    renorm, _ = route(make_router(TokenChoiceRouter, 4, renormalize_combine_weights=True, **kwargs), tokens)
     assert np.all(renorm.combine_index < 4 * renorm.dispatch_index.shape[-1])  # all kept
     np.testing.assert_array_equal(plain.combine_index, renorm.combine_index)
     np.testing.assert_allclose(renorm.combine_weights.sum(-1), 1.0, rtol=1e-5)
@@ -544,8 +557,7 @@ def test_renormalize_combine_weights():
 def test_renormalize_with_drops_uses_top_k_sum():
     # A token whose 2nd choice is dropped keeps g1 / (g1 + g2), not 1.
     tokens = np.random.RandomState(5).randn(1, 8, 4).astype("float32")
-    kwargs = dict(num_experts=4, num_selected_experts=2, capacity_factor=0.5,
-                  capacity_multiple_of=None)
+    kwargs = dict(num_experts=4, num_selected_experts=2, capacity_factor=0.5, capacity_multiple_of=None)
     router = make_router(TokenChoiceRouter, 4, renormalize_combine_weights=True, **kwargs)
     plan, _, gates = route(router, tokens, with_gates=True)
     top = np.sort(gates, axis=-1)[..., ::-1][..., :2]
@@ -593,8 +605,12 @@ def test_expert_choice_plan(num_groups, group_size, num_experts, capacity_factor
     tokens = rng.randn(num_groups, group_size, dim).astype("float32")
     kernel = rng.randn(dim, num_experts).astype("float32")
     router = make_router(
-        ExpertChoiceRouter, dim, kernel=kernel, num_experts=num_experts,
-        capacity_factor=capacity_factor, capacity_multiple_of=multiple_of,
+        ExpertChoiceRouter,
+        dim,
+        kernel=kernel,
+        num_experts=num_experts,
+        capacity_factor=capacity_factor,
+        capacity_multiple_of=multiple_of,
     )
     if capacity > group_size:
         with pytest.raises(ValueError, match="group size"):
@@ -622,9 +638,7 @@ def test_expert_choice_plan(num_groups, group_size, num_experts, capacity_factor
             for c, s in enumerate(row):
                 assert plan.combine_index[g, s, e] == e * C + c
     np.testing.assert_array_equal(plan.combine_index[~chosen], E * C)
-    np.testing.assert_allclose(
-        plan.combine_weights, np.where(chosen, gates, 0.0), rtol=1e-4, atol=1e-6
-    )
+    np.testing.assert_allclose(plan.combine_weights, np.where(chosen, gates, 0.0), rtol=1e-4, atol=1e-6)
     np.testing.assert_array_equal(plan.combine_weights[~chosen], 0.0)
     np.testing.assert_allclose(metrics["dropped_tokens"], (~chosen.any(-1)).mean(-1), atol=1e-6)
     np.testing.assert_array_equal(metrics["auxiliary_loss"], np.zeros(G))
@@ -637,7 +651,11 @@ def test_expert_choice_dropped_tokens_metric():
     # experts 0 and 1 take the 2 best tokens each, 4 tokens go unchosen.
     logits = np.stack([np.arange(8.0), np.zeros(8)], axis=-1).astype("float32")[None]
     router = make_router(
-        ExpertChoiceRouter, 2, kernel=np.eye(2), num_experts=2, capacity_factor=0.5,
+        ExpertChoiceRouter,
+        2,
+        kernel=np.eye(2),
+        num_experts=2,
+        capacity_factor=0.5,
         capacity_multiple_of=None,
     )
     plan, metrics = route(router, logits)
@@ -701,16 +719,31 @@ def test_negative_noise_raises():
         (
             TokenChoiceRouter,
             dict(
-                num_experts=6, num_selected_experts=2, capacity_factor=1.5, batch_priority=True,
-                noise_std=0.5, importance_loss_weight=0.01, load_loss_weight=0.02,
-                gshard_loss_weight=0.03, z_loss_weight=0.04, capacity_rounding="round",
-                capacity_multiple_of=None, renormalize_combine_weights=True, seed=7,
+                num_experts=6,
+                num_selected_experts=2,
+                capacity_factor=1.5,
+                batch_priority=True,
+                noise_std=0.5,
+                importance_loss_weight=0.01,
+                load_loss_weight=0.02,
+                gshard_loss_weight=0.03,
+                z_loss_weight=0.04,
+                capacity_rounding="round",
+                capacity_multiple_of=None,
+                renormalize_combine_weights=True,
+                seed=7,
             ),
         ),
         (
             ExpertChoiceRouter,
-            dict(num_experts=3, capacity_factor=2.0, noise_std=0.0, capacity_rounding="round",
-                 capacity_multiple_of=2, seed=1),
+            dict(
+                num_experts=3,
+                capacity_factor=2.0,
+                noise_std=0.0,
+                capacity_rounding="round",
+                capacity_multiple_of=2,
+                seed=1,
+            ),
         ),
         (SoftRouter, dict(num_experts=5, slots_per_expert=3, noise_std=0.1, seed=2)),
     ],
@@ -744,8 +777,12 @@ def test_batch_priority_ranks_by_raw_top1_gate_even_when_renormalising():
     # BPR must keep token 0, whose raw top-1 gate is larger.
     gates = np.array([[[0.5, 0.45, 0.05], [0.45, 0.3, 0.25]]], "float32")
     router = TokenChoiceRouter(
-        3, num_selected_experts=2, capacity_factor=0.5, batch_priority=True,
-        capacity_multiple_of=None, renormalize_combine_weights=True,
+        3,
+        num_selected_experts=2,
+        capacity_factor=0.5,
+        batch_priority=True,
+        capacity_multiple_of=None,
+        renormalize_combine_weights=True,
     )
     router.build((None, None, 3))
     router.kernel.assign(np.eye(3, dtype="float32"))

@@ -72,10 +72,18 @@ def test_vmoe_top1_capacity_one_computes_the_dense_expert_flops(group_size):
     # the experts compute as much as the dense MLP, plus a (D, E) router.
     # With groups of two images the count is per image all the same.
     vit = count_flops(dense())
-    vmoe = count_flops(VMoEBackbone(**tiny_vit_arguments(
-        pooling="gap", moe_layers=(0, 1), num_experts=4, num_selected_experts=1,
-        capacity_factor=1.0, group_size=group_size,
-    )))
+    vmoe = count_flops(
+        VMoEBackbone(
+            **tiny_vit_arguments(
+                pooling="gap",
+                moe_layers=(0, 1),
+                num_experts=4,
+                num_selected_experts=1,
+                capacity_factor=1.0,
+                group_size=group_size,
+            )
+        )
+    )
     assert vmoe["mlp"] == vit["mlp"] == 2 * mlp(PATCHES)
     assert vmoe["attention"] == vit["attention"] and vmoe["patch_embedding"] == vit["patch_embedding"]
     assert vmoe["routing"] == 2 * (2 * PATCHES * D * 4)
@@ -91,10 +99,17 @@ def test_vmoe_top1_capacity_one_computes_the_dense_expert_flops(group_size):
     ],
 )
 def test_vmoe_counts_the_capacity_padded_slots(num_experts, k, slots):
-    flops = count_flops(VMoEBackbone(**tiny_vit_arguments(
-        pooling="gap", moe_layers=(1,), num_experts=num_experts, num_selected_experts=k,
-        capacity_factor=1.0,
-    )))
+    flops = count_flops(
+        VMoEBackbone(
+            **tiny_vit_arguments(
+                pooling="gap",
+                moe_layers=(1,),
+                num_experts=num_experts,
+                num_selected_experts=k,
+                capacity_factor=1.0,
+            )
+        )
+    )
     assert flops["mlp"] == mlp(PATCHES) + mlp(slots)
     assert flops["routing"] == 2 * PATCHES * D * num_experts
 
@@ -102,20 +117,30 @@ def test_vmoe_counts_the_capacity_padded_slots(num_experts, k, slots):
 def test_soft_moe_with_as_many_slots_as_tokens_adds_exactly_the_three_routing_products():
     vit = count_flops(dense())
     # 4 experts x 4 slots = the 16 tokens.
-    soft = count_flops(SoftMoEBackbone(**tiny_vit_arguments(
-        pooling="gap", moe_layers=(1,), num_experts=4, slots_per_expert=4,
-    )))
+    soft = count_flops(
+        SoftMoEBackbone(
+            **tiny_vit_arguments(
+                pooling="gap",
+                moe_layers=(1,),
+                num_experts=4,
+                slots_per_expert=4,
+            )
+        )
+    )
     assert soft["mlp"] == vit["mlp"]
     # Router logits (n, D) x (D, slots), dispatch (slots, n) x (n, D) and
     # combine (n, slots) x (slots, D): 3 x 2 n D slots.
     assert soft["routing"] == 3 * 2 * PATCHES * D * 16
     assert soft["total"] == vit["total"] + soft["routing"]
     # A task adds the same head to both.
-    with_head = count_flops(SoftMoEImageClassifier(
-        SoftMoEBackbone(**tiny_vit_arguments(pooling="gap", moe_layers=(1,), num_experts=4,
-                                             slots_per_expert=4)),
-        num_classes=10,
-    ))
+    with_head = count_flops(
+        SoftMoEImageClassifier(
+            SoftMoEBackbone(
+                **tiny_vit_arguments(pooling="gap", moe_layers=(1,), num_experts=4, slots_per_expert=4)
+            ),
+            num_classes=10,
+        )
+    )
     assert with_head["head"] == 2 * D * 10 and with_head["total"] == soft["total"] + 2 * D * 10
 
 
@@ -123,9 +148,9 @@ def test_soft_moe_with_as_many_slots_as_tokens_adds_exactly_the_three_routing_pr
 def test_patch_merger_reduces_the_counted_attention_and_mlp(pooling, prefix):
     arguments = dict(pooling=pooling, num_layers=4)
     plain = count_flops(VMoEBackbone(**tiny_vit_arguments(**arguments)))
-    merged = count_flops(VMoEBackbone(**tiny_vit_arguments(
-        **arguments, patch_merger=dict(after_block=1, num_tokens=4)
-    )))
+    merged = count_flops(
+        VMoEBackbone(**tiny_vit_arguments(**arguments, patch_merger=dict(after_block=1, num_tokens=4)))
+    )
     before, after = prefix + PATCHES, prefix + 4  # A class token is not merged.
     assert merged["attention"] == 2 * attention(before, before) + 2 * attention(after, after)
     assert merged["mlp"] == 2 * mlp(before) + 2 * mlp(after)
@@ -139,10 +164,18 @@ def test_patch_merger_reduces_the_counted_attention_and_mlp(pooling, prefix):
 def test_patch_merger_in_front_of_a_moe_layer():
     # Blocks 2 and 3 see 4 merged tokens: a Soft MoE there with 4 x 1 slots
     # computes the dense MLP's FLOPs on those 4 tokens.
-    flops = count_flops(SoftMoEBackbone(**tiny_vit_arguments(
-        pooling="gap", num_layers=4, moe_layers=(3,), num_experts=4, slots_per_expert=1,
-        patch_merger=dict(after_block=1, num_tokens=4),
-    )))
+    flops = count_flops(
+        SoftMoEBackbone(
+            **tiny_vit_arguments(
+                pooling="gap",
+                num_layers=4,
+                moe_layers=(3,),
+                num_experts=4,
+                slots_per_expert=1,
+                patch_merger=dict(after_block=1, num_tokens=4),
+            )
+        )
+    )
     assert flops["mlp"] == 2 * mlp(PATCHES) + 2 * mlp(4)
     assert flops["routing"] == 2 * 2 * PATCHES * 4 * D + 3 * 2 * 4 * D * 4
 

@@ -59,8 +59,13 @@ def test_fit_lowers_the_loss(family):
         assert "moe_auxiliary_loss" not in history
 
 
-STUDY_ROUTERS = ["sinkhorn_token_choice", "sinkhorn_expert_choice", "sparse_token_choice",
-                 "sparse_expert_choice", "sparse_top_k"]
+STUDY_ROUTERS = [
+    "sinkhorn_token_choice",
+    "sinkhorn_expert_choice",
+    "sparse_token_choice",
+    "sparse_expert_choice",
+    "sparse_top_k",
+]
 
 
 @pytest.mark.parametrize("router", STUDY_ROUTERS)
@@ -198,7 +203,10 @@ CROSS_BACKEND_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(backend() != "jax", reason="saves under JAX and loads in TF and torch subprocesses; runs once, from the JAX run")
+@pytest.mark.skipif(
+    backend() != "jax",
+    reason="saves under JAX and loads in TF and torch subprocesses; runs once, from the JAX run",
+)
 @pytest.mark.parametrize("family", ["vmoe", "soft_moe"])
 def test_preset_saved_under_jax_loads_under_tensorflow_and_torch(tmp_path, family):
     model = build(family)
@@ -211,7 +219,10 @@ def test_preset_saved_under_jax_loads_under_tensorflow_and_torch(tmp_path, famil
     for other in ("tensorflow", "torch"):
         result = subprocess.run(
             [sys.executable, str(script), str(tmp_path / "preset"), str(tmp_path / "io.npz")],
-            env=dict(os.environ, KERAS_BACKEND=other), cwd=ROOT, capture_output=True, text=True,
+            env=dict(os.environ, KERAS_BACKEND=other),
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
             timeout=300,
         )
         assert result.returncode == 0, result.stderr[-3000:]

@@ -24,7 +24,9 @@ def backbone_for(family, after_block=1, num_tokens=4, **overrides):
     """A 4-block tiny backbone (16 patches) of `family` with a PatchMerger;
     the MoE layers sit before and after the merger."""
     keras.utils.set_random_seed(0)
-    arguments = tiny_vit_arguments(num_layers=4, patch_merger=dict(after_block=after_block, num_tokens=num_tokens))
+    arguments = tiny_vit_arguments(
+        num_layers=4, patch_merger=dict(after_block=after_block, num_tokens=num_tokens)
+    )
     if family == "vmoe":
         arguments.update(moe_layers=(1, 3), num_experts=4, num_selected_experts=2)
     elif family == "soft_moe":
@@ -212,8 +214,13 @@ def test_named_v_moe_with_patch_merger_builds():
     # V-MoE-B/16 with PatchMerger, shrunk in width and image size (12 blocks
     # kept): 8 images per routing group before and after the merger.
     backbone = VMoEBackbone.from_architecture(
-        "vmoe_b16_every2_e8_k2_pm8", image_shape=(64, 64, 3), hidden_dim=32, mlp_dim=32,
-        num_heads=2, num_experts=4, representation_size=32,
+        "vmoe_b16_every2_e8_k2_pm8",
+        image_shape=(64, 64, 3),
+        hidden_dim=32,
+        mlp_dim=32,
+        num_heads=2,
+        num_experts=4,
+        representation_size=32,
     )
     assert token_counts(backbone) == [17] * 6 + [9] * 6
     assert [moe.group_size for moe in backbone.moe_blocks] == [8 * 17] * 3 + [8 * 9] * 3

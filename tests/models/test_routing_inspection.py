@@ -99,8 +99,7 @@ def test_router_inputs_are_the_tokens_each_router_sees():
     ],
 )
 def test_sparse_assignments_follow_the_dispatch_plan(k, batch_priority, group_size):
-    backbone = vmoe_backbone(num_selected_experts=k, batch_priority=batch_priority,
-                             group_size=group_size)
+    backbone = vmoe_backbone(num_selected_experts=k, batch_priority=batch_priority, group_size=group_size)
     images = random_images(BATCH, seed=3)
     tokens_per_image = 17  # The class token first, then 16 patches.
     assignments = expert_assignments(backbone, images)
@@ -155,16 +154,16 @@ def test_a_single_moe_block():
     backbone = vmoe_backbone(moe_layers=(1,))
     images = random_images(BATCH)
     (tokens,) = router_inputs(backbone, images).values()
-    np.testing.assert_allclose(to_numpy(tokens), to_numpy(moe_block_tokens(backbone, images, 1)),
-                               atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(
+        to_numpy(tokens), to_numpy(moe_block_tokens(backbone, images, 1)), atol=1e-5, rtol=1e-5
+    )
     assert expert_assignments(backbone, images)[1].shape == (BATCH, 17)
 
 
 def test_soft_moe_assignment_is_the_expert_with_the_largest_combine_share():
     keras.utils.set_random_seed(1)
     backbone = SoftMoEBackbone(
-        **tiny_vit_arguments(moe_layers=(0, 1), num_experts=NUM_EXPERTS, slots_per_expert=3,
-                             pooling="token")
+        **tiny_vit_arguments(moe_layers=(0, 1), num_experts=NUM_EXPERTS, slots_per_expert=3, pooling="token")
     )
     images = random_images(BATCH, seed=5)
     assignments = expert_assignments(backbone, images)

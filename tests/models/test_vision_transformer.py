@@ -1,6 +1,5 @@
 """The one encoder: shapes for every option, config round trips, argument errors."""
 
-import keras
 import numpy as np
 import pytest
 
@@ -33,8 +32,9 @@ def test_output_shape_for_each_pooling(pooling, use_class_token, expected):
 @pytest.mark.parametrize("qk_norm", [False, True])
 def test_position_embeddings_and_qk_norm(position_embedding, qk_norm):
     backbone = VMoEBackbone(
-        **tiny_vit_arguments(position_embedding=position_embedding, attention_qk_norm=qk_norm,
-                             representation_size=8)
+        **tiny_vit_arguments(
+            position_embedding=position_embedding, attention_qk_norm=qk_norm, representation_size=8
+        )
     )
     outputs = to_numpy(backbone(random_images(2)))
     assert outputs.shape == (2, 8)
@@ -133,12 +133,22 @@ def test_soft_moe_architectures_follow_the_paper():
     }
     for name, (layers, hidden, experts, moe_layers) in expected.items():
         config = architecture_config(name)
-        assert (config["num_layers"], config["hidden_dim"], config["num_experts"]) == (layers, hidden, experts)
+        assert (config["num_layers"], config["hidden_dim"], config["num_experts"]) == (
+            layers,
+            hidden,
+            experts,
+        )
         assert config["moe_layers"] == moe_layers and config["slots_per_expert"] == 1
         assert config["pooling"] == "gap" and config["attention_qk_norm"]
     small = SoftMoEBackbone.from_architecture(
-        "soft_moe_s16", image_shape=(32, 32, 3), num_layers=2, hidden_dim=32, mlp_dim=64,
-        num_heads=2, moe_layers=(1,), num_experts=4,
+        "soft_moe_s16",
+        image_shape=(32, 32, 3),
+        num_layers=2,
+        hidden_dim=32,
+        mlp_dim=64,
+        num_heads=2,
+        moe_layers=(1,),
+        num_experts=4,
     )
     assert tuple(small(random_images(1)).shape) == (1, 32)
     with pytest.raises(ValueError, match="Unknown Soft MoE architecture"):

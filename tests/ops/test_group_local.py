@@ -8,9 +8,9 @@ from keras_vmoe.layers.routing_plans import scatter_table as _scatter_table
 from keras_vmoe.ops import generic
 from keras_vmoe.ops import group_local
 from tests.helpers import to_numpy
+from tests.ops.test_ops import D
 from tests.ops.test_ops import E
 from tests.ops.test_ops import G
-from tests.ops.test_ops import D
 from tests.ops.test_ops import S
 from tests.ops.test_ops import gradients
 from tests.ops.test_ops import routing_plan
@@ -64,7 +64,8 @@ def test_soft_dispatch_and_combine_equal_the_reference():
     np.testing.assert_allclose(
         to_numpy(group_local.soft_combine(outputs, combine_weights)),
         to_numpy(generic.soft_combine(expert_major(outputs), combine_weights)),
-        rtol=1e-5, atol=1e-5,
+        rtol=1e-5,
+        atol=1e-5,
     )
 
 
@@ -89,7 +90,9 @@ def test_scatter_table_equals_the_routers_flat_scatter():
     destinations[:, -2:] = table_size
     values = rng.randint(0, 50, (G, n)).astype("int32")
     expected = to_numpy(
-        _scatter_table(keras.ops.convert_to_tensor(destinations), keras.ops.convert_to_tensor(values), G, table_size)
+        _scatter_table(
+            keras.ops.convert_to_tensor(destinations), keras.ops.convert_to_tensor(values), G, table_size
+        )
     )
     got = to_numpy(group_local.scatter_table(destinations, values, table_size))
     np.testing.assert_array_equal(got, expected)

@@ -16,8 +16,11 @@ G, S, D, E, K, H = 3, 16, 8, 4, 2, 12
 def routing_plan(capacity_factor, seed=0):
     """A real token-choice plan: capacity 0.5 drops choices, 2.0 leaves slots empty."""
     router = TokenChoiceRouter(
-        num_experts=E, num_selected_experts=K, capacity_factor=capacity_factor,
-        capacity_multiple_of=None, seed=seed,
+        num_experts=E,
+        num_selected_experts=K,
+        capacity_factor=capacity_factor,
+        capacity_multiple_of=None,
+        seed=seed,
     )
     tokens = np.random.RandomState(seed).randn(G, S, D).astype("float32")
     plan, _ = router(tokens, training=False)
@@ -99,6 +102,7 @@ def test_override_gradients_equal_the_reference(capacity_factor):
         ("dispatch", (tokens,), (dispatch_index,)),
         ("combine", (expert_outputs, combine_weights), (combine_index,)),
     ):
+
         def call(module, *a, op_name=op_name, fixed=fixed):
             if op_name == "dispatch":
                 return getattr(module, op_name)(a[0], *fixed)
@@ -144,9 +148,7 @@ def test_soft_dispatch_and_combine_match_numpy_with_gradients():
         ("soft_combine", (expert_outputs, combine_weights)),
     ):
         name, args = module_args
-        for g, e in zip(
-            gradients(getattr(moe_ops, name), args), gradients(getattr(generic, name), args)
-        ):
+        for g, e in zip(gradients(getattr(moe_ops, name), args), gradients(getattr(generic, name), args)):
             assert_close(g, e)
 
 

@@ -21,12 +21,17 @@ from keras_vmoe.recipes.cifar10 import store_weights_as_float16
 from keras_vmoe.recipes.cifar10 import to_model_inputs
 from tests.helpers import CIFAR10
 from tests.helpers import backend
-from tests.helpers import requires_cifar10
 from tests.helpers import f32_atol
+from tests.helpers import requires_cifar10
 from tests.helpers import to_numpy
 
 TINY_BACKBONE = dict(
-    image_shape=(32, 32, 3), patch_size=8, num_layers=2, hidden_dim=16, mlp_dim=32, num_heads=2,
+    image_shape=(32, 32, 3),
+    patch_size=8,
+    num_layers=2,
+    hidden_dim=16,
+    mlp_dim=32,
+    num_heads=2,
     pooling="gap",
 )
 TINY_RECIPE = Cifar10Recipe(
@@ -37,8 +42,13 @@ TINY_RECIPE = Cifar10Recipe(
     batch_size=32,
 )
 PRESET_FILES = {
-    "config.json", "task.json", "metadata.json", "preprocessor.json", "image_converter.json",
-    "model.weights.h5", "task.weights.h5",
+    "config.json",
+    "task.json",
+    "metadata.json",
+    "preprocessor.json",
+    "image_converter.json",
+    "model.weights.h5",
+    "task.weights.h5",
 }
 
 
@@ -51,8 +61,7 @@ def h5_datasets(path):
     found = {}
     with h5py.File(path, "r") as weights:
         weights.visititems(
-            lambda name, item: found.__setitem__(name, item.dtype)
-            if isinstance(item, h5py.Dataset) else None
+            lambda name, item: found.__setitem__(name, item.dtype) if isinstance(item, h5py.Dataset) else None
         )
     return found
 
@@ -161,7 +170,9 @@ def constant_images(count, seed=0):
 @pytest.mark.parametrize("mixup_alpha, cutmix_alpha", [(0.8, 1.0), (0.8, 0.0), (0.0, 1.0)])
 def test_mixed_targets_match_the_mixed_pixels(mixup_alpha, cutmix_alpha):
     pixels, targets, values = constant_images(200)
-    mixed, mixed_targets = mixup_and_cutmix(pixels, targets, np.random.default_rng(0), mixup_alpha, cutmix_alpha)
+    mixed, mixed_targets = mixup_and_cutmix(
+        pixels, targets, np.random.default_rng(0), mixup_alpha, cutmix_alpha
+    )
     assert mixed.shape == pixels.shape and mixed.dtype == np.float32
     assert mixed_targets.shape == targets.shape
     assert np.all(mixed_targets >= 0) and np.all(mixed_targets <= 1)
@@ -301,8 +312,18 @@ def test_main_without_an_archive_says_which_path_is_missing(tmp_path, capsys):
 def test_main_trains_saves_and_measures_a_tiny_preset(tmp_path, capsys):
     output = tmp_path / "preset"
     recipe_file = tmp_path / "recipe.py"
-    arguments = ["--cifar10", str(CIFAR10), "--epochs", "1", "--train-limit", "64", "--verbose", "0",
-                 "--output", str(output)]
+    arguments = [
+        "--cifar10",
+        str(CIFAR10),
+        "--epochs",
+        "1",
+        "--train-limit",
+        "64",
+        "--verbose",
+        "0",
+        "--output",
+        str(output),
+    ]
     assert main(TINY_RECIPE, str(recipe_file), arguments) == 0
     assert f"Saved the preset to {output}" in capsys.readouterr().out
     assert {p.name for p in output.iterdir()} == PRESET_FILES | {"metrics.json"}

@@ -17,8 +17,9 @@ from tests.helpers import to_numpy
 
 
 def test_pack_captions_and_the_class_caption_table():
-    recipe = LIMoERecipe(name="t", description="t", backbone={}, sequence_length=6,
-                         train_templates=("a photo of a {}.", "{}"))
+    recipe = LIMoERecipe(
+        name="t", description="t", backbone={}, sequence_length=6, train_templates=("a photo of a {}.", "{}")
+    )
     proto = train_limoe_vocabulary(
         [text for per_class in recipe.captions(recipe.train_templates) for text in per_class], 300
     )
@@ -42,11 +43,13 @@ def test_pack_captions_and_the_class_caption_table():
 def test_retrieval_recall_by_hand():
     # 3 images, 4 captions: caption j belongs to image text_image[j].
     image_vectors = np.eye(3)
-    similarity = np.array([
-        [0.9, 0.1, 0.8, 0.0],  # image 0: its captions 0 and 1; best caption 0 -> hit@1.
-        [0.2, 0.0, 0.5, 0.7],  # image 1: its caption 2; best caption 3 (image 2) -> miss@1, hit@2.
-        [0.3, 0.2, 0.1, 0.6],  # image 2: its caption 3; best 3 -> hit@1.
-    ])
+    similarity = np.array(
+        [
+            [0.9, 0.1, 0.8, 0.0],  # image 0: its captions 0 and 1; best caption 0 -> hit@1.
+            [0.2, 0.0, 0.5, 0.7],  # image 1: its caption 2; best caption 3 (image 2) -> miss@1, hit@2.
+            [0.3, 0.2, 0.1, 0.6],  # image 2: its caption 3; best 3 -> hit@1.
+        ]
+    )
     text_image = [0, 0, 1, 2]
     recall = retrieval_recall(image_vectors, similarity.T, text_image, ks=(1, 2))
     assert recall["image_to_text_recall@1"] == pytest.approx(2 / 3)
@@ -60,12 +63,22 @@ def test_retrieval_recall_by_hand():
 
 def test_load_weights_file_checks_every_shape(tmp_path):
     backbone = LIMoEBackbone(
-        image_shape=(16, 16, 3), patch_size=8, vocabulary_size=20, max_text_length=4,
-        num_layers=1, hidden_dim=8, mlp_dim=16, num_heads=2, embedding_dim=4,
-        moe_layers=(0,), num_experts=2,
+        image_shape=(16, 16, 3),
+        patch_size=8,
+        vocabulary_size=20,
+        max_text_length=4,
+        num_layers=1,
+        hidden_dim=8,
+        mlp_dim=16,
+        num_heads=2,
+        embedding_dim=4,
+        moe_layers=(0,),
+        num_experts=2,
     )
-    weights = [np.random.default_rng(i).normal(size=w.shape).astype("float16")
-               for i, w in enumerate(backbone.get_weights())]
+    weights = [
+        np.random.default_rng(i).normal(size=w.shape).astype("float16")
+        for i, w in enumerate(backbone.get_weights())
+    ]
     path = tmp_path / "run.weights.npz"
     np.savez(path, *weights)
     load_weights_file(backbone, path)

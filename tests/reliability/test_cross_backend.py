@@ -31,14 +31,40 @@ MOE = dict(moe_layers=(1, 3), num_experts=4)
 FAMILIES = {
     "dense_vit": lambda: VMoEImageClassifier(VMoEBackbone(**tiny_vit_arguments(num_layers=4)), 5),
     # Capacity 0.5 drops tokens, so the tables hold real routing decisions.
-    "vmoe_token_choice_bpr": lambda: VMoEImageClassifier(VMoEBackbone(**tiny_vit_arguments(
-        num_layers=4, num_selected_experts=2, capacity_factor=0.5, batch_priority=True,
-        group_size=34, **MOE)), 5),  # 2 images of 16 patches + a class token.
-    "vmoe_expert_choice": lambda: VMoEImageClassifier(VMoEBackbone(**tiny_vit_arguments(
-        num_layers=4, router="expert_choice", capacity_factor=0.5, pooling="gap",
-        use_class_token=False, **MOE)), 5),
-    "soft_moe": lambda: SoftMoEImageClassifier(SoftMoEBackbone(**tiny_vit_arguments(
-        num_layers=4, slots_per_expert=2, pooling="map", use_class_token=False, **MOE)), 5),
+    "vmoe_token_choice_bpr": lambda: VMoEImageClassifier(
+        VMoEBackbone(
+            **tiny_vit_arguments(
+                num_layers=4,
+                num_selected_experts=2,
+                capacity_factor=0.5,
+                batch_priority=True,
+                group_size=34,
+                **MOE,
+            )
+        ),
+        5,
+    ),  # 2 images of 16 patches + a class token.
+    "vmoe_expert_choice": lambda: VMoEImageClassifier(
+        VMoEBackbone(
+            **tiny_vit_arguments(
+                num_layers=4,
+                router="expert_choice",
+                capacity_factor=0.5,
+                pooling="gap",
+                use_class_token=False,
+                **MOE,
+            )
+        ),
+        5,
+    ),
+    "soft_moe": lambda: SoftMoEImageClassifier(
+        SoftMoEBackbone(
+            **tiny_vit_arguments(
+                num_layers=4, slots_per_expert=2, pooling="map", use_class_token=False, **MOE
+            )
+        ),
+        5,
+    ),
 }
 
 LOAD_SCRIPT = textwrap.dedent(
@@ -56,7 +82,9 @@ LOAD_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(backend() != "jax", reason="saves under JAX, loads in TF and torch; runs once, from the JAX pass")
+@pytest.mark.skipif(
+    backend() != "jax", reason="saves under JAX, loads in TF and torch; runs once, from the JAX pass"
+)
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_same_logits_and_routing_on_every_backend(tmp_path, family):
     keras.utils.set_random_seed(0)
@@ -84,8 +112,11 @@ def test_same_logits_and_routing_on_every_backend(tmp_path, family):
         out = tmp_path / f"{other}.npz"
         result = subprocess.run(
             [sys.executable, str(script), str(tmp_path / "preset"), str(tmp_path / "images.npz"), str(out)],
-            env=dict(os.environ, KERAS_BACKEND=other, PYTHONPATH=str(ROOT)), cwd=ROOT,
-            capture_output=True, text=True, timeout=300,
+            env=dict(os.environ, KERAS_BACKEND=other, PYTHONPATH=str(ROOT)),
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         assert result.returncode == 0, result.stderr[-3000:]
         theirs = np.load(out)

@@ -1,6 +1,5 @@
 """Inference routing is deterministic; training noise is reproducible from a seed."""
 
-import keras
 import numpy as np
 import pytest
 

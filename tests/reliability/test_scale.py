@@ -35,8 +35,12 @@ SCRIPT = textwrap.dedent(
 @pytest.mark.slow
 def test_sparse_moe_with_a_16k_token_group_and_64_experts(record_property):
     result = subprocess.run(
-        [sys.executable, "-c", SCRIPT], env=dict(os.environ, KERAS_BACKEND=keras.backend.backend()),
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        [sys.executable, "-c", SCRIPT],
+        env=dict(os.environ, KERAS_BACKEND=keras.backend.backend()),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])

@@ -23,7 +23,10 @@ def test_demo_classifies_four_photos_and_draws_their_routing(tmp_path):
     output = tmp_path / "demo"
     result = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "demo.py"), "--output", str(output)],
-        capture_output=True, text=True, timeout=400, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=400,
+        cwd=ROOT,
         env={**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -37,7 +40,7 @@ def test_demo_classifies_four_photos_and_draws_their_routing(tmp_path):
     assert lines[0].startswith("$ keras-vmoe classify --routing-map")
     for path in paths:
         assert str(path) in lines, f"{path} not in the output:\n{result.stdout}"
-        rows = lines[lines.index(str(path)) + 1:][:5]
+        rows = lines[lines.index(str(path)) + 1 :][:5]
         matches = [PREDICTION.match(row) for row in rows]
         assert all(matches), rows
         assert {m.group(1) for m in matches} <= set(CIFAR10_CLASS_NAMES)
@@ -48,7 +51,8 @@ def test_demo_classifies_four_photos_and_draws_their_routing(tmp_path):
     # 4 image rows and 3 panels: the photo and the default preset's 2 MoE blocks.
     blank = [np.zeros((32, 32, 3), "uint8")] * 4
     assignment = np.zeros((4, 64), int)
-    expected = draw_routing_map(blank, {"a": assignment, "b": assignment}, (8, 8), 8,
-                                captions=["x"] * 4, title="t").size
+    expected = draw_routing_map(
+        blank, {"a": assignment, "b": assignment}, (8, 8), 8, captions=["x"] * 4, title="t"
+    ).size
     with Image.open(routing_map) as picture:
         assert picture.format == "PNG" and picture.size == expected

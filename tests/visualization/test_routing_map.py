@@ -24,8 +24,9 @@ def grey_photos(count, value=GREY, size=40):
 def draw(photos=1, panels=1, panel_size=PANEL, assignment=ASSIGNMENT, value=GREY, **kwargs):
     assignment = np.repeat(assignment, photos, axis=0)
     assignments = {f"block {p}": assignment for p in range(panels)}
-    return draw_routing_map(grey_photos(photos, value), assignments, GRID, num_experts=8,
-                            panel_size=panel_size, **kwargs)
+    return draw_routing_map(
+        grey_photos(photos, value), assignments, GRID, num_experts=8, panel_size=panel_size, **kwargs
+    )
 
 
 def has_block_of(picture, colour, side=10):

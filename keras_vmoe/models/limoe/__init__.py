@@ -1,5 +1,6 @@
 from keras_vmoe.models.limoe.contrastive_loss import sigmoid_contrastive_loss
 from keras_vmoe.models.limoe.contrastive_loss import softmax_contrastive_loss
+from keras_vmoe.models.limoe.expert_modality import expert_modality_counts
 from keras_vmoe.models.limoe.limoe_backbone import LIMoEBackbone
 from keras_vmoe.models.limoe.limoe_contrastive_model import LIMoEContrastiveModel
 from keras_vmoe.models.limoe.limoe_image_converter import LIMoEImageConverter
@@ -7,4 +8,3 @@ from keras_vmoe.models.limoe.limoe_preprocessor import LIMoEPreprocessor
 from keras_vmoe.models.limoe.limoe_tokenizer import LIMoETokenizer
 from keras_vmoe.models.limoe.limoe_tokenizer import train_limoe_vocabulary
 from keras_vmoe.models.limoe.limoe_zero_shot_classifier import LIMoEZeroShotClassifier
-from keras_vmoe.models.limoe.expert_modality import expert_modality_counts

@@ -128,7 +128,8 @@ class RoutingProbe(keras.Model):
             if index in backbone.moe_layers:
                 tokens = block.router_tokens(x)  # (G, S, D)
                 plan, _ = block.mlp.router(
-                    tokens, training=False,
+                    tokens,
+                    training=False,
                     token_modalities=ops.reshape(token_modalities, (-1, tokens.shape[1])),
                 )
                 outputs[f"block_{index}"] = ops.reshape(
@@ -138,8 +139,7 @@ class RoutingProbe(keras.Model):
         return outputs
 
 
-def routed_experts(backbone, images=None, token_ids=None, padding_mask=None, batch_size=256,
-                   model=None):
+def routed_experts(backbone, images=None, token_ids=None, padding_mask=None, batch_size=256, model=None):
     """The expert of every token choice in every MoE block, eval mode.
 
     Give images (preprocessed pixels) or texts (`token_ids`, `padding_mask`):
@@ -158,8 +158,10 @@ def routed_experts(backbone, images=None, token_ids=None, padding_mask=None, bat
         token_ids = np.asarray(ops.convert_to_numpy(token_ids), "int32")
         if padding_mask is None:
             padding_mask = np.ones(token_ids.shape, "bool")
-        inputs = {"token_ids": token_ids,
-                  "padding_mask": np.asarray(ops.convert_to_numpy(padding_mask), "bool")}
+        inputs = {
+            "token_ids": token_ids,
+            "padding_mask": np.asarray(ops.convert_to_numpy(padding_mask), "bool"),
+        }
     model = model or RoutingProbe(backbone)
     outputs = model.predict(inputs, batch_size=batch_size, verbose=0)
     experts = {}
@@ -204,8 +206,10 @@ def expert_modality_counts(backbone, images, token_ids, padding_mask=None, batch
     if padding_mask is None:
         padding_mask = np.ones(np.shape(token_ids), "bool")
     num_experts = {index: backbone.blocks[index].mlp.num_experts for index in backbone.moe_layers}
-    totals = {index: [np.zeros((len(MODALITIES), e), "int64"), np.zeros(len(MODALITIES), "int64")]
-              for index, e in num_experts.items()}
+    totals = {
+        index: [np.zeros((len(MODALITIES), e), "int64"), np.zeros(len(MODALITIES), "int64")]
+        for index, e in num_experts.items()
+    }
 
     def add(experts, token_modalities):
         for index, choices in experts.items():
@@ -215,6 +219,9 @@ def expert_modality_counts(backbone, images, token_ids, padding_mask=None, batch
 
     probe = RoutingProbe(backbone)
     add(*routed_experts(backbone, images=images, batch_size=batch_size, model=probe))
-    add(*routed_experts(backbone, token_ids=token_ids, padding_mask=padding_mask,
-                        batch_size=batch_size, model=probe))
+    add(
+        *routed_experts(
+            backbone, token_ids=token_ids, padding_mask=padding_mask, batch_size=batch_size, model=probe
+        )
+    )
     return {index: ExpertModalityStats(counts, dropped) for index, (counts, dropped) in totals.items()}

@@ -5,18 +5,18 @@ from keras import ops
 from keras_hub.layers import PositionEmbedding as SequencePositionEmbedding
 from keras_hub.models import Backbone
 
+from keras_vmoe.export import ExportMixin
 from keras_vmoe.layers.encoder import MultiHeadAttentionPooling
 from keras_vmoe.layers.encoder import PatchEmbedding
 from keras_vmoe.layers.encoder import PositionEmbedding
 from keras_vmoe.layers.encoder import SequencePooling
 from keras_vmoe.layers.moe import SparseMoE
-from keras_vmoe.layers.normalization import l2_normalize
 from keras_vmoe.layers.multimodal_routing import MultimodalTokenChoiceRouter
+from keras_vmoe.layers.normalization import l2_normalize
+from keras_vmoe.models.preset_mixin import BuiltinPresetMixin
 from keras_vmoe.models.vision_transformer import check_image_and_patch_size
 from keras_vmoe.models.vision_transformer import check_moe_layers
 from keras_vmoe.models.vision_transformer import encoder_blocks
-from keras_vmoe.export import ExportMixin
-from keras_vmoe.models.preset_mixin import BuiltinPresetMixin
 from keras_vmoe.validation import check_choice
 from keras_vmoe.validation import check_int
 
@@ -150,14 +150,17 @@ class LIMoEBackbone(ExportMixin, BuiltinPresetMixin, Backbone):
             "learned", grid_size, dtype=dtype, name="image_position_embedding"
         )
         self.token_embedding = keras.layers.Embedding(
-            vocabulary_size, hidden_dim,
+            vocabulary_size,
+            hidden_dim,
             embeddings_initializer=keras.initializers.RandomNormal(stddev=hidden_dim**-0.5),
-            dtype=dtype, name="token_embedding",
+            dtype=dtype,
+            name="token_embedding",
         )
         self.text_position_embedding = SequencePositionEmbedding(
             max_text_length, dtype=dtype, name="text_position_embedding"
         )
         self.embedding_dropout = keras.layers.Dropout(dropout_rate, dtype=dtype, name="embedding_dropout")
+
         def make_moe(index):
             router = MultimodalTokenChoiceRouter(
                 num_experts,
@@ -169,23 +172,40 @@ class LIMoEBackbone(ExportMixin, BuiltinPresetMixin, Backbone):
                 **router_options,
             )
             return SparseMoE(
-                num_experts, mlp_dim, router=router, group_size=group_size,
-                approximate_gelu=approximate_gelu, dropout_rate=dropout_rate,
-                dtype=dtype, name="moe",
+                num_experts,
+                mlp_dim,
+                router=router,
+                group_size=group_size,
+                approximate_gelu=approximate_gelu,
+                dropout_rate=dropout_rate,
+                dtype=dtype,
+                name="moe",
             )
 
         # One stack for both modalities, built as every encoder of the zoo is.
         self.blocks = encoder_blocks(
-            num_layers, num_heads, mlp_dim, moe_layers, make_moe, approximate_gelu, dropout_rate,
-            dtype=dtype, layer_norm_epsilon=layer_norm_epsilon,
+            num_layers,
+            num_heads,
+            mlp_dim,
+            moe_layers,
+            make_moe,
+            approximate_gelu,
+            dropout_rate,
+            dtype=dtype,
+            layer_norm_epsilon=layer_norm_epsilon,
         )
         self.encoder_norm = keras.layers.LayerNormalization(
             epsilon=layer_norm_epsilon, dtype=dtype, name="encoder_norm"
         )
         if image_pooling == "map":
             self.image_pooling_layer = MultiHeadAttentionPooling(
-                num_heads, mlp_dim, False, approximate_gelu, layer_norm_epsilon,
-                dtype=dtype, name="image_pooling",
+                num_heads,
+                mlp_dim,
+                False,
+                approximate_gelu,
+                layer_norm_epsilon,
+                dtype=dtype,
+                name="image_pooling",
             )
         else:
             self.image_pooling_layer = SequencePooling("gap", dtype=dtype, name="image_pooling")
@@ -257,7 +277,9 @@ class LIMoEBackbone(ExportMixin, BuiltinPresetMixin, Backbone):
             pooled = self.image_pooling_layer(x[:, :num_image_tokens])
             image_embeddings = normalized_embedding(self.image_projection(pooled))
         if token_ids is not None:
-            pooled = masked_mean(x[:, num_image_tokens:], ops.equal(token_modalities[:, num_image_tokens:], TEXT))
+            pooled = masked_mean(
+                x[:, num_image_tokens:], ops.equal(token_modalities[:, num_image_tokens:], TEXT)
+            )
             text_embeddings = normalized_embedding(self.text_projection(pooled))
         return image_embeddings, text_embeddings
 

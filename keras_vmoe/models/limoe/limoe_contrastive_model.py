@@ -6,13 +6,13 @@ import keras
 from keras import ops
 from keras_hub.models import Task
 
+from keras_vmoe.export import ExportMixin
 from keras_vmoe.models.limoe.contrastive_loss import CONTRASTIVE_LOSSES
 from keras_vmoe.models.limoe.contrastive_loss import contrastive_loss
 from keras_vmoe.models.limoe.limoe_backbone import LIMoEBackbone
 from keras_vmoe.models.limoe.limoe_preprocessor import LIMoEPreprocessor
-from keras_vmoe.models.router_metrics import RouterMetricsMixin
-from keras_vmoe.export import ExportMixin
 from keras_vmoe.models.preset_mixin import BuiltinPresetMixin
+from keras_vmoe.models.router_metrics import RouterMetricsMixin
 from keras_vmoe.validation import check_choice
 
 
@@ -37,7 +37,8 @@ class ContrastiveLogits(keras.layers.Layer):
         )
         self.bias = (
             self.add_weight(shape=(), initializer=keras.initializers.Constant(-10.0), name="bias")
-            if self.use_bias else None
+            if self.use_bias
+            else None
         )
 
     def call(self, image_embeddings, text_embeddings):

@@ -1,15 +1,15 @@
 """Turns raw images and captions into LIMoE inputs."""
 
 import keras
+import tensorflow as tf
 from keras_hub.layers import StartEndPacker
 from keras_hub.models import Preprocessor
-from keras_vmoe.keras_hub_internals import preprocessing_function
 
+from keras_vmoe.keras_hub_internals import preprocessing_function
 from keras_vmoe.models.limoe.limoe_backbone import LIMoEBackbone
 from keras_vmoe.models.limoe.limoe_image_converter import LIMoEImageConverter
 from keras_vmoe.models.limoe.limoe_tokenizer import LIMoETokenizer
 from keras_vmoe.models.preset_mixin import BuiltinPresetMixin
-import tensorflow as tf
 
 
 def _require(condition, message):
@@ -108,8 +108,7 @@ class LIMoEPreprocessor(BuiltinPresetMixin, Preprocessor):
         unknown = set(x) - {"images", "text"}
         if unknown or not x:
             raise ValueError(
-                f"LIMoEPreprocessor: expected a dict with 'images' and/or 'text', got "
-                f"the keys {sorted(x)}."
+                f"LIMoEPreprocessor: expected a dict with 'images' and/or 'text', got the keys {sorted(x)}."
             )
         outputs = {}
         if "images" in x and "text" in x:
@@ -124,8 +123,7 @@ class LIMoEPreprocessor(BuiltinPresetMixin, Preprocessor):
             else:
                 _require(
                     tf.equal(tf.shape(images)[0], tf.shape(text)[0]),
-                    "LIMoEPreprocessor: images and captions differ in number; give one "
-                    "caption per image.",
+                    "LIMoEPreprocessor: images and captions differ in number; give one caption per image.",
                 )
         if "images" in x:
             outputs["images"] = self.convert_images(x["images"])

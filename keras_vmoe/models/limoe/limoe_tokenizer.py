@@ -1,12 +1,12 @@
 """The LIMoE text tokenizer: a SentencePiece vocabulary shipped with the preset."""
 
 import keras
+import tensorflow as tf
 from keras_hub.tokenizers import SentencePieceTokenizer
 
 from keras_vmoe.models.limoe.limoe_backbone import LIMoEBackbone
-from keras_vmoe.models.sentencepiece_vocabulary import train_sentencepiece
 from keras_vmoe.models.preset_mixin import BuiltinPresetMixin
-import tensorflow as tf
+from keras_vmoe.models.sentencepiece_vocabulary import train_sentencepiece
 
 PAD, UNKNOWN, START, END = "<pad>", "<unk>", "<s>", "</s>"
 
@@ -25,7 +25,8 @@ def train_limoe_vocabulary(texts, vocabulary_size):
     TensorShape([...])
     """
     return train_sentencepiece(
-        texts, vocabulary_size,
+        texts,
+        vocabulary_size,
         dict(pad=(0, PAD), unk=(1, UNKNOWN), bos=(2, START), eos=(3, END)),
         owner="train_limoe_vocabulary",
         model_type="unigram",

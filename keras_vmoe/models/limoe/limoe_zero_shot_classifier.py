@@ -5,10 +5,10 @@ import numpy as np
 from keras import ops
 from keras_hub.models import Task
 
+from keras_vmoe.export import ExportMixin
 from keras_vmoe.models.limoe.limoe_backbone import LIMoEBackbone
 from keras_vmoe.models.limoe.limoe_backbone import normalized_embedding
 from keras_vmoe.models.limoe.limoe_preprocessor import LIMoEPreprocessor
-from keras_vmoe.export import ExportMixin
 from keras_vmoe.models.preset_mixin import BuiltinPresetMixin
 
 # Templates in the style of CLIP's ImageNet prompts.
@@ -29,8 +29,10 @@ class ClassEmbeddingLogits(keras.layers.Layer):
 
     def build(self, input_shape):
         self.class_embeddings = self.add_weight(
-            shape=(self.num_classes, self.embedding_dim), initializer="zeros",
-            trainable=False, name="class_embeddings",
+            shape=(self.num_classes, self.embedding_dim),
+            initializer="zeros",
+            trainable=False,
+            name="class_embeddings",
         )
 
     def set_class_embeddings(self, embeddings):
@@ -104,8 +106,9 @@ class LIMoEZeroShotClassifier(ExportMixin, BuiltinPresetMixin, Task):
     backbone_cls = LIMoEBackbone
     preprocessor_cls = LIMoEPreprocessor
 
-    def __init__(self, backbone, preprocessor, class_names, templates=DEFAULT_TEMPLATES,
-                 scale=100.0, **kwargs):
+    def __init__(
+        self, backbone, preprocessor, class_names, templates=DEFAULT_TEMPLATES, scale=100.0, **kwargs
+    ):
         class_names, templates = self._check_classes(class_names, templates)
         if preprocessor is None:
             raise ValueError(
@@ -184,9 +187,7 @@ class LIMoEZeroShotClassifier(ExportMixin, BuiltinPresetMixin, Task):
         """
         classifier = super().from_preset(preset, **kwargs)
         if class_names is not None or templates is not None:
-            classifier.set_classes(
-                classifier.class_names if class_names is None else class_names, templates
-            )
+            classifier.set_classes(classifier.class_names if class_names is None else class_names, templates)
         return classifier
 
     def get_config(self):

@@ -3,8 +3,6 @@ from keras_vmoe.models.pali_gemma_moe.pali_gemma_moe_causal_lm import PaliGemmaM
 from keras_vmoe.models.pali_gemma_moe.pali_gemma_moe_causal_lm_preprocessor import (
     PaliGemmaMoECausalLMPreprocessor,
 )
-from keras_vmoe.models.pali_gemma_moe.pali_gemma_moe_image_converter import (
-    PaliGemmaMoEImageConverter,
-)
+from keras_vmoe.models.pali_gemma_moe.pali_gemma_moe_image_converter import PaliGemmaMoEImageConverter
 from keras_vmoe.models.pali_gemma_moe.pali_gemma_moe_tokenizer import PaliGemmaMoETokenizer
 from keras_vmoe.models.pali_gemma_moe.pali_gemma_moe_tokenizer import train_pali_gemma_moe_vocabulary

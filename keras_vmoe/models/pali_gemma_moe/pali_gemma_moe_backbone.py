@@ -20,12 +20,12 @@ import keras
 from keras import ops
 from keras.layers import ReversibleEmbedding
 from keras_hub.models import Backbone
+
+from keras_vmoe.export import ExportMixin
 from keras_vmoe.keras_hub_internals import PaliGemmaDecoderBlock
 from keras_vmoe.keras_hub_internals import RMSNormalization
-
-from keras_vmoe.models.vision_transformer import VisionTransformerBackbone
-from keras_vmoe.export import ExportMixin
 from keras_vmoe.models.preset_mixin import BuiltinPresetMixin
+from keras_vmoe.models.vision_transformer import VisionTransformerBackbone
 from keras_vmoe.validation import check_float
 from keras_vmoe.validation import check_int
 
@@ -122,9 +122,7 @@ class PaliGemmaMoEBackbone(ExportMixin, BuiltinPresetMixin, Backbone):
         vocabulary_size = check_int("vocabulary_size", vocabulary_size, minimum=1, owner=owner)
         num_layers = check_int("num_layers", num_layers, minimum=1, owner=owner)
         num_query_heads = check_int("num_query_heads", num_query_heads, minimum=1, owner=owner)
-        num_key_value_heads = check_int(
-            "num_key_value_heads", num_key_value_heads, minimum=1, owner=owner
-        )
+        num_key_value_heads = check_int("num_key_value_heads", num_key_value_heads, minimum=1, owner=owner)
         if num_query_heads % num_key_value_heads:
             raise ValueError(
                 f"{owner}: num_query_heads={num_query_heads} must be a multiple of "
@@ -137,9 +135,7 @@ class PaliGemmaMoEBackbone(ExportMixin, BuiltinPresetMixin, Backbone):
 
         # === Layers ===
         self.image_encoder = image_encoder
-        self.image_projection = keras.layers.Dense(
-            hidden_dim, dtype=dtype, name="image_projection"
-        )
+        self.image_projection = keras.layers.Dense(hidden_dim, dtype=dtype, name="image_projection")
         # The same layers, arguments and names as keras-hub's PaliGemmaBackbone.
         self.token_embedding = ReversibleEmbedding(
             input_dim=vocabulary_size,
@@ -188,9 +184,7 @@ class PaliGemmaMoEBackbone(ExportMixin, BuiltinPresetMixin, Backbone):
         text_embeddings = text_embeddings * math.sqrt(hidden_dim)
         x = ops.concatenate((image_embeddings, text_embeddings), axis=1)
         for transformer_layer in self.transformer_layers:
-            x = transformer_layer(
-                x, padding_mask=padding_mask_input, response_mask=response_mask_input
-            )
+            x = transformer_layer(x, padding_mask=padding_mask_input, response_mask=response_mask_input)
         sequence_output = self.layer_norm(x)
         super().__init__(
             inputs={
@@ -255,8 +249,12 @@ class PaliGemmaMoEBackbone(ExportMixin, BuiltinPresetMixin, Backbone):
         config["image_encoder"] = image_encoder
         backbone = type(self).from_config(config)
         ours = [self.image_projection, self.token_embedding, *self.transformer_layers, self.layer_norm]
-        theirs = [backbone.image_projection, backbone.token_embedding,
-                  *backbone.transformer_layers, backbone.layer_norm]
+        theirs = [
+            backbone.image_projection,
+            backbone.token_embedding,
+            *backbone.transformer_layers,
+            backbone.layer_norm,
+        ]
         for source, target in zip(ours, theirs):
             target.set_weights(source.get_weights())  # Copies: JAX donates buffers in fit.
         return backbone

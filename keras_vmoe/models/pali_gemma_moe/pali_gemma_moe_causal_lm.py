@@ -1,13 +1,13 @@
 import keras
 from keras_hub.models import PaliGemmaCausalLM
 
+from keras_vmoe.export import ExportMixin
 from keras_vmoe.models.pali_gemma_moe.pali_gemma_moe_backbone import PaliGemmaMoEBackbone
 from keras_vmoe.models.pali_gemma_moe.pali_gemma_moe_causal_lm_preprocessor import (
     PaliGemmaMoECausalLMPreprocessor,
 )
-from keras_vmoe.models.router_metrics import RouterMetricsMixin
-from keras_vmoe.export import ExportMixin
 from keras_vmoe.models.preset_mixin import BuiltinPresetMixin
+from keras_vmoe.models.router_metrics import RouterMetricsMixin
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")

@@ -3,13 +3,11 @@ with the checks a user needs on bad input."""
 
 import keras
 from keras_hub.models import PaliGemmaCausalLMPreprocessor
+
 from keras_vmoe.keras_hub_internals import convert_to_numpy
 from keras_vmoe.keras_hub_internals import in_tf_function
-
 from keras_vmoe.models.pali_gemma_moe.pali_gemma_moe_backbone import PaliGemmaMoEBackbone
-from keras_vmoe.models.pali_gemma_moe.pali_gemma_moe_image_converter import (
-    PaliGemmaMoEImageConverter,
-)
+from keras_vmoe.models.pali_gemma_moe.pali_gemma_moe_image_converter import PaliGemmaMoEImageConverter
 from keras_vmoe.models.pali_gemma_moe.pali_gemma_moe_tokenizer import PaliGemmaMoETokenizer
 from keras_vmoe.models.preset_mixin import BuiltinPresetMixin
 
@@ -90,9 +88,7 @@ class PaliGemmaMoECausalLMPreprocessor(BuiltinPresetMixin, PaliGemmaCausalLMPrep
         owner = type(self).__name__
         if not isinstance(x, dict) or any(key not in x for key in keys):
             given = sorted(x) if isinstance(x, dict) else type(x).__name__
-            raise ValueError(
-                f"{owner} expects a dict with the keys {list(keys)}; got {given}."
-            )
+            raise ValueError(f"{owner} expects a dict with the keys {list(keys)}; got {given}.")
         counts = {"images": _num_examples(x["images"], unbatched_rank=3)}
         for key in keys[1:]:
             counts[key] = _num_examples(x[key], unbatched_rank=0)
@@ -106,9 +102,7 @@ class PaliGemmaMoECausalLMPreprocessor(BuiltinPresetMixin, PaliGemmaCausalLMPrep
 
     def _call_python(self, x, y=None, sample_weight=None, sequence_length=None):
         self._check_inputs(x, ("images", "prompts", "responses"))
-        return super()._call_python(
-            x, y=y, sample_weight=sample_weight, sequence_length=sequence_length
-        )
+        return super()._call_python(x, y=y, sample_weight=sample_weight, sequence_length=sequence_length)
 
     def _generate_preprocess_python(self, x, sequence_length=None):
         keys = ("images", "prompts")

@@ -2,8 +2,8 @@ import keras
 from keras_hub.models import PaliGemmaTokenizer
 
 from keras_vmoe.models.pali_gemma_moe.pali_gemma_moe_backbone import PaliGemmaMoEBackbone
-from keras_vmoe.models.sentencepiece_vocabulary import train_sentencepiece
 from keras_vmoe.models.preset_mixin import BuiltinPresetMixin
+from keras_vmoe.models.sentencepiece_vocabulary import train_sentencepiece
 
 
 def train_pali_gemma_moe_vocabulary(texts, vocabulary_size):
@@ -19,7 +19,8 @@ def train_pali_gemma_moe_vocabulary(texts, vocabulary_size):
     ```
     """
     return train_sentencepiece(
-        texts, vocabulary_size,
+        texts,
+        vocabulary_size,
         dict(pad=(0, "<pad>"), bos=(1, "<bos>"), eos=(2, "<eos>"), unk=(3, "<unk>")),
         owner="train_pali_gemma_moe_vocabulary",
         model_type="WORD",

@@ -17,10 +17,7 @@ SOFT_MOE_ARCHITECTURES = {
 
 def architecture_config(name, image_shape=(224, 224, 3)):
     if name not in SOFT_MOE_ARCHITECTURES:
-        raise ValueError(
-            f"Unknown Soft MoE architecture {name!r}; known: "
-            f"{sorted(SOFT_MOE_ARCHITECTURES)}."
-        )
+        raise ValueError(f"Unknown Soft MoE architecture {name!r}; known: {sorted(SOFT_MOE_ARCHITECTURES)}.")
     patch, num_layers, hidden, mlp, heads, experts, num_moe = SOFT_MOE_ARCHITECTURES[name]
     return dict(
         image_shape=image_shape,

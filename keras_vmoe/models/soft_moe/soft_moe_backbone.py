@@ -67,10 +67,17 @@ class SoftMoEBackbone(VisionTransformerBackbone):
         moe_mlp = None
         if moe_layers:
             moe_mlp = moe_factory(
-                SoftMoE, num_experts, mlp_dim, slots_per_expert=slots_per_expert,
-                capacity_factor=capacity_factor, group_size=group_size, noise_std=noise_std,
-                dispatch_dtype=dispatch_dtype, approximate_gelu=kwargs.get("approximate_gelu", True),
-                dropout_rate=moe_dropout, dtype=kwargs.get("dtype"),
+                SoftMoE,
+                num_experts,
+                mlp_dim,
+                slots_per_expert=slots_per_expert,
+                capacity_factor=capacity_factor,
+                group_size=group_size,
+                noise_std=noise_std,
+                dispatch_dtype=dispatch_dtype,
+                approximate_gelu=kwargs.get("approximate_gelu", True),
+                dropout_rate=moe_dropout,
+                dtype=kwargs.get("dtype"),
             )
         super().__init__(
             image_shape,

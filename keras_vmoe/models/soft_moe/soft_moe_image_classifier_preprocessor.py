@@ -2,7 +2,6 @@ import keras
 from keras_hub.models import ImageClassifierPreprocessor
 
 from keras_vmoe.models.preset_mixin import BuiltinPresetMixin
-
 from keras_vmoe.models.soft_moe.soft_moe_backbone import SoftMoEBackbone
 from keras_vmoe.models.soft_moe.soft_moe_image_converter import SoftMoEImageConverter
 

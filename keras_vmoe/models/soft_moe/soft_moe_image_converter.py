@@ -1,8 +1,8 @@
 import keras
 from keras_hub.layers import ImageConverter
 
-from keras_vmoe.models.soft_moe.soft_moe_backbone import SoftMoEBackbone
 from keras_vmoe.models.preset_mixin import BuiltinPresetMixin
+from keras_vmoe.models.soft_moe.soft_moe_backbone import SoftMoEBackbone
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")

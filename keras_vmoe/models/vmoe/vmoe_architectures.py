@@ -96,7 +96,5 @@ def architecture_config(name, image_shape=(224, 224, 3)):
             router_options=dict(importance_loss_weight=0.005, load_loss_weight=0.005),
         )
     if match["merged_tokens"]:
-        config["patch_merger"] = dict(
-            after_block=num_layers // 2 - 1, num_tokens=int(match["merged_tokens"])
-        )
+        config["patch_merger"] = dict(after_block=num_layers // 2 - 1, num_tokens=int(match["merged_tokens"]))
     return config

@@ -10,7 +10,6 @@ from keras_vmoe.models.vision_transformer import moe_factory
 from keras_vmoe.models.vmoe.vmoe_architectures import VMOE_ARCHITECTURES
 from keras_vmoe.models.vmoe.vmoe_architectures import architecture_config
 
-
 SPARSE_MOE_ARGUMENTS = frozenset(inspect.signature(SparseMoE.__init__).parameters) - {"self", "kwargs"}
 
 
@@ -94,11 +93,19 @@ class VMoEBackbone(VisionTransformerBackbone):
         moe_mlp = None
         if moe_layers:
             moe_mlp = moe_factory(
-                SparseMoE, num_experts, mlp_dim, router=router,
-                num_selected_experts=num_selected_experts, capacity_factor=capacity_factor,
-                group_size=group_size, batch_priority=batch_priority,
-                approximate_gelu=kwargs.get("approximate_gelu", True), dropout_rate=moe_dropout,
-                dtype=kwargs.get("dtype"), router_options=own_options or None, **layer_options,
+                SparseMoE,
+                num_experts,
+                mlp_dim,
+                router=router,
+                num_selected_experts=num_selected_experts,
+                capacity_factor=capacity_factor,
+                group_size=group_size,
+                batch_priority=batch_priority,
+                approximate_gelu=kwargs.get("approximate_gelu", True),
+                dropout_rate=moe_dropout,
+                dtype=kwargs.get("dtype"),
+                router_options=own_options or None,
+                **layer_options,
             )
         super().__init__(
             image_shape,

@@ -2,9 +2,7 @@ import keras
 
 from keras_vmoe.models.image_classifier import VisionTransformerImageClassifier
 from keras_vmoe.models.vmoe.vmoe_backbone import VMoEBackbone
-from keras_vmoe.models.vmoe.vmoe_image_classifier_preprocessor import (
-    VMoEImageClassifierPreprocessor,
-)
+from keras_vmoe.models.vmoe.vmoe_image_classifier_preprocessor import VMoEImageClassifierPreprocessor
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")

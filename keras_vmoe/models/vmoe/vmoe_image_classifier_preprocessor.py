@@ -2,7 +2,6 @@ import keras
 from keras_hub.models import ImageClassifierPreprocessor
 
 from keras_vmoe.models.preset_mixin import BuiltinPresetMixin
-
 from keras_vmoe.models.vmoe.vmoe_backbone import VMoEBackbone
 from keras_vmoe.models.vmoe.vmoe_image_converter import VMoEImageConverter
 

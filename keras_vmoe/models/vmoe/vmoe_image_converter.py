@@ -1,8 +1,8 @@
 import keras
 from keras_hub.layers import ImageConverter
 
-from keras_vmoe.models.vmoe.vmoe_backbone import VMoEBackbone
 from keras_vmoe.models.preset_mixin import BuiltinPresetMixin
+from keras_vmoe.models.vmoe.vmoe_backbone import VMoEBackbone
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")

@@ -33,8 +33,14 @@ class VMoECheckpointPreset:
 
 
 def vmoe_paper_model_config(
-    variant, patch_size, num_experts, num_selected_experts, moe_layers,
-    num_classes, representation_size, capacity_factor,
+    variant,
+    patch_size,
+    num_experts,
+    num_selected_experts,
+    moe_layers,
+    num_classes,
+    representation_size,
+    capacity_factor,
 ):
     """vmoe's `configs/vmoe_paper/common.get_vmoe_config`, as a plain dict.
 
@@ -50,7 +56,9 @@ def vmoe_paper_model_config(
         importance_loss_weight=0.005,
         load_loss_weight=0.005,
         dispatcher=dict(
-            name="einsum", bfloat16=True, capacity_factor=capacity_factor,
+            name="einsum",
+            bfloat16=True,
+            capacity_factor=capacity_factor,
             batch_priority=False,
         ),
     )
@@ -62,9 +70,10 @@ def vmoe_paper_model_config(
         classifier="token",
         representation_size=representation_size,
         encoder=dict(
-            num_layers=num_layers, mlp_dim=mlp_dim, num_heads=num_heads,
-            moe=dict(layers=tuple(moe_layers), num_experts=num_experts, group_size=None,
-                     router=router),
+            num_layers=num_layers,
+            mlp_dim=mlp_dim,
+            num_heads=num_heads,
+            moe=dict(layers=tuple(moe_layers), num_experts=num_experts, group_size=None, router=router),
         ),
     )
 
@@ -72,10 +81,10 @@ def vmoe_paper_model_config(
 # The checkpoints vmoe's README lists. Capacity factors are the ones vmoe
 # evaluates these models with (4.0 for the S/32 pre-training runs, an
 # evaluation override in their config; the fine-tuning configs' 1.5).
-_S32_LAST2 = dict(variant="S", patch_size=32, num_experts=8, num_selected_experts=2,
-                  moe_layers=(5, 7))
-_B16_EVERY2 = dict(variant="B", patch_size=16, num_experts=8, num_selected_experts=2,
-                   moe_layers=(1, 3, 5, 7, 9, 11))
+_S32_LAST2 = dict(variant="S", patch_size=32, num_experts=8, num_selected_experts=2, moe_layers=(5, 7))
+_B16_EVERY2 = dict(
+    variant="B", patch_size=16, num_experts=8, num_selected_experts=2, moe_layers=(1, 3, 5, 7, 9, 11)
+)
 VMOE_CHECKPOINT_PRESETS = {
     preset.name: preset
     for preset in (
@@ -83,39 +92,49 @@ VMOE_CHECKPOINT_PRESETS = {
             "vmoe_s32_last2_ilsvrc2012_randaug_light1",
             "V-MoE S/32, 8 experts on the last two odd blocks, K=2, trained on ILSVRC-2012 "
             "for 300 epochs (RandAugment light1); 224x224, 1000 classes.",
-            vmoe_paper_model_config(**_S32_LAST2, num_classes=1000,
-                                    representation_size=512, capacity_factor=4.0),
-            224, 56_999_400,
+            vmoe_paper_model_config(
+                **_S32_LAST2, num_classes=1000, representation_size=512, capacity_factor=4.0
+            ),
+            224,
+            56_999_400,
         ),
         VMoECheckpointPreset(
             "vmoe_s32_last2_ilsvrc2012_randaug_light1_ft_ilsvrc2012",
             "vmoe_s32_last2_ilsvrc2012_randaug_light1 fine-tuned on ILSVRC-2012 at 384x384.",
-            vmoe_paper_model_config(**_S32_LAST2, num_classes=1000,
-                                    representation_size=None, capacity_factor=1.5),
-            384, 56_785_384,
+            vmoe_paper_model_config(
+                **_S32_LAST2, num_classes=1000, representation_size=None, capacity_factor=1.5
+            ),
+            384,
+            56_785_384,
         ),
         VMoECheckpointPreset(
             "vmoe_s32_last2_ilsvrc2012_randaug_medium",
             "V-MoE S/32, 8 experts on the last two odd blocks, K=2, trained on ILSVRC-2012 "
             "for 1000 epochs (RandAugment medium); 224x224, 1000 classes.",
-            vmoe_paper_model_config(**_S32_LAST2, num_classes=1000,
-                                    representation_size=512, capacity_factor=4.0),
-            224, 56_999_400,
+            vmoe_paper_model_config(
+                **_S32_LAST2, num_classes=1000, representation_size=512, capacity_factor=4.0
+            ),
+            224,
+            56_999_400,
         ),
         VMoECheckpointPreset(
             "vmoe_b16_imagenet21k_randaug_strong",
             "V-MoE B/16, 8 experts on every odd block, K=2, trained on ImageNet-21k "
             "(RandAugment strong); 224x224, 21843 classes.",
-            vmoe_paper_model_config(**_B16_EVERY2, num_classes=21843,
-                                    representation_size=None, capacity_factor=1.05),
-            224, 300_974_931,
+            vmoe_paper_model_config(
+                **_B16_EVERY2, num_classes=21843, representation_size=None, capacity_factor=1.05
+            ),
+            224,
+            300_974_931,
         ),
         VMoECheckpointPreset(
             "vmoe_b16_imagenet21k_randaug_strong_ft_ilsvrc2012",
             "vmoe_b16_imagenet21k_randaug_strong fine-tuned on ILSVRC-2012 at 384x384.",
-            vmoe_paper_model_config(**_B16_EVERY2, num_classes=1000,
-                                    representation_size=None, capacity_factor=1.5),
-            384, 285_238_504,
+            vmoe_paper_model_config(
+                **_B16_EVERY2, num_classes=1000, representation_size=None, capacity_factor=1.5
+            ),
+            384,
+            285_238_504,
         ),
     )
 }

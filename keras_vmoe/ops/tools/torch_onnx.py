@@ -46,7 +46,11 @@ def export_onnx(model, path, example_inputs):
     module = _FlatInputs(model, example_inputs)
     module.train(False)  # Inference mode.
     program = torch.onnx.export(
-        module, tuple(flat), dynamo=True, verbose=False, input_names=names,
+        module,
+        tuple(flat),
+        dynamo=True,
+        verbose=False,
+        input_names=names,
         custom_translation_table={torch.ops.aten.sort.stable: _sort_stable},
     )
     program.optimize()
@@ -60,4 +64,3 @@ def onnx_converter_missing():
     except ImportError:
         return "onnxscript"
     return None
-

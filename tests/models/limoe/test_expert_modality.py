@@ -29,9 +29,18 @@ def recorded_dispatch(backbone, monkeypatch):
 
 def test_counts_and_shares_match_the_dispatch_tables(monkeypatch):
     backbone = LIMoEBackbone(
-        image_shape=(16, 16, 3), patch_size=4, vocabulary_size=50, max_text_length=8,
-        num_layers=2, hidden_dim=16, mlp_dim=32, num_heads=2, embedding_dim=8,
-        moe_layers=(0, 1), num_experts=4, capacity_factor=0.5,  # Some tokens are dropped.
+        image_shape=(16, 16, 3),
+        patch_size=4,
+        vocabulary_size=50,
+        max_text_length=8,
+        num_layers=2,
+        hidden_dim=16,
+        mlp_dim=32,
+        num_heads=2,
+        embedding_dim=8,
+        moe_layers=(0, 1),
+        num_experts=4,
+        capacity_factor=0.5,  # Some tokens are dropped.
     )
     images = random_images(6, (16, 16, 3))
     rng = np.random.default_rng(0)
@@ -63,15 +72,12 @@ def test_counts_and_shares_match_the_dispatch_tables(monkeypatch):
         distribution = counts / counts.sum(axis=1, keepdims=True)
         np.testing.assert_allclose(stats[index].modality_distribution, distribution)
         np.testing.assert_allclose(stats[index].token_share, counts / counts.sum(axis=0))
-        np.testing.assert_allclose(
-            stats[index].balanced_share, distribution / distribution.sum(axis=0)
-        )
+        np.testing.assert_allclose(stats[index].balanced_share, distribution / distribution.sum(axis=0))
 
 
 def test_shares_and_specific_experts_by_hand():
     # Expert 0: image only; 1: text only; 2: both; 3: nothing.
-    stats = ExpertModalityStats(counts=np.array([[90, 0, 10, 0], [0, 5, 5, 0]]),
-                                dropped=np.array([20, 0]))
+    stats = ExpertModalityStats(counts=np.array([[90, 0, 10, 0], [0, 5, 5, 0]]), dropped=np.array([20, 0]))
     np.testing.assert_allclose(stats.modality_distribution, [[0.9, 0, 0.1, 0], [0, 0.5, 0.5, 0]])
     # Expert 2 takes 10 image and 5 text tokens: 2/3 of its tokens are images,
     # but 10% of all images against 50% of all texts: 1/6 with both weighted equally.

@@ -11,8 +11,8 @@ from keras_vmoe.models import LIMoEPreprocessor
 from keras_vmoe.models import LIMoETokenizer
 from keras_vmoe.models import LIMoEZeroShotClassifier
 from keras_vmoe.models import train_limoe_vocabulary
-from keras_vmoe.models.limoe import softmax_contrastive_loss
 from keras_vmoe.models.limoe import sigmoid_contrastive_loss
+from keras_vmoe.models.limoe import softmax_contrastive_loss
 from tests.helpers import to_numpy
 
 CLASSES = ["cat", "dog", "ship", "truck"]
@@ -30,9 +30,18 @@ def preprocessor():
 
 def tiny_backbone(preprocessor):
     return LIMoEBackbone(
-        image_shape=(16, 16, 3), patch_size=4, vocabulary_size=preprocessor.tokenizer.vocabulary_size(),
-        max_text_length=8, num_layers=2, hidden_dim=16, mlp_dim=32, num_heads=2, embedding_dim=8,
-        moe_layers=(1,), num_experts=4, router_options=dict(noise_std=0.0),
+        image_shape=(16, 16, 3),
+        patch_size=4,
+        vocabulary_size=preprocessor.tokenizer.vocabulary_size(),
+        max_text_length=8,
+        num_layers=2,
+        hidden_dim=16,
+        mlp_dim=32,
+        num_heads=2,
+        embedding_dim=8,
+        moe_layers=(1,),
+        num_experts=4,
+        router_options=dict(noise_std=0.0),
     )
 
 
@@ -65,10 +74,14 @@ def test_pairs_are_routed_per_modality_and_fit_lowers_the_loss(preprocessor):
     x = preprocessor({"images": images, "text": texts})
     joint = backbone(x)
     # No pairing leaks through routing: a pair embeds as its parts do alone.
-    np.testing.assert_allclose(to_numpy(joint["image_embeddings"]), to_numpy(backbone.embed_images(x["images"])), atol=1e-5)
+    np.testing.assert_allclose(
+        to_numpy(joint["image_embeddings"]), to_numpy(backbone.embed_images(x["images"])), atol=1e-5
+    )
     np.testing.assert_allclose(
         to_numpy(joint["text_embeddings"]),
-        to_numpy(backbone.embed_text(x["token_ids"], x["padding_mask"])), atol=1e-5)
+        to_numpy(backbone.embed_text(x["token_ids"], x["padding_mask"])),
+        atol=1e-5,
+    )
     # The sigmoid loss, on preprocessed inputs.
     model = LIMoEContrastiveModel(backbone, loss="sigmoid")
     model.compile(optimizer=keras.optimizers.Adam(3e-3))
@@ -115,8 +128,12 @@ def test_set_classes_takes_any_number_of_labels(preprocessor, names, tmp_path):
     other = LIMoEZeroShotClassifier.from_preset(
         str(tmp_path), class_names=["truck", "cat"], templates=["a photo of a {}."]
     )
-    expected = LIMoEZeroShotClassifier(backbone, preprocessor, ["truck", "cat"], ["a photo of a {}."], scale=10.0)
-    np.testing.assert_allclose(other.predict(images, verbose=0), expected.predict(images, verbose=0), atol=1e-5)
+    expected = LIMoEZeroShotClassifier(
+        backbone, preprocessor, ["truck", "cat"], ["a photo of a {}."], scale=10.0
+    )
+    np.testing.assert_allclose(
+        other.predict(images, verbose=0), expected.predict(images, verbose=0), atol=1e-5
+    )
 
 
 def test_set_classes_bad_input(preprocessor):

@@ -8,8 +8,15 @@ from keras_vmoe.models import PaliGemmaMoEBackbone
 from tests.helpers import to_numpy
 from tests.models.pali_gemma_moe.tiny_pali_gemma import tiny_tower
 
-DECODER = dict(vocabulary_size=20, num_layers=2, num_query_heads=2, num_key_value_heads=1,
-               hidden_dim=32, intermediate_dim=64, head_dim=16)
+DECODER = dict(
+    vocabulary_size=20,
+    num_layers=2,
+    num_query_heads=2,
+    num_key_value_heads=1,
+    hidden_dim=32,
+    intermediate_dim=64,
+    head_dim=16,
+)
 
 
 def inputs(batch=2, length=8):
@@ -35,9 +42,11 @@ def test_image_tokens_prefix_the_text_and_the_tower_can_be_swapped():
     other = tiny_tower("dense")
     swapped = backbone.with_image_encoder(other)
     assert swapped.image_encoder is other and swapped.image_sequence_length == 16
-    for ours, theirs in ((swapped.token_embedding, backbone.token_embedding),
-                         (swapped.transformer_layers[1], backbone.transformer_layers[1]),
-                         (swapped.image_projection, backbone.image_projection)):
+    for ours, theirs in (
+        (swapped.token_embedding, backbone.token_embedding),
+        (swapped.transformer_layers[1], backbone.transformer_layers[1]),
+        (swapped.image_projection, backbone.image_projection),
+    ):
         for a, b in zip(ours.weights, theirs.weights):
             assert a is not b
             np.testing.assert_array_equal(to_numpy(a), to_numpy(b))
@@ -54,7 +63,8 @@ def test_bad_towers_and_decoder_sizes_are_named():
         PaliGemmaMoEBackbone(image_encoder=tiny_tower("dense", pooling="gap"), **DECODER)
     tower = tiny_tower("dense")
     with pytest.raises(ValueError, match="num_query_heads=3 must be a multiple of num_key_value_heads=2"):
-        PaliGemmaMoEBackbone(image_encoder=tower, **{**DECODER, "num_query_heads": 3,
-                                                     "num_key_value_heads": 2})
+        PaliGemmaMoEBackbone(
+            image_encoder=tower, **{**DECODER, "num_query_heads": 3, "num_key_value_heads": 2}
+        )
     with pytest.raises(ValueError, match="`vocabulary_size` must be >= 1, got 0"):
         PaliGemmaMoEBackbone(image_encoder=tower, **{**DECODER, "vocabulary_size": 0})

@@ -35,8 +35,14 @@ def tiny_tower(kind, **overrides):
     `kind`: "dense", "vmoe" (4 experts, top-2, in the last block) or "soft"
     (4 experts of 4 slots in the last block)."""
     arguments = dict(
-        image_shape=(IMAGE_SIZE, IMAGE_SIZE, 3), patch_size=8, num_layers=2, hidden_dim=32,
-        mlp_dim=64, num_heads=2, pooling=None, use_class_token=False,
+        image_shape=(IMAGE_SIZE, IMAGE_SIZE, 3),
+        patch_size=8,
+        num_layers=2,
+        hidden_dim=32,
+        mlp_dim=64,
+        num_heads=2,
+        pooling=None,
+        use_class_token=False,
     )
     arguments.update(overrides)
     last = arguments["num_layers"] - 1
@@ -52,15 +58,17 @@ def tiny_causal_lm(tower, proto, sequence_length=24, image_converter=True, num_l
     tokenizer = PaliGemmaMoETokenizer(proto=proto)
     converter = None
     if image_converter:
-        converter = PaliGemmaMoEImageConverter(
-            image_size=tower.image_shape[:2], scale=1 / 127.5, offset=-1.0
-        )
-    preprocessor = PaliGemmaMoECausalLMPreprocessor(
-        tokenizer, converter, sequence_length=sequence_length
-    )
+        converter = PaliGemmaMoEImageConverter(image_size=tower.image_shape[:2], scale=1 / 127.5, offset=-1.0)
+    preprocessor = PaliGemmaMoECausalLMPreprocessor(tokenizer, converter, sequence_length=sequence_length)
     backbone = PaliGemmaMoEBackbone(
-        vocabulary_size=tokenizer.vocabulary_size(), image_encoder=tower, num_layers=num_layers,
-        num_query_heads=2, num_key_value_heads=1, hidden_dim=32, intermediate_dim=64, head_dim=16,
+        vocabulary_size=tokenizer.vocabulary_size(),
+        image_encoder=tower,
+        num_layers=num_layers,
+        num_query_heads=2,
+        num_key_value_heads=1,
+        hidden_dim=32,
+        intermediate_dim=64,
+        head_dim=16,
     )
     return PaliGemmaMoECausalLM(backbone, preprocessor)
 
