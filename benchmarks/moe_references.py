@@ -21,8 +21,8 @@ import keras
 from keras import ops
 
 from keras_vmoe.layers.routing import compute_capacity
-from keras_vmoe.layers.routing import importance_loss
-from keras_vmoe.layers.routing import load_loss
+from keras_vmoe.layers.routing_losses import importance_loss
+from keras_vmoe.layers.routing_losses import load_loss
 
 
 class ExpertBankMoE(keras.layers.Layer):

@@ -155,6 +155,13 @@ def check_expert_layouts(layer, dim, hidden):
         )
 
 
+def is_moe_layer(layer):
+    """Whether `layer` is a keras_vmoe MoE layer (`SparseMoE`, `SoftMoE`):
+    told by its expert banks, so that this module, which the MoE layers
+    import, does not import them back."""
+    return hasattr(layer, "build_experts") and hasattr(layer, "router")
+
+
 def validate_layout_map(layout_map, model):
     """Checks a `LayoutMap` against a built model; raises `ValueError` if not.
 
@@ -167,13 +174,10 @@ def validate_layout_map(layout_map, model):
 
     Returns the {variable path: layout axes} of the sharded variables.
     """
-    # Breaks a cycle: layers.moe imports this module (check_expert_layouts).
-    from keras_vmoe.layers.moe import MoELayer
-
     variables = {variable.path: variable for variable in model.variables}
     layers = list(model._flatten_layers(include_self=False))
     tensors = [f"{layer.path}/output" for layer in layers]
-    tensors += [f"{layer.path}/{DISPATCHED}" for layer in layers if isinstance(layer, MoELayer)]
+    tensors += [f"{layer.path}/{DISPATCHED}" for layer in layers if is_moe_layer(layer)]
     for key in layout_map:
         if not any(key == path or re.fullmatch(key, path) for path in (*variables, *tensors)):
             examples = ", ".join(repr(path) for path in list(variables)[:4])
@@ -183,7 +187,7 @@ def validate_layout_map(layout_map, model):
                 f"Keys are regular expressions matched against whole paths, such as "
                 f"{examples}; print(*(v.path for v in model.variables)) lists them all."
             )
-    moe_layers = {layer.path: layer for layer in layers if isinstance(layer, MoELayer)}
+    moe_layers = {layer.path: layer for layer in layers if is_moe_layer(layer)}
     sharded = {}
     for path, variable in variables.items():
         layout = layout_map[path]

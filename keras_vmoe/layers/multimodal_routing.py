@@ -23,7 +23,7 @@ import keras
 from keras import ops
 
 from keras_vmoe.layers.routing import TokenChoiceRouter
-from keras_vmoe.layers.routing import _weights
+from keras_vmoe.layers.routing_losses import _weights
 from keras_vmoe.validation import check_float
 
 PAPER_MODALITIES = ("image", "text")

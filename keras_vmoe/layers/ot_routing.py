@@ -36,11 +36,11 @@ from keras_vmoe.layers.optimal_transport import semi_dual_plan
 from keras_vmoe.layers.optimal_transport import sinkhorn_plan
 from keras_vmoe.layers.routing import ExpertChoiceRouter
 from keras_vmoe.layers.routing import TokenChoiceRouter
-from keras_vmoe.layers.routing import _weighted_sum
-from keras_vmoe.layers.routing import _weights
-from keras_vmoe.layers.routing import importance_loss
-from keras_vmoe.layers.routing import load_loss
 from keras_vmoe.layers.routing import register_router
+from keras_vmoe.layers.routing_losses import _weighted_sum
+from keras_vmoe.layers.routing_losses import _weights
+from keras_vmoe.layers.routing_losses import importance_loss
+from keras_vmoe.layers.routing_losses import load_loss
 from keras_vmoe.validation import check_choice
 from keras_vmoe.validation import check_float
 from keras_vmoe.validation import check_int

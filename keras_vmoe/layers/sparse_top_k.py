@@ -41,8 +41,8 @@ import keras
 from keras import ops
 
 from keras_vmoe.layers.routing import TokenChoiceRouter
-from keras_vmoe.layers.routing import _weights
 from keras_vmoe.layers.routing import register_router
+from keras_vmoe.layers.routing_losses import _weights
 from keras_vmoe.validation import check_float
 from keras_vmoe.validation import check_int
 
