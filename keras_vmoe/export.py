@@ -134,16 +134,19 @@ def export_model(model, path, format="saved_model", batch_size=None, sequence_le
 
     Example:
     >>> import tempfile
-    >>> import numpy as np
-    >>> import tensorflow as tf
+    >>> import onnxruntime
     >>> from keras_vmoe.models import VMoEBackbone, VMoEImageClassifier
     >>> backbone = VMoEBackbone(image_shape=(16, 16, 3), patch_size=8, num_layers=2,
     ...     hidden_dim=16, mlp_dim=32, num_heads=2, moe_layers=(1,), num_experts=4)
     >>> classifier = VMoEImageClassifier(backbone, num_classes=3)
-    >>> path = export_model(classifier, tempfile.mkdtemp() + "/served")
-    >>> served = tf.saved_model.load(path)
-    >>> tuple(served.serve(np.zeros((2, 16, 16, 3), "float32")).shape)
+    >>> path = export_model(classifier, tempfile.mkdtemp() + "/model.onnx", "onnx", batch_size=2)
+    >>> session = onnxruntime.InferenceSession(path)
+    >>> name = session.get_inputs()[0].name
+    >>> session.run(None, {name: np.zeros((2, 16, 16, 3), "float32")})[0].shape
     (2, 3)
+
+    From JAX or TensorFlow, `export_model(classifier, "served")` writes a
+    SavedModel that `tf.saved_model.load("served").serve(images)` runs.
     """
     backend = keras.backend.backend()
     format = KERAS_FORMATS.get(format, format)

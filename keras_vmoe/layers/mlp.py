@@ -19,7 +19,7 @@ class Mlp(keras.layers.Layer):
 
     Example:
     >>> mlp = Mlp(mlp_dim=64)
-    >>> mlp(keras.ops.ones((2, 5, 16))).shape
+    >>> tuple(mlp(keras.ops.ones((2, 5, 16))).shape)
     (2, 5, 16)
     """
 

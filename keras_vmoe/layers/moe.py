@@ -249,7 +249,7 @@ class SparseMoE(MoELayer):
 
     Example:
     >>> moe = SparseMoE(num_experts=4, mlp_dim=32, num_selected_experts=2)
-    >>> moe(keras.ops.ones((2, 16, 8))).shape
+    >>> tuple(moe(keras.ops.ones((2, 16, 8))).shape)
     (2, 16, 8)
     """
 
@@ -355,7 +355,7 @@ class SoftMoE(MoELayer):
 
     Example:
     >>> moe = SoftMoE(num_experts=4, mlp_dim=32, slots_per_expert=2)
-    >>> moe(keras.ops.ones((2, 16, 8))).shape
+    >>> tuple(moe(keras.ops.ones((2, 16, 8))).shape)
     (2, 16, 8)
     """
 

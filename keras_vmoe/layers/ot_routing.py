@@ -94,7 +94,7 @@ class SinkhornTokenChoiceRouter(TokenChoiceRouter):
     Example:
     >>> router = SinkhornTokenChoiceRouter(num_experts=4, num_selected_experts=2)
     >>> plan, metrics = router(keras.ops.ones((2, 8, 16)))
-    >>> plan.dispatch_index.shape  # (groups, experts, capacity)
+    >>> tuple(plan.dispatch_index.shape)  # (groups, experts, capacity)
     (2, 4, 4)
     """
 

@@ -48,10 +48,10 @@ class PatchMerger(keras.layers.Layer):
     Example:
     >>> merger = PatchMerger(num_tokens=4)
     >>> tokens = np.random.normal(size=(2, 16, 8)).astype("float32")
-    >>> merger(tokens).shape
+    >>> tuple(merger(tokens).shape)
     (2, 4, 8)
     >>> weights = keras.ops.convert_to_numpy(merger.merge_weights(tokens))
-    >>> weights.shape, bool(np.allclose(weights.sum(axis=-1), 1.0, atol=1e-5))
+    >>> tuple(weights.shape), bool(np.allclose(weights.sum(axis=-1), 1.0, atol=1e-5))
     ((2, 4, 16), True)
     """
 

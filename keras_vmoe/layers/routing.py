@@ -139,7 +139,7 @@ class TokenChoiceRouter(Router):
     Example:
     >>> router = TokenChoiceRouter(num_experts=4, num_selected_experts=2)
     >>> plan, metrics = router(keras.ops.ones((3, 16, 8)))
-    >>> plan.combine_index.shape  # (groups, tokens, K)
+    >>> tuple(plan.combine_index.shape)  # (groups, tokens, K)
     (3, 16, 2)
     """
 

@@ -156,7 +156,7 @@ class SparseTopKRouter(TokenChoiceRouter):
     Example:
     >>> router = SparseTopKRouter(num_experts=4, num_selected_experts=2)
     >>> plan, metrics = router(keras.ops.ones((2, 8, 16)))
-    >>> plan.combine_weights.shape
+    >>> tuple(plan.combine_weights.shape)
     (2, 8, 2)
     """
 

@@ -103,7 +103,7 @@ class LIMoEBackbone(ExportMixin, BuiltinPresetMixin, Backbone):
     ...     "images": np.zeros((2, 32, 32, 3)),
     ...     "token_ids": np.ones((2, 8), "int32"),
     ...     "padding_mask": np.ones((2, 8), "bool")})
-    >>> outputs["image_embeddings"].shape, outputs["text_embeddings"].shape
+    >>> tuple(outputs["image_embeddings"].shape), tuple(outputs["text_embeddings"].shape)
     ((2, 16), (2, 16))
     """
 

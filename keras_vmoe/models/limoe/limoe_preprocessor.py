@@ -43,6 +43,7 @@ class LIMoEPreprocessor(BuiltinPresetMixin, Preprocessor):
     `tf.data` pipeline, an assertion with the same message).
 
     Example:
+    >>> from keras_vmoe.models import LIMoEImageConverter, train_limoe_vocabulary
     >>> proto = train_limoe_vocabulary(["a photo of a cat.", "a photo of a dog."], 300)
     >>> preprocessor = LIMoEPreprocessor(
     ...     LIMoETokenizer(proto=proto),

@@ -21,8 +21,8 @@ def train_limoe_vocabulary(texts, vocabulary_size):
 
     Example:
     >>> proto = train_limoe_vocabulary(["a photo of a cat.", "a photo of a dog."], 300)
-    >>> LIMoETokenizer(proto=proto)("A photo of a cat.").shape
-    TensorShape([...])
+    >>> len(LIMoETokenizer(proto=proto)("A photo of a cat.")) > 0
+    True
     """
     return train_sentencepiece(
         texts,

@@ -86,12 +86,12 @@ class PaliGemmaMoEBackbone(ExportMixin, BuiltinPresetMixin, Backbone):
     ...     vocabulary_size=100, image_encoder=tower, num_layers=2,
     ...     num_query_heads=2, num_key_value_heads=1, hidden_dim=32,
     ...     intermediate_dim=64, head_dim=16)
-    >>> backbone({
+    >>> tuple(backbone({
     ...     "images": np.zeros((2, 32, 32, 3)),
     ...     "token_ids": np.ones((2, 8), "int32"),
     ...     "padding_mask": np.ones((2, 8), "int32"),
     ...     "response_mask": np.zeros((2, 8), "int32"),
-    ... }).shape  # 16 image tokens, then 8 text tokens.
+    ... }).shape)  # 16 image tokens, then 8 text tokens.
     (2, 24, 32)
     """
 

@@ -37,7 +37,7 @@ class SoftMoEBackbone(VisionTransformerBackbone):
     ...     image_shape=(32, 32, 3), patch_size=8, num_layers=4, hidden_dim=32,
     ...     mlp_dim=64, num_heads=2, moe_layers=(2, 3), num_experts=4,
     ...     slots_per_expert=2)
-    >>> backbone(np.zeros((2, 32, 32, 3))).shape
+    >>> tuple(backbone(np.zeros((2, 32, 32, 3))).shape)
     (2, 32)
     """
 

@@ -16,7 +16,7 @@ class SoftMoEImageClassifier(VisionTransformerImageClassifier):
     ...     image_shape=(32, 32, 3), patch_size=8, num_layers=2, hidden_dim=32,
     ...     mlp_dim=64, num_heads=2, moe_layers=(1,), num_experts=4)
     >>> classifier = SoftMoEImageClassifier(backbone, num_classes=10)
-    >>> classifier(np.zeros((2, 32, 32, 3))).shape
+    >>> tuple(classifier(np.zeros((2, 32, 32, 3))).shape)
     (2, 10)
     """
 

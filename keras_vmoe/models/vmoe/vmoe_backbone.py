@@ -49,7 +49,7 @@ class VMoEBackbone(VisionTransformerBackbone):
     ...     image_shape=(32, 32, 3), patch_size=8, num_layers=4, hidden_dim=32,
     ...     mlp_dim=64, num_heads=2, moe_layers=(1, 3), num_experts=4,
     ...     num_selected_experts=2)
-    >>> backbone(np.zeros((2, 32, 32, 3))).shape
+    >>> tuple(backbone(np.zeros((2, 32, 32, 3))).shape)
     (2, 32)
 
     With a PatchMerger after block 1, blocks 2 and 3 run on the class token
@@ -58,7 +58,7 @@ class VMoEBackbone(VisionTransformerBackbone):
     ...     image_shape=(32, 32, 3), patch_size=8, num_layers=4, hidden_dim=32,
     ...     mlp_dim=64, num_heads=2, moe_layers=(1, 3), num_experts=4,
     ...     num_selected_experts=2, patch_merger=dict(after_block=1, num_tokens=4))
-    >>> merged.get_layer("encoder_block_3").output.shape
+    >>> tuple(merged.get_layer("encoder_block_3").output.shape)
     (None, 5, 32)
     """
 

@@ -10,6 +10,7 @@ class VMoEImageClassifier(VisionTransformerImageClassifier):
     """V-MoE image classifier: a `VMoEBackbone` and a linear head.
 
     Example: fine-tune a tiny V-MoE on raw uint8 images.
+    >>> from keras_vmoe.models import VMoEImageConverter
     >>> backbone = VMoEBackbone(
     ...     image_shape=(32, 32, 3), patch_size=8, num_layers=2, hidden_dim=32,
     ...     mlp_dim=64, num_heads=2, moe_layers=(1,), num_experts=4,

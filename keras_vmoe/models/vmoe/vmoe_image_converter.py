@@ -14,8 +14,8 @@ class VMoEImageConverter(BuiltinPresetMixin, ImageConverter):
 
     Example:
     >>> converter = VMoEImageConverter(image_size=(32, 32), scale=1 / 127.5, offset=-1.0)
-    >>> converter(np.full((1, 64, 64, 3), 255, "uint8")).shape
-    TensorShape([1, 32, 32, 3])
+    >>> tuple(converter(np.full((1, 64, 64, 3), 255, "uint8")).shape)
+    (1, 32, 32, 3)
     """
 
     backbone_cls = VMoEBackbone
