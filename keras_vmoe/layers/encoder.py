@@ -366,6 +366,8 @@ class EncoderBlock(keras.layers.Layer):
             y = self.mlp(self.mlp_norm(x), training=training)
         else:
             y = self.mlp(self.mlp_norm(x), training=training, token_modalities=token_modalities)
+        # An MLP restored with a policy of its own returns its compute dtype.
+        y = ops.cast(y, x.dtype)
         if self.layer_scale_init is not None:
             y = y * ops.cast(self.mlp_scale, y.dtype)
         return x + y
