@@ -1,11 +1,13 @@
 """The LIMoE expert-modality analysis against the routers' own dispatch tables."""
 
+import keras
 import numpy as np
 import pytest
 
 from keras_vmoe.models import LIMoEBackbone
 from keras_vmoe.models.limoe.expert_modality import ExpertModalityStats
 from keras_vmoe.models.limoe.expert_modality import expert_modality_counts
+from keras_vmoe.models.limoe.expert_modality import routed_experts
 from keras_vmoe.visualization.expert_modality import draw_expert_modality
 from tests.helpers import random_images
 from tests.helpers import to_numpy
@@ -93,3 +95,36 @@ def test_shares_and_specific_experts_by_hand():
         draw_expert_modality({})
     with pytest.raises(ValueError, match="at least one image and one caption"):
         expert_modality_counts(None, np.zeros((0, 16, 16, 3)), np.zeros((2, 8), "int32"))
+
+
+def test_routed_experts_decode_slots_with_the_capacity_of_a_routing_group():
+    # group_size spans two images: slots are numbered with the capacity of a
+    # 32-token group, not of one 16-token image (the decoding 0.1 got wrong).
+    backbone = LIMoEBackbone(
+        image_shape=(16, 16, 3),
+        patch_size=4,
+        vocabulary_size=50,
+        max_text_length=8,
+        num_layers=1,
+        hidden_dim=16,
+        mlp_dim=32,
+        num_heads=2,
+        embedding_dim=8,
+        moe_layers=(0,),
+        num_experts=4,
+        num_selected_experts=2,
+        group_size=32,
+    )
+    images = random_images(4, (16, 16, 3))
+    experts, _ = routed_experts(backbone, images=images)
+    router = backbone.blocks[0].mlp.router
+    assert router.capacity(32) != router.capacity(16)
+    block = backbone.blocks[0]
+    x, modalities, mask = backbone.input_tokens(images=images)
+    tokens = block.router_tokens(block.attend(x, attention_mask=mask))
+    plan, _ = router(tokens, token_modalities=keras.ops.reshape(modalities, (-1, 32)))
+    capacity = router.capacity(32)
+    slots = to_numpy(plan.combine_index).reshape(4, 16, 2)
+    expected = np.where(slots < 4 * capacity, slots // capacity, -1)
+    np.testing.assert_array_equal(experts[0], expected)
+    assert (expected >= 0).any()
