@@ -80,6 +80,32 @@ class VisionTransformerImageClassifier(ExportMixin, BuiltinPresetMixin, RouterMe
         self.activation = None
         self.track_router_metrics()
 
+    @classmethod
+    def from_preset(cls, preset, *args, **kwargs):
+        """keras-hub's `from_preset`; a family's class (`VMoEImageClassifier`,
+        `SoftMoEImageClassifier`) also loads a dense ViT preset (such as
+        `vit_tiny_cifar10`, saved with the dense classes since 0.2), as that
+        family's model without MoE layers: the same weights and outputs."""
+        try:
+            return super().from_preset(preset, *args, **kwargs)
+        except ValueError as error:
+            dense_preset = f"compatible with {VisionTransformerBackbone.__name__} found" in str(error)
+            if cls is VisionTransformerImageClassifier or not dense_preset:
+                raise
+        dense = VisionTransformerImageClassifier.from_preset(preset, *args, **kwargs)
+        backbone_config = dense.backbone.get_config()
+        backbone_config.pop("name", None)
+        model = cls(
+            cls.backbone_cls(**backbone_config),
+            num_classes=dense.num_classes,
+            preprocessor=dense.preprocessor,
+            dropout=dense.dropout,
+            head_bias_init=dense.head_bias_init,
+            head_kernel_zero_init=dense.head_kernel_zero_init,
+        )
+        model.set_weights(dense.get_weights())
+        return model
+
     def get_config(self):
         # keras-hub's ImageClassifier config names its own pooling head; ours
         # lives in the backbone, so start from the Task config.

@@ -350,6 +350,24 @@ class VisionTransformerBackbone(ExportMixin, BuiltinPresetMixin, Backbone):
         self.moe_layers = moe_layers
         self.patch_merger = patch_merger
 
+    @classmethod
+    def from_preset(cls, preset, *args, **kwargs):
+        """keras-hub's `from_preset`; a family's backbone (`VMoEBackbone`,
+        `SoftMoEBackbone`) also loads a dense ViT preset (such as
+        `vit_tiny_cifar10`, saved with the dense class since 0.2) as that
+        family's backbone without MoE layers: the same weights and outputs."""
+        try:
+            return super().from_preset(preset, *args, **kwargs)
+        except ValueError as error:
+            if cls is VisionTransformerBackbone or "type `VisionTransformerBackbone`" not in str(error):
+                raise
+        dense = VisionTransformerBackbone.from_preset(preset, *args, **kwargs)
+        config = dense.get_config()
+        config.pop("name", None)
+        backbone = cls(**config)
+        backbone.set_weights(dense.get_weights())
+        return backbone
+
     # A family's named architectures: `architecture_config(name, image_shape)`
     # -> backbone arguments, and the names it knows.
     architecture_config = None

@@ -35,3 +35,24 @@ def test_keras_file_and_preset_load_and_compute_what_they_did(saved, name):
     preset = VisionTransformerImageClassifier.from_preset(str(FOLDER / f"{name}_preset"))
     assert type(preset) is type(model)
     np.testing.assert_allclose(to_numpy(preset(images, training=False)), saved[name], atol=tolerance)
+
+
+def test_code_written_for_0_1_loads_the_dense_preset_with_the_vmoe_classes():
+    # vit_tiny_cifar10 is saved with the dense ViT's own classes since 0.2;
+    # 0.1's `VMoEImageClassifier.from_preset("vit_tiny_cifar10")` still works.
+    from keras_vmoe.models import VisionTransformerBackbone
+    from keras_vmoe.models import VMoEBackbone
+    from keras_vmoe.models import VMoEImageClassifier
+
+    images = np.random.RandomState(0).randint(0, 256, (2, 32, 32, 3)).astype("uint8")
+    dense = VisionTransformerImageClassifier.from_preset("vit_tiny_cifar10")
+    as_vmoe = VMoEImageClassifier.from_preset("vit_tiny_cifar10")
+    assert type(as_vmoe) is VMoEImageClassifier and as_vmoe.backbone.moe_layers == ()
+    np.testing.assert_array_equal(as_vmoe.predict(images, verbose=0), dense.predict(images, verbose=0))
+    backbone = VMoEBackbone.from_preset("vit_tiny_cifar10")
+    assert type(backbone) is VMoEBackbone
+    pixels = dense.preprocessor(images)
+    np.testing.assert_array_equal(
+        to_numpy(backbone(pixels)),
+        to_numpy(VisionTransformerBackbone.from_preset("vit_tiny_cifar10")(pixels)),
+    )
