@@ -248,7 +248,6 @@ WHEEL_CHECK = textwrap.dedent(
         except ImportError as error:
             unimportable[module] = str(error)
     from keras_vmoe.models import VMoEImageClassifier
-from keras_vmoe.models import VisionTransformerImageClassifier
     classifier = VMoEImageClassifier.from_preset("vmoe_tiny_cifar10")
     logits = classifier.predict(np.full((1, 32, 32, 3), 128, "uint8"), verbose=0)
     print(json.dumps(dict(file=keras_vmoe.__file__, shape=list(logits.shape), unimportable=unimportable,

@@ -81,6 +81,24 @@ LOAD_SCRIPT = textwrap.dedent(
 )
 
 
+def smallest_decision_gap(model, images):
+    """The smallest gap between gates that orders a routing decision.
+
+    Top-1 / top-2 gates per token, BPR's order of tokens, expert-choice
+    columns; infinite for routers without a gate kernel (Soft MoE).
+    """
+    gaps = [np.inf]
+    for index, tokens in router_inputs(model.backbone, images).items():
+        router = model.backbone.get_layer(f"encoder_block_{index}").mlp.router
+        if hasattr(router, "kernel"):
+            gates = to_numpy(keras.ops.softmax(router.gate_logits(tokens), axis=-1)).astype(np.float64)
+            gaps += [decision_margin(gates, k) for k in range(1, gates.shape[-1])]
+            top1 = np.sort(gates.max(-1), axis=-1)
+            columns = np.sort(gates, axis=1)
+            gaps += [np.diff(top1, axis=-1).min(), np.diff(columns, axis=1).min()]
+    return min(gaps)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(
     backend() != "jax", reason="saves under JAX, loads in TF and torch; runs once, from the JAX pass"
@@ -89,21 +107,18 @@ LOAD_SCRIPT = textwrap.dedent(
 def test_same_logits_and_routing_on_every_backend(tmp_path, family):
     keras.utils.set_random_seed(0)
     model = FAMILIES[family]()
-    images = random_images(8, seed=3)
+    # Routing tables compare exactly only if no decision sits within float32
+    # noise (~1e-7 between backends) of flipping: take the first input whose
+    # gaps that order the decisions are all >= 1e-5 (random weights and inputs
+    # put such a gap below 1e-5 now and then; the search is deterministic).
+    for seed in range(3, 23):
+        images = random_images(8, seed=seed)
+        if smallest_decision_gap(model, images) >= 1e-5:
+            break
+    else:
+        pytest.fail(f"{family}: no input among 20 seeds keeps its routing decisions 1e-5 away from a tie")
     logits = to_numpy(model(images, training=False))
     decisions = routing_decisions(model.backbone, images)
-    # Routing tables compare exactly only if no decision sits within float32
-    # noise (~1e-7 between backends) of flipping: every gap that orders them
-    # (top-1 / top-2 gates, BPR's order, expert-choice columns) is >= 1e-5.
-    for index, tokens in router_inputs(model.backbone, images).items():
-        router = model.backbone.get_layer(f"encoder_block_{index}").mlp.router
-        if hasattr(router, "kernel"):
-            gates = to_numpy(keras.ops.softmax(router.gate_logits(tokens), axis=-1)).astype(np.float64)
-            gaps = [decision_margin(gates, k) for k in range(1, gates.shape[-1])]
-            top1 = np.sort(gates.max(-1), axis=-1)
-            columns = np.sort(gates, axis=1)
-            gaps += [np.diff(top1, axis=-1).min(), np.diff(columns, axis=1).min()]
-            assert min(gaps) >= 1e-5, (family, index, min(gaps))
     model.save_to_preset(str(tmp_path / "preset"))
     np.savez(tmp_path / "images.npz", images=images)
     script = tmp_path / "load.py"
