@@ -7,6 +7,7 @@ Run from the repository root:
     python benchmarks/router_study.py --full           # the presets' recipe: 100 epochs, on an accelerator
     python benchmarks/router_study.py --quick          # a smoke test (seconds per arm)
     python benchmarks/router_study.py --report FILE.json   # table and chart again from a result
+    python benchmarks/router_study.py --time-only FILE.json  # (re)measure step times into a record
 
 What it trains
     A dense ViT and one V-MoE per router, all of the same encoder and the
@@ -33,7 +34,10 @@ What it reports, per router
     processed (eval mode, 1,000 test images); the training-step time relative
     to the dense ViT, measured after training with all models in the same
     process, round-robin (so a slow phase of the machine hits them all); a
-    table on stdout, a JSON record and a bar chart.
+    table on stdout, a JSON record and a bar chart. `--time-only` measures the
+    step times alone on freshly built models of the record's budget (a step
+    costs the same whatever the weights) and adds them to the record, for a
+    run that was stopped before its timing or ran on a busy machine.
 """
 
 import argparse
@@ -230,13 +234,40 @@ def run(args, budget):
             )
             last_models[router] = classifier
             _write(results, args.output)
+    add_step_times(results, last_models, images, labels, budget)
+    return results
+
+
+def add_step_times(results, classifiers, images, labels, budget):
+    """Measures every arm's training step round-robin and stores it in `results`."""
+    import numpy as np
+
+    from keras_vmoe.recipes.cifar10 import to_model_inputs
+
     batch = to_model_inputs(images[: budget.batch_size])
     targets = np.eye(10, dtype="float32")[labels[: budget.batch_size]]
-    times = step_times(last_models, batch, targets, budget.timing_rounds)
+    times = step_times(classifiers, batch, targets, budget.timing_rounds)
     for router, seconds in times.items():
         results["arms"][router]["step_time_s"] = seconds
         results["arms"][router]["step_time_vs_dense"] = seconds / times.get("dense", seconds)
-    return results
+
+
+def time_only(results, budget, cifar10):
+    """Step times of freshly built, compiled models of every arm in `results`."""
+    import keras
+
+    from keras_vmoe.data import load_cifar10
+    from keras_vmoe.recipes.cifar10 import compile_classifier
+
+    images, labels = load_cifar10(cifar10, "train", limit=budget.batch_size)
+    classifiers = {}
+    for router in results["arms"]:
+        recipe = recipe_for(router, budget, seed=0)
+        keras.utils.set_random_seed(0)
+        classifiers[router] = recipe.build_classifier(preprocessor=False)
+        compile_classifier(classifiers[router], recipe, steps_per_epoch=100)
+    add_step_times(results, classifiers, images, labels, budget)
+    results["step_times_measured"] = "separately (--time-only), on freshly built models"
 
 
 def _write(results, output):
@@ -268,7 +299,8 @@ def summarise(results):
     return "\n".join(
         [
             f"Router study: {results['train_images']:,} training images, {budget['epochs']} epochs, "
-            f"{budget['seeds']} seed(s), {results['test_images']:,} test images; {results['backend']} on "
+            f"{max(len(arm['runs']) for arm in results['arms'].values())} seed(s), "
+            f"{results['test_images']:,} test images; {results['backend']} on "
             f"{results['hardware']}.",
             "",
             *lines,
@@ -291,7 +323,9 @@ def draw_chart(results, path):
     values = [[run["test_top1"] for run in arm["runs"]] for _, arm in arms]
     low = min(min(v) for v in values) - 0.02
     high = max(max(v) for v in values) + 0.01
-    width, height, left, bottom, top = 760, 420, 60, 150, 40
+    width, height, left, bottom, top = 760, 450, 60, 180, 40
+    # The dense baseline in grey; the routers in the palette's other colours.
+    colours = iter(c for c in PALETTE if len(set(c)) > 1)
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
     font = load_font(13)
@@ -309,16 +343,18 @@ def draw_chart(results, path):
         draw.text((6, y_of(value) - 7), f"{value:.3f}", fill="black", font=font)
     for i, ((name, _), runs) in enumerate(zip(arms, values)):
         x0 = left + i * bar + 8
-        colour = (150, 150, 150) if name == "dense" else PALETTE[i % len(PALETTE)]
+        colour = (150, 150, 150) if name == "dense" else next(colours)
         draw.rectangle((x0, y_of(statistics.mean(runs)), x0 + bar - 16, height - bottom), fill=colour)
         for value in runs:
             cx = x0 + (bar - 16) / 2
             draw.ellipse((cx - 3, y_of(value) - 3, cx + 3, y_of(value) + 3), fill="black")
-        label = Image.new("RGBA", (bottom - 10, 16), (255, 255, 255, 0))
-        ImageDraw.Draw(label).text((0, 0), name, fill="black", font=font)
-        canvas.paste(
-            label.rotate(60, expand=True), (int(x0), height - bottom + 4), label.rotate(60, expand=True)
-        )
+        # Right-aligned and turned 60 degrees: each name ends under its bar.
+        label = Image.new("RGBA", (200, 16), (255, 255, 255, 0))
+        text_width = ImageDraw.Draw(label).textlength(name, font=font)
+        ImageDraw.Draw(label).text((200 - text_width, 0), name, fill="black", font=font)
+        label = label.rotate(60, expand=True)
+        centre = x0 + (bar - 16) / 2
+        canvas.paste(label, (int(centre - label.width + 10), height - bottom + 4), label)
     canvas.save(path)
 
 
@@ -337,15 +373,20 @@ def main(argv=None):
         help="JSON record (default: benchmarks/results/router_study-<budget>.json)",
     )
     parser.add_argument("--report", type=pathlib.Path, help="only print and draw an existing record")
+    parser.add_argument("--time-only", type=pathlib.Path, help="measure step times into an existing record")
     args = parser.parse_args(argv)
     budget = QUICK if args.quick else FULL if args.full else CPU
     if args.seeds:
         budget = dataclasses.replace(budget, seeds=args.seeds)
     name = "quick" if args.quick else "full" if args.full else "cpu2"
     args.output = args.output or RESULTS / f"router_study-{name}.json"
-    if args.report:
-        results = json.loads(args.report.read_text())
-        args.output = args.report
+    if args.report or args.time_only:
+        args.output = args.report or args.time_only
+        results = json.loads(args.output.read_text())
+        if args.time_only:
+            budget = Budget(**{**results["budget"], "moe_layers": tuple(results["budget"]["moe_layers"])})
+            time_only(results, budget, args.cifar10)
+            _write(results, args.output)
     else:
         if "dense" not in args.routers:
             args.routers = ["dense", *args.routers]

@@ -181,8 +181,9 @@ for name in ("token_choice", "sinkhorn_expert_choice", "sparse_expert_choice"):
 
 `benchmarks/router_study.py` trains a dense ViT and one V-MoE per router on
 CIFAR-10 with the bundled presets' recipe at equal per-token compute (on a
-2-core CPU: 10,000 training images, 8 epochs, two seeds; `--full` is the
-presets' 100-epoch run for an accelerator). Its results:
+2-core CPU: 10,000 training images, 8 epochs, one seed, about two hours;
+`--seeds 2` adds the spread between seeds, `--full` is the presets' 100-epoch
+run for an accelerator). Its results:
 """
 
 record = REPO_ROOT / "benchmarks" / "results" / "router_study-cpu2.md"
@@ -197,7 +198,9 @@ else:
 What the paper found, on JFT and ImageNet with ViT-B/16-sized models: expert
 choice routers above token choice ones, and Soft MoE above all sparse
 routers. How this small CPU-sized study agrees and where it does not is in
-`benchmarks/results/router_study-cpu2.md` and the README; at this scale
-(two MoE layers of a 4-block ViT, 8 epochs), the differences between routers
-are of the order of the spread between seeds.
+the README. At this scale (two MoE layers of a 4-block ViT, 8 epochs, one
+seed) the sparse routers lie within half a point of each other, less than one
+seed can tell apart (expert choice above token choice, as in the paper, but
+by less than that); Soft MoE ends last, below the dense ViT: the paper's
+ranking of Soft MoE first does not hold at this budget.
 """

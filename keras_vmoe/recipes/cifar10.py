@@ -177,7 +177,8 @@ def make_optimizer(learning_rate, weight_decay, warmup_steps, total_steps):
     return optimizer
 
 
-def _compile(classifier, recipe, steps_per_epoch):
+def compile_classifier(classifier, recipe, steps_per_epoch):
+    """Compiles `classifier` with the recipe's optimizer, schedule, loss and metric."""
     optimizer = make_optimizer(
         recipe.learning_rate,
         recipe.weight_decay,
@@ -205,7 +206,7 @@ def fit_recipe(classifier, recipe, images, labels, rng, verbose="auto", after_ep
     one_hot = np.eye(len(CIFAR10_CLASS_NAMES), dtype="float32")
     steps_per_epoch = max(len(images) // recipe.batch_size, 1)
     examples_per_epoch = min(steps_per_epoch * recipe.batch_size, len(images))
-    _compile(classifier, recipe, steps_per_epoch)
+    compile_classifier(classifier, recipe, steps_per_epoch)
 
     def augmented_epoch():
         order = rng.permutation(len(images))[:examples_per_epoch]

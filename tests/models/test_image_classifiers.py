@@ -1,10 +1,5 @@
 """Tasks: fit, router metrics, presets, .keras files, mixed precision."""
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import keras
 import keras_hub
 import numpy as np
@@ -16,8 +11,6 @@ from keras_vmoe.models import VMoEBackbone
 from keras_vmoe.models import VMoEImageClassifier
 from keras_vmoe.models import VMoEImageClassifierPreprocessor
 from keras_vmoe.models import VMoEImageConverter
-from tests.helpers import ROOT
-from tests.helpers import backend
 from tests.helpers import f32_atol
 from tests.helpers import random_images
 from tests.helpers import tiny_vit_arguments
@@ -188,43 +181,3 @@ def test_mixed_bfloat16_policy_runs_with_float32_routing(family):
     assert all(keras.backend.standardize_dtype(v.dtype) == "float32" for v in metrics.values())
     history = model.fit(images, labels, batch_size=4, epochs=2, verbose=0).history
     assert np.all(np.isfinite(history["loss"]))
-
-
-CROSS_BACKEND_SCRIPT = textwrap.dedent(
-    """
-    import sys, numpy as np, keras
-    from keras_vmoe.models import {cls}
-    model = {cls}.from_preset(sys.argv[1])
-    data = np.load(sys.argv[2])
-    got = keras.ops.convert_to_numpy(model(data["images"], training=False))
-    print("MAXDIFF", float(np.abs(got - data["logits"]).max()))
-    """
-)
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(
-    backend() != "jax",
-    reason="saves under JAX and loads in TF and torch subprocesses; runs once, from the JAX run",
-)
-@pytest.mark.parametrize("family", ["vmoe", "soft_moe"])
-def test_preset_saved_under_jax_loads_under_tensorflow_and_torch(tmp_path, family):
-    model = build(family)
-    images = random_images(4)
-    logits = to_numpy(model(images))
-    np.savez(tmp_path / "io.npz", images=images, logits=logits)
-    model.save_to_preset(str(tmp_path / "preset"))
-    script = tmp_path / "load.py"
-    script.write_text(CROSS_BACKEND_SCRIPT.format(cls=type(model).__name__))
-    for other in ("tensorflow", "torch"):
-        result = subprocess.run(
-            [sys.executable, str(script), str(tmp_path / "preset"), str(tmp_path / "io.npz")],
-            env=dict(os.environ, KERAS_BACKEND=other),
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
-        difference = float(result.stdout.split("MAXDIFF")[-1])
-        assert difference <= f32_atol(logits), (other, difference)

@@ -124,7 +124,9 @@ def test_set_classes_takes_any_number_of_labels(preprocessor, names, tmp_path):
     restored = LIMoEZeroShotClassifier.from_preset(str(tmp_path))
     assert restored.class_names == names
     np.testing.assert_allclose(restored.predict(images, verbose=0), logits, atol=1e-5)
-    # Labels and templates straight from the preset.
+    if len(names) != 3:
+        return
+    # Labels and templates straight from the preset (once).
     other = LIMoEZeroShotClassifier.from_preset(
         str(tmp_path), class_names=["truck", "cat"], templates=["a photo of a {}."]
     )
