@@ -5,6 +5,7 @@ Run from the repository root (one process per backend, one after the other):
     python benchmarks/moe_layer.py                       # everything, all three backends
     python benchmarks/moe_layer.py --parts headline      # the acceptance configuration only
     python benchmarks/moe_layer.py --quick               # tiny shapes: a smoke test, < 2 minutes
+    python benchmarks/moe_layer.py --parts routers --rounds 7 3   # the routers, fewer rounds
     python benchmarks/moe_layer.py --backends torch --out benchmarks/results/torch.json
 
 What it measures
@@ -592,6 +593,14 @@ def parse_args(argv):
         default=None,
         help="JSON results file (default: benchmarks/results/moe_layer-<date>.json; none with --quick)",
     )
+    parser.add_argument(
+        "--rounds",
+        nargs=2,
+        type=int,
+        metavar=("FORWARD", "TRAIN"),
+        default=None,
+        help="timed rounds of the forward pass and of the training step (default: the scale's)",
+    )
     args = parser.parse_args(argv)
     if args.parts is None:
         args.parts = ["headline", "memory"] if args.quick else list(PARTS)
@@ -605,6 +614,15 @@ def main(argv=None):
     """Runs the benchmark; returns the results that --out receives."""
     args = parse_args(argv)
     scale = QUICK if args.quick else FULL
+    if args.rounds:
+        forward, train = args.rounds
+        scale = dataclasses.replace(
+            scale,
+            forward_rounds=forward,
+            train_rounds=train,
+            sweep_forward_rounds=forward,
+            sweep_train_rounds=train,
+        )
     report = {
         "machine": machine_info(),
         "quick": args.quick,
