@@ -155,46 +155,13 @@ def report(args):
 
 def draw_plot(results, path):
     """Test top-1 against extra training compute, one line per arm (Pillow only)."""
-    from PIL import Image
-    from PIL import ImageDraw
+    from keras_vmoe.visualization.line_chart import draw_line_chart
 
-    from keras_vmoe.visualization.routing_map import PALETTE
-    from keras_vmoe.visualization.routing_map import load_font
-
-    width, height, left, bottom, top, right = 640, 420, 70, 50, 40, 130
-    canvas = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(canvas)
-    points = [(p["extra_training_flops"] / 1e15, p["test_top1"]) for r in results for p in r["points"]]
-    x_max = max(x for x, _ in points) or 1.0
-    y_min = min(y for _, y in points) - 0.005
-    y_max = max(y for _, y in points) + 0.005
-
-    def to_pixel(x, y):
-        return (
-            left + (width - left - right) * x / x_max,
-            height - bottom - (height - top - bottom) * (y - y_min) / (y_max - y_min),
-        )
-
-    font = load_font(13)
-    draw.line((left, height - bottom, width - right, height - bottom), fill="black")
-    draw.line((left, top, left, height - bottom), fill="black")
-    for k in range(5):
-        y = y_min + (y_max - y_min) * k / 4
-        _, py = to_pixel(0, y)
-        draw.text((8, py - 7), f"{y:.3f}", fill="black", font=font)
-        x = x_max * k / 4
-        px, _ = to_pixel(x, y_min)
-        draw.text((px - 10, height - bottom + 6), f"{x:.1f}", fill="black", font=font)
-    draw.text((left, height - 22), "extra training compute (PFLOPs)", fill="black", font=font)
-    draw.text((left, 12), "CIFAR-10 test top-1 after upcycling vit_tiny_cifar10", fill="black", font=font)
-    for i, r in enumerate(results):
-        colour = PALETTE[i]
-        xy = [to_pixel(p["extra_training_flops"] / 1e15, p["test_top1"]) for p in r["points"]]
-        draw.line(xy, fill=colour, width=2)
-        for px, py in xy:
-            draw.ellipse((px - 3, py - 3, px + 3, py + 3), fill=colour)
-        draw.text((width - right + 10, top + 20 * i), r["arm"], fill=colour, font=font)
-    canvas.save(path)
+    series = {
+        r["arm"]: [(p["extra_training_flops"] / 1e15, p["test_top1"]) for p in r["points"]] for r in results
+    }
+    title = "CIFAR-10 test top-1 after upcycling vit_tiny_cifar10"
+    draw_line_chart(series, "extra training compute (PFLOPs)", "test top-1", title).save(path)
 
 
 def main():

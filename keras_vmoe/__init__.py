@@ -7,6 +7,7 @@ unchanged on JAX, TensorFlow and PyTorch (pick one with `KERAS_BACKEND`).
 from keras_vmoe import convert
 from keras_vmoe import data
 from keras_vmoe import distribution
+from keras_vmoe import evaluation
 from keras_vmoe import layers
 from keras_vmoe import models
 from keras_vmoe import ops

@@ -3,6 +3,8 @@
     keras-vmoe classify [--preset NAME] [--top K] [--labels A,B,...] [--routing-map FILE.png] IMAGE...
     keras-vmoe expert-modality [--preset NAME] (--cifar10 | --coco) ARCHIVE [--pairs N] --output FILE.png
     keras-vmoe export [--preset NAME] [--format saved_model|onnx] [--batch-size N] OUTPUT
+    keras-vmoe evaluate --preset NAME ... (--cifar10 ARCHIVE | --fashion-mnist [DIR] | --folder DIR)
+        [--attack pgd --epsilon E,...] [--fewshot K,...] [--rank-presets] [--ensemble]
     keras-vmoe presets
 
 `classify` takes image classifiers and the LIMoE zero-shot classifier
@@ -10,7 +12,8 @@
 preset; `--labels` replaces them with yours). `expert-modality` draws, for a
 LIMoE preset, the share of image and of text tokens each expert of each MoE
 block takes
-(`keras_vmoe.models.limoe.expert_modality`).
+(`keras_vmoe.models.limoe.expert_modality`). `evaluate` runs the papers'
+evaluations (`keras_vmoe.evaluation.command`).
 
 Bad input (a missing or unreadable image, an unknown preset) ends with one
 line on stderr, `keras-vmoe: error: ...`, and exit status 1.
@@ -24,11 +27,14 @@ import sys
 import keras
 import numpy as np
 from keras_hub.utils import imagenet_id_to_name
-from PIL import Image
 
+from keras_vmoe.data import images as images_data
 from keras_vmoe.data.cifar10 import CIFAR10_CLASS_NAMES
 from keras_vmoe.data.cifar10 import load_cifar10
 from keras_vmoe.data.coco_captions import load_coco_captions
+from keras_vmoe.data.images import square_image
+from keras_vmoe.errors import CommandError
+from keras_vmoe.evaluation import command as evaluate_command
 from keras_vmoe.export import ExportError
 from keras_vmoe.export import export_model
 from keras_vmoe.models import LIMoEBackbone
@@ -48,64 +54,23 @@ from keras_vmoe.visualization.routing_map import draw_routing_map
 DEFAULT_PRESET = "vmoe_tiny_cifar10"
 
 
-class CommandError(Exception):
-    """Bad input to the command: reported as one line, exit status 1."""
-
-
 def open_image(path, max_pixels=None):
-    """Decodes an image file to RGB, or raises `CommandError` naming the file.
+    """`keras_vmoe.data.images.open_image`, its errors as `CommandError`."""
 
-    Images over `max_pixels` (default: Pillow's `Image.MAX_IMAGE_PIXELS`, its
-    guard against decompression bombs) are refused before decoding, with
-    their size; a file that is not an image, or whose decoding fails half-way
-    (truncated, corrupt), is refused with the decoder's reason.
-    """
-
-    path = pathlib.Path(path)
-    if not path.exists():
-        raise CommandError(f"image not found: {path}")
-    if not path.is_file():
-        raise CommandError(f"not a file: {path}")
-    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
-    default_limit = Image.MAX_IMAGE_PIXELS
     try:
-        # Pillow's own check raises (or warns) at open; ours names the size,
-        # the limit and how to raise it.
-        Image.MAX_IMAGE_PIXELS = None
-        try:
-            image = Image.open(path)
-        finally:
-            Image.MAX_IMAGE_PIXELS = default_limit
-        with image:
-            width, height = image.size
-            if limit and width * height > limit:
-                raise CommandError(
-                    f"{path} is {width}x{height} = {width * height:,} pixels, over the limit of "
-                    f"{limit:,} pixels (Pillow's guard against decompression bombs); pass "
-                    f"--max-pixels {width * height} to read it anyway"
-                )
-            return image.convert("RGB")
-    except CommandError:
-        raise
-    except Exception as error:  # Pillow's decoders raise many kinds.
-        reason = " ".join(str(error).split()) or type(error).__name__
-        raise CommandError(f"cannot read {path} as an image ({reason})") from error
+        return images_data.open_image(path, max_pixels)
+    except images_data.ImageReadError as error:
+        raise CommandError(str(error)) from error
 
 
 def load_photo(path, size, max_pixels=None):
-    """A photo, centre-cropped to a square and downscaled to `size` (H, W) with
-    antialiasing; uint8 (H, W, 3)."""
+    """A photo, centre-cropped to a square and downscaled to `size` (H, W)
+    with antialiasing, and a >= 256 px version for drawing; uint8 (H, W, 3)."""
 
     image = open_image(path, max_pixels)
-    width, height = image.size
-    side = min(width, height)
-    left, top = (width - side) // 2, (height - side) // 2
-    image = image.crop((left, top, left + side, top + side))
     # The preprocessor's resize does not antialias; downscaling a photo to
     # 32x32 without it aliases badly, so resize here first.
-    return np.asarray(image.resize((size[1], size[0]), Image.LANCZOS)), np.asarray(
-        image.resize((max(size[1], 256), max(size[0], 256)), Image.LANCZOS)
-    )
+    return square_image(image, size), square_image(image, (max(size[0], 256), max(size[1], 256)))
 
 
 def class_names(preset, num_classes):
@@ -417,6 +382,8 @@ def build_parser():
     )
     export_parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     export_parser.set_defaults(run=export)
+    evaluate_parser = evaluate_command.add_parser(commands, positive_int)
+    evaluate_parser.set_defaults(run=lambda args: evaluate_command.run(args, load_classifier))
     presets_parser = commands.add_parser("presets", help="every built-in preset")
     presets_parser.set_defaults(run=list_presets)
     return parser

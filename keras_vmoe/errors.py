@@ -10,3 +10,7 @@ class CheckpointError(ValueError):
 
 class PresetError(ValueError):
     """A preset name is unknown or its weights cannot be fetched or read."""
+
+
+class CommandError(Exception):
+    """Bad input to the `keras-vmoe` command: reported as one line, exit status 1."""

@@ -17,6 +17,7 @@ from keras_vmoe.models.pali_gemma_moe import PaliGemmaMoETokenizer
 from keras_vmoe.models.pali_gemma_moe import train_pali_gemma_moe_vocabulary
 from keras_vmoe.models.routing_inspection import expert_assignments
 from keras_vmoe.models.routing_inspection import router_inputs
+from keras_vmoe.models.routing_inspection import selected_experts
 from keras_vmoe.models.soft_moe import SOFT_MOE_ARCHITECTURES
 from keras_vmoe.models.soft_moe import SoftMoEBackbone
 from keras_vmoe.models.soft_moe import SoftMoEImageClassifier

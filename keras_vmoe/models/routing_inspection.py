@@ -11,6 +11,9 @@ expert processes each token of each image (eval mode, as `predict` routes):
   token's output (its combine weights summed per expert), since every
   token is a mix of all slots.
 
+`selected_experts` gives every expert that processes each token (up to K
+for a sparse block), for comparing routings (`keras_vmoe.evaluation`).
+
 Example:
 ```python
 assignments = keras_vmoe.models.expert_assignments(classifier.backbone, pixels)
@@ -57,6 +60,23 @@ def plan_experts(plan, capacity):
     return np.take_along_axis(experts, order, axis=-1)
 
 
+def _block_plans(backbone, images):
+    """(block index, MoE layer, routing plan, capacity or None) per MoE block,
+    as the router decides in eval mode."""
+    for index, tokens in router_inputs(backbone, images).items():
+        moe = backbone.get_layer(f"encoder_block_{index}").mlp
+        plan, _ = moe.router(tokens, training=False)
+        capacity = None if isinstance(plan, SoftRoutingPlan) else moe.router.capacity(tokens.shape[1])
+        yield index, moe, plan, capacity
+
+
+def _soft_expert(plan):
+    """(G, S) the expert whose slots take the largest share of each token's
+    output in a Soft MoE plan (its (G, S, E, P) combine weights summed per expert)."""
+    share = keras.ops.convert_to_numpy(ops.sum(plan.combine_weights, axis=-1))
+    return np.argmax(share, axis=-1)
+
+
 def expert_assignments(backbone, images):
     """{block index: int array (images, tokens)} of the expert each token goes to.
 
@@ -64,16 +84,41 @@ def expert_assignments(backbone, images):
     a PatchMerger they are the merged tokens. -1 marks a token a sparse
     block dropped.
     """
+    batch = int(ops.shape(images)[0])
     assignments = {}
-    for index, tokens in router_inputs(backbone, images).items():
-        moe = backbone.get_layer(f"encoder_block_{index}").mlp
-        batch = ops.shape(images)[0]
-        plan, _ = moe.router(tokens, training=False)
-        if isinstance(plan, SoftRoutingPlan):  # (G, S, E, P) combine weights
-            share = keras.ops.convert_to_numpy(ops.sum(plan.combine_weights, axis=-1))
-            expert = np.argmax(share, axis=-1)
+    for index, _, plan, capacity in _block_plans(backbone, images):
+        if capacity is None:
+            expert = _soft_expert(plan)
         else:
-            expert = plan_experts(plan, moe.router.capacity(tokens.shape[1]))
-            expert = np.where(expert >= 0, expert, -1)[..., 0]
-        assignments[index] = expert.reshape(int(batch), -1).astype("int32")
+            expert = plan_experts(plan, capacity)[..., 0]
+        assignments[index] = expert.reshape(batch, -1).astype("int32")
     return assignments
+
+
+def selected_experts(backbone, images):
+    """{block index: bool array (images, tokens, experts)}: the experts that
+    process each token, as vmoe's adversarial study reads them from the
+    combine weights (an expert is selected when its weight is > 0).
+
+    - a sparse block: every kept choice of the token (up to K experts; none
+      when all its choices were dropped);
+    - a Soft MoE block, where every token mixes all experts: the one expert
+      of `expert_assignments` (the largest share of the token's output).
+
+    Example:
+    ```python
+    chosen = keras_vmoe.models.selected_experts(classifier.backbone, pixels)
+    chosen[3].sum(-1)  # (images, tokens): experts per token, 0 to K.
+    ```
+    """
+    batch = int(ops.shape(images)[0])
+    selected = {}
+    for index, moe, plan, capacity in _block_plans(backbone, images):
+        if capacity is None:
+            chosen = _soft_expert(plan)[..., None]  # (G, S, 1)
+        else:
+            chosen = plan_experts(plan, capacity)  # (G, S, K), -1 where dropped
+        num_experts = moe.num_experts
+        one_hot = (chosen[..., None] == np.arange(num_experts)).any(axis=-2)  # (G, S, E)
+        selected[index] = one_hot.reshape(batch, -1, num_experts)
+    return selected
