@@ -4,6 +4,7 @@ Each bundled preset is loaded once per module (the command itself loads it
 on every call); one test runs the installed console script in a subprocess.
 """
 
+import json
 import os
 import pathlib
 import subprocess
@@ -434,3 +435,194 @@ def test_console_script_exports_a_saved_model(tmp_path):
     assert result.stdout.startswith(f"soft_moe_tiny_cifar10 exported as saved_model to {path}")
     served = tf.saved_model.load(str(path))
     assert tuple(served.serve(np.zeros((3, 32, 32, 3), "float32")).shape) == (3, 10)
+
+
+# === keras-vmoe evaluate ===
+
+
+def make_folder(root, classes=("a", "b"), per_class=4, seed=0):
+    rng = np.random.RandomState(seed)
+    for name in classes:
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.randint(0, 256, (24, 40, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.mark.skipif(
+    backend() != "torch",
+    reason="the command's flow is the same on every backend (its evaluations are tested on each in "
+    "tests/evaluation); run once, in the fastest pass",
+)
+@requires_cifar10
+def test_evaluate_attack_and_ensemble_on_cifar10(capsys, tmp_path, classifiers):
+    from keras_vmoe.data.cifar10 import load_cifar10
+    from keras_vmoe.evaluation import evaluate_robustness
+
+    output = tmp_path / "out"
+    presets_ = ["vit_tiny_cifar10", "vmoe_tiny_cifar10"]
+    status, out, err = run(
+        capsys, "evaluate", *[a for p in presets_ for a in ("--preset", p)], "--cifar10", CIFAR10,
+        "--attack", "pgd", "--epsilon", "2/255", "--updates", "2", "--examples", "8", "--ensemble",
+        "--output", output,
+    )  # fmt: skip
+    assert status == 0, err
+    assert "PGD (2 updates) on 8 CIFAR-10 test images" in out and "Greedy ensemble" in out
+    record = json.loads((output / "evaluation.json").read_text())
+    assert record["presets"] == presets_ and record["data"] == "CIFAR-10"
+    images, labels = load_cifar10(CIFAR10, "test", limit=8)
+    for preset in presets_:
+        direct = evaluate_robustness(classifiers[preset], images, labels, 2 / 255, 2).as_dict()
+        assert record["attack"][preset] == [direct]  # The same computation, JSON round-trips floats.
+    assert set(record["attack"]["vmoe_tiny_cifar10"][0]["expert_iou"]) == {"3", "5"}
+    trace = record["ensemble"]["validation_cross_entropies"]
+    assert all(b < a for a, b in zip(trace, trace[1:]))
+    assert set(record["ensemble"]["test"]) == {*presets_, "ensemble"}
+    with Image.open(output / "robustness.png") as picture:
+        assert picture.size == (640, 420)
+
+
+@pytest.mark.skipif(
+    backend() != "torch",
+    reason="the command's flow is the same on every backend (its evaluations are tested on each in "
+    "tests/evaluation); run once, in the fastest pass",
+)
+def test_evaluate_fewshot_and_ranking_on_fashion_mnist_files(capsys, tmp_path, classifiers):
+    from keras_vmoe.data import load_fashion_mnist
+    from keras_vmoe.evaluation import fewshot_accuracy
+    from keras_vmoe.evaluation import knn_accuracy
+    from keras_vmoe.evaluation import pre_logits
+    from tests.data.test_fashion_mnist_and_folders import fake_fashion_mnist
+
+    data = fake_fashion_mnist(tmp_path, train=30, test=20)
+    output = tmp_path / "out"
+    status, out, err = run(
+        capsys, "evaluate", "--preset", "vit_tiny_cifar10", "--preset", "soft_moe_tiny_cifar10",
+        "--fashion-mnist", data, "--fewshot", "1,3", "--draws", "2", "--rank-presets", "--output", output,
+    )  # fmt: skip
+    assert status == 0, err
+    assert "Few-shot linear accuracy on Fashion-MNIST (2 draws" in out and "ranked by 1-NN" in out
+    record = json.loads((output / "evaluation.json").read_text())
+    train, test = load_fashion_mnist(data, "train"), load_fashion_mnist(data, "test")
+    features = [
+        pre_logits(classifiers["vit_tiny_cifar10"], images, batch_size=64) for images, _ in (train, test)
+    ]
+    direct = fewshot_accuracy(features[0], train[1], features[1], test[1], shots=(1, 3), draws=2)
+    assert record["fewshot"]["vit_tiny_cifar10"] == {
+        str(k): v for k, v in direct.items()
+    }  # Same computation.
+    knn = {}
+    for preset in ("vit_tiny_cifar10", "soft_moe_tiny_cifar10"):
+        train_f, test_f = (
+            pre_logits(classifiers[preset], images, batch_size=64) for images, _ in (train, test)
+        )
+        knn[preset] = knn_accuracy(train_f, train[1], test_f, test[1], k=1)
+    expected = sorted(knn, key=lambda p: (-knn[p], p))
+    assert record["knn_ranking"] == [dict(preset=p, knn_accuracy=knn[p]) for p in expected]
+    assert (output / "fewshot.png").is_file() and not (output / "robustness.png").exists()
+
+
+def test_evaluate_on_an_image_folder_splits_each_class(capsys, tmp_path):
+    folder = make_folder(tmp_path / "images", per_class=4)
+    status, out, err = run(
+        capsys, "evaluate", "--preset", "vit_tiny_cifar10", "--folder", folder, "--fewshot", "2",
+        "--output", tmp_path / "out",
+    )  # fmt: skip
+    assert status == 0, err
+    record = json.loads((tmp_path / "out" / "evaluation.json").read_text())
+    assert record["fewshot"]["vit_tiny_cifar10"]["2"]["per_draw"]  # 2 per class to train, 2 to test
+
+
+@pytest.fixture
+def evaluate_bad_inputs(tmp_path):
+    from tests.data.test_fashion_mnist_and_folders import fake_fashion_mnist
+
+    small = (
+        fake_fashion_mnist(tmp_path / "fashion", train=30, test=10)
+        if (tmp_path / "fashion").mkdir() is None
+        else None
+    )
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    unreadable = make_folder(tmp_path / "unreadable")
+    (unreadable / "a" / "broken.png").write_bytes(b"not a png")
+    two_classes = make_folder(tmp_path / "two")
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    base = ["evaluate", "--preset", "vit_tiny_cifar10"]
+    return {
+        "negative epsilon": (
+            [*base, "--folder", two_classes, "--attack", "pgd", "--epsilon=-1/255"],
+            ["--epsilon: radii must be >= 0"],
+        ),
+        "epsilon not a number": (
+            [*base, "--folder", two_classes, "--attack", "pgd", "--epsilon", "x"],
+            ["--epsilon"],
+        ),
+        "shots over the examples per class": (
+            [*base, "--fashion-mnist", small, "--fewshot", "5"],
+            ["5 shots need 5 training examples per class, but class 0 has 3"],
+        ),
+        "empty folder": ([*base, "--folder", empty, "--fewshot", "1"], ["no images under", str(empty)]),
+        "unreadable image": (
+            [*base, "--folder", unreadable, "--fewshot", "1"],
+            ["cannot read", str(unreadable / "a" / "broken.png")],
+        ),
+        "nothing to evaluate": ([*base, "--folder", two_classes], ["nothing to evaluate"]),
+        "preset without pre-logits": (
+            ["evaluate", "--preset", "limoe_tiny_cifar10", "--folder", two_classes, "--fewshot", "1"],
+            ["limoe_tiny_cifar10", "needs an image classifier of the zoo", "LIMoEZeroShotClassifier"],
+        ),
+        "classes that are not the preset's": (
+            [*base, "--folder", two_classes, "--attack", "pgd"],
+            ["--attack needs data labelled with the preset's classes", "has 10 classes", "has 2"],
+        ),
+        "output exists": (
+            [*base, "--folder", two_classes, "--fewshot", "1", "--output", existing],
+            [f"{existing} exists; pass --overwrite"],
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "negative epsilon",
+        "epsilon not a number",
+        "shots over the examples per class",
+        "empty folder",
+        "unreadable image",
+        "nothing to evaluate",
+        "preset without pre-logits",
+        "classes that are not the preset's",
+        "output exists",
+    ],
+)
+def test_evaluate_bad_input_is_one_error_line_and_writes_nothing(capsys, evaluate_bad_inputs, case, tmp_path):
+    argv, needles = evaluate_bad_inputs[case]
+    if "--output" not in argv:
+        argv = [*argv, "--output", tmp_path / "out"]
+    status, out, err = run(capsys, *argv)
+    assert status == 1
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{ERROR_PREFIX} "), err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".evaluation-*"))
+
+
+@pytest.mark.skipif(backend() != "jax", reason="one process start is enough: on jax only")
+def test_console_script_evaluates_a_folder(tmp_path):
+    script = pathlib.Path(sys.executable).parent / "keras-vmoe"
+    folder = make_folder(tmp_path / "images", per_class=4)
+    result = subprocess.run(
+        [str(script), "evaluate", "--preset", "vit_tiny_cifar10", "--folder", str(folder), "--rank-presets",
+         "--output", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Presets ranked by 1-NN accuracy" in result.stdout
+    record = json.loads((tmp_path / "out" / "evaluation.json").read_text())
+    assert record["knn_ranking"][0]["preset"] == "vit_tiny_cifar10"

@@ -37,6 +37,7 @@ result.adversarial_accuracy, result.expert_iou  # {3: 0.93, 5: 0.88}: per MoE bl
 
 import dataclasses
 import math
+import weakref
 
 import keras
 import numpy as np
@@ -77,6 +78,17 @@ def _check_labels(labels, count, num_classes):
     return labels.astype("int32")
 
 
+_STEPS = weakref.WeakKeyDictionary()
+
+
+def attack_step(model):
+    """The model's `loss_and_input_gradient` for the cross-entropy, built once
+    per model (JAX and TensorFlow compile it once per input shape)."""
+    if model not in _STEPS:
+        _STEPS[model] = loss_and_input_gradient(model, cross_entropy)
+    return _STEPS[model]
+
+
 def _per_example_losses(model, x, y):
     return keras.ops.convert_to_numpy(cross_entropy(y, model(x, training=False)))
 
@@ -95,15 +107,15 @@ def pgd_attack(model, inputs, labels, epsilon, num_updates, input_range=None, ke
             step is clipped to it.
         keep_best: return each image's highest-loss iterate (x_0 included)
             instead of the last one (vmoe's choice).
-        step: a `loss_and_input_gradient(model, cross_entropy)` function to
-            reuse across batches (built when None).
+        step: None (the model's cached `attack_step`), or another
+            `loss_and_input_gradient(model, loss)` function.
 
     Returns:
         float32 (B, ...) adversarial inputs, each within `epsilon` of its
         input (and within `input_range`).
     """
     check_attack(epsilon, num_updates)
-    step = step or loss_and_input_gradient(model, cross_entropy)
+    step = step or attack_step(model)
     x0 = np.asarray(inputs, "float32")
     labels = np.asarray(labels, "int32")
     low, high = x0 - np.float32(epsilon), x0 + np.float32(epsilon)
@@ -202,7 +214,7 @@ def evaluate_robustness(
     if not len(inputs):
         raise ValueError("evaluate_robustness got no images.")
     valid_range = model_input_range(model) if clip else None
-    step = loss_and_input_gradient(model, cross_entropy)
+    step = attack_step(model)
     totals = dict(correct=np.zeros(2), loss=np.zeros(2), changes=0.0)
     iou_sums = {}
     parts = batches(len(inputs), batch_size)
