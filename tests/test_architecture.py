@@ -24,6 +24,7 @@ LEVELS = {
     "upcycling": 6,
     "presets": 7,
     "recipes": 7,
+    "evaluation": 7,
     "cli": 8,
     "__init__": 8,
 }

@@ -15,6 +15,7 @@ import pytest
 ON_BACKEND = {
     "test_moe_layer.py": "torch",
     "test_patch_merger.py": "jax",
+    "test_robustness.py": "torch",
     "test_serving.py": "tensorflow",  # SavedModel and ONNX (tf2onnx)
     "test_upcycling_cifar10.py": "jax",
 }
