@@ -18,7 +18,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 GUIDES = sorted((ROOT / "guides").glob("*.py"))
 SHARED = pathlib.Path(os.environ.get("KERAS_VMOE_SHARED", ROOT.parent / "shared"))
 TIMEOUT_S = 300
-BACKENDS = ("jax", "tensorflow", "torch")
+# The order of the turns: PyTorch's pass first, as the JAX pass, which the
+# suite runs beside the other two (tools/run_suite.py), is the longer.
+BACKENDS = ("torch", "tensorflow", "jax")
 # keras.distribution shards only on JAX; the evaluation guide jit-compiles a
 # gradient per model on JAX and runs fastest on PyTorch.
 PINNED = {"expert_parallelism.py": "jax", "evaluation.py": "torch"}

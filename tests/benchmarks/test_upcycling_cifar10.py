@@ -5,7 +5,6 @@ import pathlib
 import subprocess
 import sys
 
-import keras
 import pytest
 from PIL import Image
 
@@ -17,7 +16,6 @@ SCRIPT = "benchmarks/upcycling_cifar10.py"
 
 @pytest.mark.slow
 @pytest.mark.skipif(not (DATA / "cifar10_jpeg.npz").is_file(), reason=f"no CIFAR-10 archive under {DATA}")
-@pytest.mark.skipif(keras.backend.backend() != "jax", reason="backend independent script: once, on jax")
 def test_an_arm_trains_and_the_report_merges_arms(tmp_path):
     arm = tmp_path / "vmoe.json"
     process = subprocess.run(
