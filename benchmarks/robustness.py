@@ -48,6 +48,9 @@ def run(args):
     for preset in PRESETS:
         classifier = VisionTransformerImageClassifier.from_preset(preset)
         flops = count_flops(classifier)
+        # The IoU before any attack: tokens a sparse block drops have no
+        # expert, and vmoe counts their IoU as 0, so this is the ceiling.
+        unattacked = evaluate_robustness(classifier, images, labels, 0.0, 1, args.batch_size).expert_iou
         rows = []
         for level in args.levels:
             start = time.time()
@@ -67,7 +70,14 @@ def run(args):
                 f"{row['adversarial_accuracy']:.4f}, IoU {row['expert_iou']}",
                 flush=True,
             )
-        results.append(dict(preset=preset, flops_per_image=int(flops["total"]), rows=rows))
+        results.append(
+            dict(
+                preset=preset,
+                flops_per_image=int(flops["total"]),
+                unattacked_expert_iou={str(b): v for b, v in unattacked.items()},
+                rows=rows,
+            )
+        )
     return dict(
         examples=len(images),
         updates=args.updates,
@@ -84,7 +94,16 @@ def report(record, output):
         f"{record['examples']} CIFAR-10 test images, {record['updates']} PGD updates, backend "
         f"{record['backend']}, {record['hardware']}. Epsilon in pixel levels of 255 (x 2/255 in the "
         "[-1, 1] input space); accuracy and loss before -> after; IoU of each MoE block's selected "
-        "experts before and after the attack (Soft MoE: each token's main expert).",
+        "experts before and after the attack (Soft MoE: each token's main expert). vmoe counts a token "
+        "with no expert (dropped by every choice) as IoU 0, so without any attack the IoU is the share "
+        "of tokens kept: "
+        + "; ".join(
+            f"{r['preset']} "
+            + ", ".join(f"block {b}: {v:.3f}" for b, v in r["unattacked_expert_iou"].items())
+            for r in record["results"]
+            if r["unattacked_expert_iou"]
+        )
+        + ".",
         "",
         "| preset | GFLOPs / image | epsilon (levels) | top-1 | loss | predictions changed | expert IoU |",
         "|---|---|---|---|---|---|---|",

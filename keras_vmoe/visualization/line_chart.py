@@ -56,9 +56,12 @@ def draw_line_chart(series, x_label, y_label, title, x_log=False, size=(640, 420
         _, py = to_pixel(2**x_min if x_log else x_min, y)
         draw.text((8, py - 7), y_format.format(y), fill="black", font=font)
     distinct = sorted({x for x, _ in points})
+    last = -math.inf
     for value in distinct if len(distinct) <= 8 else [2**x if x_log else x for x in _ticks(x_min, x_max)]:
         px, _ = to_pixel(value, y_min)
-        draw.text((px - 10, height - bottom + 6), f"{value:.3g}", fill="black", font=font)
+        if px - last >= 32:  # Labels closer than that would overlap.
+            draw.text((px - 10, height - bottom + 6), f"{value:.3g}", fill="black", font=font)
+            last = px
     draw.text((left, height - 22), x_label, fill="black", font=font)
     draw.text((8, top - 26), y_label, fill="black", font=font)
     draw.text((left, 8), title, fill="black", font=font)
