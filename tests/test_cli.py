@@ -66,6 +66,16 @@ def run(capsys, *argv):
     return status, out, err
 
 
+def assert_one_error_line(status, err, needles):
+    """Status 1 and one `keras-vmoe: error:` line holding every needle, no traceback."""
+    assert status == 1
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{ERROR_PREFIX} "), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
 def predictions(out):
     """{image path: [(class name, probability), ...]} from classify's output."""
     table, path = {}, None
@@ -285,12 +295,7 @@ def bad_inputs(tmp_path, photos):
 def test_bad_input_is_one_error_line_and_status_1(capsys, bad_inputs, case, tmp_path):
     argv, needles = bad_inputs[case]
     status, out, err = run(capsys, *argv)
-    assert status == 1
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"{ERROR_PREFIX} "), err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
+    assert_one_error_line(status, err, needles)
     assert out == ""  # Nothing classified before the bad input was found.
     assert not (tmp_path / "m.png").exists()
 
@@ -603,11 +608,7 @@ def test_evaluate_bad_input_is_one_error_line_and_writes_nothing(capsys, evaluat
     if "--output" not in argv:
         argv = [*argv, "--output", tmp_path / "out"]
     status, out, err = run(capsys, *argv)
-    assert status == 1
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"{ERROR_PREFIX} "), err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
+    assert_one_error_line(status, err, needles)
     assert not (tmp_path / "out").exists()
     assert not list(tmp_path.glob(".evaluation-*"))
 
