@@ -227,12 +227,7 @@ def fewshot(features_by_preset, data, args, shots):
 
 def rank(features_by_preset, data, args):
     try:
-        ranking = rank_by_knn(
-            {preset: pair for preset, pair in features_by_preset.items()},
-            data["train"][1],
-            data["test"][1],
-            args.knn_k,
-        )
+        ranking = rank_by_knn(features_by_preset, data["train"][1], data["test"][1], args.knn_k)
     except ValueError as error:
         raise CommandError(f"kNN ranking: {error}") from error
     print(f"\nPresets ranked by {args.knn_k}-NN accuracy on {data['name']}")
