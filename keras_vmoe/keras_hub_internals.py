@@ -6,6 +6,12 @@ suite has run against (`>=0.32,<0.33`); when keras-hub moves one of these,
 this file is the only one to change.
 """
 
+# DINOv2's position-table resizing (bicubic through `keras.ops.image.resize`,
+# whose kernel differs per backend, optionally antialiased), a static method
+# of its embedding layer; the DINOv2 converter resizes exactly as keras-hub
+# does on the running backend.
+from keras_hub.src.models.dinov2.dinov2_layers import DINOV2Embedding  # noqa: F401
+
 # keras-hub's Gemma RMSNorm, `x * (1 + scale)`: the PaliGemma decoder's. The
 # public `keras_hub.layers.RMSNormalization` is another layer (`x * scale`).
 from keras_hub.src.models.gemma.rms_normalization import RMSNormalization  # noqa: F401
@@ -13,6 +19,10 @@ from keras_hub.src.models.gemma.rms_normalization import RMSNormalization  # noq
 # The decoder block of keras-hub's PaliGemma (prefix-LM attention, Gemma 2
 # options), reused as is by our VLM; not exported.
 from keras_hub.src.models.pali_gemma.pali_gemma_decoder_block import PaliGemmaDecoderBlock  # noqa: F401
+
+# Reads one JSON file of a preset (a local folder or a handle, fetching only
+# that file): the converters learn a preset's class before loading weights.
+from keras_hub.src.utils.preset_utils import load_json  # noqa: F401
 
 # Registers built-in preset names for a class, as keras-hub's own families do
 # from their `__init__`; not exported.

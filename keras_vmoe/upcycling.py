@@ -17,10 +17,10 @@ moe.compile(...); moe.fit(images, labels)
 """
 
 import keras
-import keras_hub
 import numpy as np
 
-from keras_vmoe.convert.keras_hub_vit import from_keras_hub_vit
+from keras_vmoe.convert.keras_hub_models import from_keras_hub
+from keras_vmoe.convert.keras_hub_models import keras_hub_converter
 from keras_vmoe.layers import ROUTERS
 from keras_vmoe.layers.mlp import Mlp
 from keras_vmoe.layers.moe import SoftMoE
@@ -109,8 +109,8 @@ def upcycle(
     Args:
         model: a `VisionTransformerBackbone` (a dense ViT, a V-MoE, a Soft
             MoE), a `VisionTransformerImageClassifier` on one, a keras-hub
-            `ViTBackbone` (converted first with
-            `keras_vmoe.convert.from_keras_hub_vit`), or a PaliGemma-style
+            model that `keras_vmoe.convert.from_keras_hub` converts (ViT,
+            SigLIP, DINOv2, PaliGemma; converted first), or a PaliGemma-style
             `PaliGemmaMoECausalLM` / `PaliGemmaMoEBackbone`, whose image
             tower is upcycled (`moe_layers` are tower blocks) and whose
             decoder and projection are kept.
@@ -145,6 +145,8 @@ def upcycle(
     if router != "soft" and router not in ROUTERS:
         known = ", ".join(map(repr, [*router_names(), "soft"]))
         raise ValueError(f"upcycle: router must be one of {known}, got {router!r}.")
+    if keras_hub_converter(model) is not None:
+        model = from_keras_hub(model)
     vlm = _upcycle_vlm_image_tower(
         model,
         num_experts,
@@ -164,12 +166,10 @@ def upcycle(
         )
     task = model if isinstance(model, VisionTransformerImageClassifier) else None
     backbone = task.backbone if task is not None else model
-    if isinstance(backbone, keras_hub.models.ViTBackbone):
-        backbone = from_keras_hub_vit(backbone)
     if not isinstance(backbone, VisionTransformerBackbone):
         raise ValueError(
             "upcycle: expected a keras_vmoe backbone or image classifier, or a keras-hub "
-            f"ViTBackbone; got {type(model).__name__}."
+            f"model that keras_vmoe.convert.from_keras_hub converts; got {type(model).__name__}."
         )
     moe_layers = tuple(moe_layers)
     for index in moe_layers:

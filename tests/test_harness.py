@@ -23,6 +23,7 @@ LAYERS = {
         (2, 4, 8),
     ),
     "ClassToken": (layers.ClassToken, {}, TOKENS, (B, T + 1, D)),
+    "RegisterTokens": (layers.RegisterTokens, dict(num_tokens=2, index=1), TOKENS, (B, T + 2, D)),
     "PositionEmbedding": (
         layers.PositionEmbedding,
         dict(kind="learned", grid_size=(4, 4)),
@@ -117,6 +118,16 @@ BACKBONES = {
     "VMoEBackbone": (
         models.VMoEBackbone,
         lambda: tiny_vit_arguments(num_selected_experts=2, **MOE),
+        lambda: random_images(2),
+        [(2, 32)],
+        {},
+    ),
+    # DINOv2's options: registers (skipped by GAP), LayerScale.
+    "VMoEBackbone with registers": (
+        models.VMoEBackbone,
+        lambda: tiny_vit_arguments(
+            num_selected_experts=2, num_register_tokens=2, pooling="gap", layer_scale_init=0.1, **MOE
+        ),
         lambda: random_images(2),
         [(2, 32)],
         {},

@@ -16,10 +16,10 @@ num_experts=..., moe_layers=...)` turns MLPs of the image tower into MoE
 layers of copied experts.
 """
 
-import keras
 import keras_hub
-import numpy as np
 
+from keras_vmoe.convert.weight_pairs import assign_pairs
+from keras_vmoe.convert.weight_pairs import check_pairs
 from keras_vmoe.errors import CheckpointError
 from keras_vmoe.models import PaliGemmaMoEBackbone
 from keras_vmoe.models import PaliGemmaMoECausalLM
@@ -101,17 +101,6 @@ def _decoder_pairs(theirs, ours):
     return pairs
 
 
-def _assign(pairs):
-    for name, theirs, ours in pairs:
-        value = keras.ops.convert_to_numpy(theirs)
-        if value.size != int(np.prod(ours.shape)):
-            raise CheckpointError(
-                f"from_keras_hub_pali_gemma: {name} has shape {value.shape} in the keras-hub "
-                f"model but {tuple(ours.shape)} in the converted one."
-            )
-        ours.assign(value.reshape(ours.shape).astype(ours.dtype))
-
-
 def _backbone_from_keras_hub(pali_gemma, dtype):
 
     # (keras-hub cannot build a PaliGemma whose ViT pools: the decoder needs
@@ -159,16 +148,8 @@ def _backbone_from_keras_hub(pali_gemma, dtype):
         dtype=dtype,
     )
     pairs = _vit_pairs(vit, tower, backbone.image_projection) + _decoder_pairs(pali_gemma, backbone)
-    # Every weight on both sides is mapped exactly once.
-    for side, model, index in (("keras-hub", pali_gemma, 1), ("converted", backbone, 2)):
-        mapped = {id(pair[index]) for pair in pairs}
-        unmapped = [weight.path for weight in model.weights if id(weight) not in mapped]
-        if unmapped or len(mapped) != len(pairs):
-            raise CheckpointError(
-                f"from_keras_hub_pali_gemma: weights of the {side} model without a counterpart: "
-                f"{unmapped or 'some mapped twice'}."
-            )
-    _assign(pairs)
+    check_pairs("from_keras_hub_pali_gemma", pairs, pali_gemma, backbone)
+    assign_pairs("from_keras_hub_pali_gemma", pairs)
     return backbone
 
 

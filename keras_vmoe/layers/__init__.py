@@ -1,11 +1,12 @@
 """Layers: the encoder pieces, the dense MLP, routers, MoE layers and the PatchMerger."""
 
-from keras_vmoe.layers.encoder import ClassToken
+from keras_vmoe.layers.embedding import ClassToken
+from keras_vmoe.layers.embedding import PatchEmbedding
+from keras_vmoe.layers.embedding import PositionEmbedding
+from keras_vmoe.layers.embedding import RegisterTokens
 from keras_vmoe.layers.encoder import EncoderBlock
 from keras_vmoe.layers.encoder import MultiHeadAttentionPooling
 from keras_vmoe.layers.encoder import MultiHeadDotProductAttention
-from keras_vmoe.layers.encoder import PatchEmbedding
-from keras_vmoe.layers.encoder import PositionEmbedding
 from keras_vmoe.layers.encoder import SequencePooling
 from keras_vmoe.layers.mlp import Mlp
 from keras_vmoe.layers.moe import MoELayer

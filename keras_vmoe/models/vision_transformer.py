@@ -13,13 +13,14 @@ import keras
 from keras_hub.models import Backbone
 
 from keras_vmoe.export import ExportMixin
+from keras_vmoe.layers.embedding import POSITION_EMBEDDINGS
+from keras_vmoe.layers.embedding import ClassToken
+from keras_vmoe.layers.embedding import PatchEmbedding
+from keras_vmoe.layers.embedding import PositionEmbedding
+from keras_vmoe.layers.embedding import RegisterTokens
 from keras_vmoe.layers.encoder import POOLINGS
-from keras_vmoe.layers.encoder import POSITION_EMBEDDINGS
-from keras_vmoe.layers.encoder import ClassToken
 from keras_vmoe.layers.encoder import EncoderBlock
 from keras_vmoe.layers.encoder import MultiHeadAttentionPooling
-from keras_vmoe.layers.encoder import PatchEmbedding
-from keras_vmoe.layers.encoder import PositionEmbedding
 from keras_vmoe.layers.encoder import SequencePooling
 from keras_vmoe.layers.mlp import Mlp
 from keras_vmoe.layers.moe import MoELayer
@@ -210,6 +211,10 @@ class VisionTransformerBackbone(ExportMixin, BuiltinPresetMixin, Backbone):
         layer_norm_epsilon: float.
         layer_scale_init: None, or the initial value of LayerScale on every
             block's attention and MLP branches (DINOv2 style).
+        num_register_tokens: int >= 0. Learned register tokens inserted after
+            the class token, after the position embedding (DINOv2 with
+            registers); pooling and the PatchMerger skip them like the class
+            token.
         moe_layers: indices of the blocks whose MLP is a MoE layer.
         patch_merger: None, or `dict(after_block=b, num_tokens=M)`: merge the
             patch tokens into M after block b (0 <= b <= num_layers - 2,
@@ -235,6 +240,7 @@ class VisionTransformerBackbone(ExportMixin, BuiltinPresetMixin, Backbone):
         approximate_gelu=True,
         layer_norm_epsilon=1e-6,
         layer_scale_init=None,
+        num_register_tokens=0,
         moe_layers=(),
         moe_mlp=None,
         patch_merger=None,
@@ -265,7 +271,8 @@ class VisionTransformerBackbone(ExportMixin, BuiltinPresetMixin, Backbone):
         if moe_layers and moe_mlp is None:
             raise ValueError(f"{owner}: moe_layers given but this backbone has no MoE layer type.")
         grid_size = (image_shape[0] // patch_size[0], image_shape[1] // patch_size[1])
-        num_prefix_tokens = int(bool(use_class_token))
+        num_register_tokens = check_int("num_register_tokens", num_register_tokens, minimum=0, owner=owner)
+        num_prefix_tokens = int(bool(use_class_token)) + num_register_tokens
         num_patches = grid_size[0] * grid_size[1]
         patch_merger = check_patch_merger(patch_merger, num_layers, num_patches, owner)
 
@@ -277,10 +284,14 @@ class VisionTransformerBackbone(ExportMixin, BuiltinPresetMixin, Backbone):
         x = PositionEmbedding(
             position_embedding,
             grid_size,
-            num_prefix_tokens,
+            int(bool(use_class_token)),
             dtype=dtype,
             name="position_embedding",
         )(x)
+        if num_register_tokens:
+            x = RegisterTokens(
+                num_register_tokens, int(bool(use_class_token)), dtype=dtype, name="register_tokens"
+            )(x)
         x = keras.layers.Dropout(dropout_rate, dtype=dtype, name="embedding_dropout")(x)
         blocks = encoder_blocks(
             num_layers,
@@ -347,6 +358,7 @@ class VisionTransformerBackbone(ExportMixin, BuiltinPresetMixin, Backbone):
         self.approximate_gelu = bool(approximate_gelu)
         self.layer_norm_epsilon = layer_norm_epsilon
         self.layer_scale_init = layer_scale_init
+        self.num_register_tokens = num_register_tokens
         self.moe_layers = moe_layers
         self.patch_merger = patch_merger
 
@@ -406,7 +418,7 @@ class VisionTransformerBackbone(ExportMixin, BuiltinPresetMixin, Backbone):
 
     @property
     def num_prefix_tokens(self):
-        return int(self.use_class_token)
+        return int(self.use_class_token) + self.num_register_tokens
 
     @property
     def output_dim(self):
@@ -431,6 +443,7 @@ class VisionTransformerBackbone(ExportMixin, BuiltinPresetMixin, Backbone):
             approximate_gelu=self.approximate_gelu,
             layer_norm_epsilon=self.layer_norm_epsilon,
             layer_scale_init=self.layer_scale_init,
+            num_register_tokens=self.num_register_tokens,
             moe_layers=self.moe_layers,
             patch_merger=self.patch_merger,
         )

@@ -44,7 +44,7 @@ def test_position_embeddings_and_qk_norm(position_embedding, qk_norm):
 
 
 def test_sincos2d_embedding_follows_vmoe_formula():
-    from keras_vmoe.layers.encoder import sincos2d_position_embedding
+    from keras_vmoe.layers.embedding import sincos2d_position_embedding
 
     table = sincos2d_position_embedding((2, 3), 8)
     # Position (row 1, column 2): omega = [1, 1e-4]; x = 2, y = 1.

@@ -6,9 +6,9 @@ from keras_hub.layers import PositionEmbedding as SequencePositionEmbedding
 from keras_hub.models import Backbone
 
 from keras_vmoe.export import ExportMixin
+from keras_vmoe.layers.embedding import PatchEmbedding
+from keras_vmoe.layers.embedding import PositionEmbedding
 from keras_vmoe.layers.encoder import MultiHeadAttentionPooling
-from keras_vmoe.layers.encoder import PatchEmbedding
-from keras_vmoe.layers.encoder import PositionEmbedding
 from keras_vmoe.layers.encoder import SequencePooling
 from keras_vmoe.layers.moe import SparseMoE
 from keras_vmoe.layers.multimodal_routing import MultimodalTokenChoiceRouter
