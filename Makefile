@@ -12,7 +12,7 @@ BACKENDS := jax tensorflow torch
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[all,test,demo,onnx,export]"
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[all,test,demo,onnx,export,orbax]"
 	touch $@
 
 install: $(VENV)/.installed

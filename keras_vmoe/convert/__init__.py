@@ -10,4 +10,5 @@ from keras_vmoe.convert.vmoe_checkpoint import backbone_from_vmoe_config
 from keras_vmoe.convert.vmoe_checkpoint import load_vmoe_checkpoint
 from keras_vmoe.convert.vmoe_checkpoint import vmoe_name_table
 from keras_vmoe.convert.vmoe_checkpoint_reader import read_vmoe_checkpoint
+from keras_vmoe.convert.vmoe_orbax_reader import read_vmoe_orbax_checkpoint
 from keras_vmoe.errors import CheckpointError

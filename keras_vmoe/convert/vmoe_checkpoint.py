@@ -9,11 +9,13 @@ assigned; a missing, extra or misshapen parameter raises an error naming it.
 """
 
 import math
+import os
 
 import keras
 import numpy as np
 
 from keras_vmoe.convert.vmoe_checkpoint_reader import read_vmoe_checkpoint
+from keras_vmoe.convert.vmoe_orbax_reader import read_vmoe_orbax_checkpoint
 from keras_vmoe.errors import CheckpointError
 from keras_vmoe.layers import SoftMoE
 from keras_vmoe.models import SoftMoEBackbone
@@ -357,7 +359,10 @@ def load_vmoe_checkpoint(
 
     Args:
         prefix: checkpoint path without `.index` / `.data-*` (a local path;
-            download `gs://vmoe_checkpoints/<name>.*` first).
+            download `gs://vmoe_checkpoints/<name>.*` first), or a directory:
+            an Orbax checkpoint of vmoe's trainer, `workdir/ckpt` (its latest
+            step), `ckpt/<step>` or `ckpt/<step>/state` (needs
+            `pip install "keras-vmoe[orbax]"`; see `read_vmoe_orbax_checkpoint`).
         model_config: the vmoe model config dict (`config.model` in vmoe's
             configs: `num_classes`, `patch_size`, `hidden_size`, `classifier`,
             `encoder: {num_layers, mlp_dim, num_heads, moe: {...}}`).
@@ -383,7 +388,11 @@ def load_vmoe_checkpoint(
     ```
     """
 
-    params = read_vmoe_checkpoint(prefix, verbose=verbose)
+    path = os.fspath(prefix)
+    if os.path.isdir(path) and not os.path.exists(path + ".index"):
+        params = read_vmoe_orbax_checkpoint(path, verbose=verbose)
+    else:
+        params = read_vmoe_checkpoint(path, verbose=verbose)
     if image_shape is None:
         image_shape = _image_shape_from_params(params, model_config)
     backbone = backbone_from_vmoe_config(model_config, image_shape, bfloat16_dispatch, dtype)
