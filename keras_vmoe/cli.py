@@ -5,6 +5,8 @@
     keras-vmoe export [--preset NAME] [--format saved_model|onnx] [--batch-size N] OUTPUT
     keras-vmoe evaluate --preset NAME ... (--cifar10 ARCHIVE | --fashion-mnist [DIR] | --folder DIR)
         [--attack pgd --epsilon E,...] [--fewshot K,...] [--rank-presets] [--ensemble]
+    keras-vmoe convert SOURCE OUTPUT_DIR [--model-config FILE.json|NAME] [--num-classes N]
+        [--upcycle NUM_EXPERTS --moe-layers I,J,... --router NAME]
     keras-vmoe presets
 
 `classify` takes image classifiers and the LIMoE zero-shot classifier
@@ -13,7 +15,8 @@ preset; `--labels` replaces them with yours). `expert-modality` draws, for a
 LIMoE preset, the share of image and of text tokens each expert of each MoE
 block takes
 (`keras_vmoe.models.limoe.expert_modality`). `evaluate` runs the papers'
-evaluations (`keras_vmoe.evaluation.command`).
+evaluations (`keras_vmoe.evaluation.command`). `convert` turns a vmoe, keras-hub
+or DINOv2 ONNX checkpoint into a preset (`keras_vmoe.convert_command`).
 
 Bad input (a missing or unreadable image, an unknown preset) ends with one
 line on stderr, `keras-vmoe: error: ...`, and exit status 1.
@@ -28,6 +31,7 @@ import keras
 import numpy as np
 from keras_hub.utils import imagenet_id_to_name
 
+from keras_vmoe import convert_command
 from keras_vmoe.data import images as images_data
 from keras_vmoe.data.cifar10 import CIFAR10_CLASS_NAMES
 from keras_vmoe.data.cifar10 import load_cifar10
@@ -384,6 +388,8 @@ def build_parser():
     export_parser.set_defaults(run=export)
     evaluate_parser = evaluate_command.add_parser(commands, positive_int)
     evaluate_parser.set_defaults(run=lambda args: evaluate_command.run(args, load_classifier))
+    convert_parser = convert_command.add_parser(commands, positive_int)
+    convert_parser.set_defaults(run=convert_command.run)
     presets_parser = commands.add_parser("presets", help="every built-in preset")
     presets_parser.set_defaults(run=list_presets)
     return parser

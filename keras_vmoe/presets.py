@@ -34,7 +34,6 @@ import json
 import os
 import pathlib
 import shutil
-import tempfile
 import urllib.parse
 
 import keras
@@ -54,6 +53,7 @@ from keras_vmoe.models.vmoe.vmoe_image_converter import VMoEImageConverter
 from keras_vmoe.models.vmoe.vmoe_presets import VMOE_CHECKPOINT_PRESETS
 from keras_vmoe.models.vmoe.vmoe_presets import VMoECheckpointPreset  # noqa: F401 (as before)
 from keras_vmoe.models.vmoe.vmoe_presets import vmoe_paper_model_config  # noqa: F401 (as before)
+from keras_vmoe.staging import staged_folder
 
 VMOE_BUCKET_URL = "https://storage.googleapis.com/vmoe_checkpoints"
 
@@ -261,29 +261,24 @@ def _download_checkpoint(preset, folder):
     return prefix
 
 
+def vmoe_checkpoint_preprocessor(image_size):
+    """The preprocessor of a converted vmoe classifier: uint8 images resized to
+    `image_size` (an int) and scaled to [-1, 1], vmoe's `value_range(-1, 1)`."""
+    return VMoEImageClassifierPreprocessor(
+        VMoEImageConverter(image_size=(image_size, image_size), scale=1 / 127.5, offset=-1.0)
+    )
+
+
 def _convert_vmoe_checkpoint(preset):
     """Downloads, converts and caches a released checkpoint as a keras-hub preset."""
     target = cache_folder(preset.name)
     downloads = home() / "downloads" / preset.name
     prefix = _download_checkpoint(preset, downloads)
     print(f"Converting {preset.source} to a keras-hub preset in {target}")
-    preprocessor = VMoEImageClassifierPreprocessor(
-        VMoEImageConverter(
-            image_size=(preset.image_size, preset.image_size),
-            scale=1 / 127.5,  # vmoe's value_range(-1, 1).
-            offset=-1.0,
-        )
-    )
+    preprocessor = vmoe_checkpoint_preprocessor(preset.image_size)
     classifier = load_vmoe_checkpoint(prefix, preset.model_config, preprocessor=preprocessor, verbose=True)
-    # Write next to the target and rename, so a failure leaves no half preset.
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{preset.name}-", dir=target.parent))
-    try:
+    with staged_folder(target) as staging:  # A failure leaves no half preset.
         classifier.save_to_preset(str(staging))
-        staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     shutil.rmtree(downloads, ignore_errors=True)
 
 

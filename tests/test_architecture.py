@@ -12,6 +12,7 @@ LEVELS = {
     "version": 0,
     "validation": 0,
     "errors": 0,
+    "staging": 0,
     "keras_hub_internals": 0,
     "ops": 1,
     "distribution": 2,
@@ -26,6 +27,7 @@ LEVELS = {
     "recipes": 7,
     "evaluation": 7,
     "cli": 8,
+    "convert_command": 8,
     "__init__": 8,
 }
 BACKENDS = ("jax", "jaxlib", "tensorflow", "torch")

@@ -26,8 +26,6 @@ the splits, otherwise each class is split in half (seeded).
 
 import json
 import pathlib
-import shutil
-import tempfile
 
 import numpy as np
 
@@ -48,6 +46,7 @@ from keras_vmoe.evaluation.inputs import pre_logits
 from keras_vmoe.evaluation.model_selection import greedy_ensemble
 from keras_vmoe.evaluation.model_selection import mean_cross_entropy
 from keras_vmoe.evaluation.model_selection import rank_by_knn
+from keras_vmoe.staging import staged_folder
 from keras_vmoe.visualization.line_chart import draw_line_chart
 
 
@@ -265,9 +264,7 @@ def ensemble(classifiers, data, args):
 
 def write_outputs(output, record):
     """The JSON record and plots, into a temporary folder moved into place at the end."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=".evaluation-", dir=output.parent))
-    try:
+    with staged_folder(output) as staging:
         (staging / "evaluation.json").write_text(json.dumps(record, indent=2) + "\n")
         if "attack" in record:
             series = {p: [(0.0, rows[0]["clean_accuracy"])] for p, rows in record["attack"].items()}
@@ -286,12 +283,6 @@ def write_outputs(output, record):
             draw_line_chart(series, "shots per class", "accuracy", title, x_log=True).save(
                 staging / "fewshot.png"
             )
-        if output.exists():
-            shutil.rmtree(output)
-        staging.rename(output)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
 
 
 def run(args, load_classifier):

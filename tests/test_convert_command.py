@@ -1,0 +1,293 @@
+"""`keras-vmoe convert`, run as the installed console script for each kind of
+source, and its bad-input errors (in-process).
+
+The command's flow is the same on every backend and each converter is tested
+on every backend in tests/convert, so the process starts run on torch alone
+(the lightest pass of the suite).
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import keras
+import keras_hub
+import numpy as np
+import pytest
+
+from keras_vmoe import cli
+from keras_vmoe.convert import load_dinov2_onnx
+from keras_vmoe.convert import load_vmoe_checkpoint
+from keras_vmoe.models import PaliGemmaMoECausalLM
+from keras_vmoe.models import SoftMoEImageClassifier
+from keras_vmoe.models import VMoEBackbone
+from keras_vmoe.models import VMoEImageClassifier
+from tests.convert.test_dinov2_onnx import synthetic_weights
+from tests.convert.test_dinov2_onnx import write_export
+from tests.convert.test_keras_hub_pali_gemma import KERAS_HUB_BACKBONE
+from tests.convert.test_keras_hub_pali_gemma import TEXTS
+from tests.convert.test_keras_hub_towers import dinov2
+from tests.convert.test_keras_hub_towers import perturbed
+from tests.convert.test_keras_hub_towers import siglip_vision
+from tests.helpers import FIXTURES
+from tests.helpers import backend
+from tests.helpers import f32_atol
+from tests.helpers import random_images
+from tests.helpers import requires_fixtures
+from tests.helpers import to_numpy
+from tests.models.pali_gemma_moe.tiny_pali_gemma import sentencepiece_proto
+
+TOKEN_CHOICE = FIXTURES / "vmoe_tiny_token_choice"
+ERROR_PREFIX = "keras-vmoe: error:"
+# K = E and capacity for every token: the upcycled tower computes the dense one.
+EVERY_EXPERT = (
+    "--upcycle",
+    "4",
+    "--moe-layers",
+    "1",
+    "--num-selected-experts",
+    "4",
+    "--capacity-factor",
+    "1",
+)
+console = pytest.mark.skipif(backend() != "torch", reason="process starts: on torch only (see the docstring)")
+
+
+def convert(*argv):
+    """Runs the console script; returns its completed process."""
+    script = pathlib.Path(sys.executable).parent / "keras-vmoe"
+    assert script.is_file(), f"console script not installed at {script}"
+    return subprocess.run(
+        [str(script), "convert", *map(str, argv)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "KERAS_BACKEND": backend(), "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+
+
+def converted(*argv):
+    result = convert(*argv)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Wrote a " in result.stdout
+    return json.loads((pathlib.Path(str(argv[1])) / "metadata.json").read_text())["keras_vmoe_conversion"]
+
+
+def assert_close(got, expected):
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, atol=f32_atol(expected), rtol=0)
+
+
+def saved(model, folder):
+    model.save_to_preset(str(folder))
+    return folder
+
+
+@console
+def test_siglip_preset_upcycled_to_a_soft_moe_classifier(tmp_path):
+    keras.utils.set_random_seed(0)
+    vision = perturbed(siglip_vision(), 1)
+    source = saved(vision, tmp_path / "siglip")
+    output = tmp_path / "soft_moe"
+    record = converted(
+        source, output, "--num-classes", "10", "--upcycle", "4", "--moe-layers", "1", "--router", "soft"
+    )
+    assert record["source_kind"] == "keras-hub" and record["source_class"] == "SigLIPVisionEncoder"
+    assert record["upcycled"] == dict(num_experts=4, moe_layers=[1], router="soft", group_size=None)
+    classifier = keras_hub.models.ImageClassifier.from_preset(str(output))
+    assert isinstance(classifier, SoftMoEImageClassifier) and classifier.backbone.moe_layers == (1,)
+    pixels = np.random.RandomState(0).randint(0, 256, (2, 32, 32, 3)).astype("uint8")
+    assert classifier.predict(pixels, verbose=0).shape == (2, 10)
+    # No source preprocessor: pixels scaled to [-1, 1].
+    converter = classifier.preprocessor.image_converter
+    assert (converter.scale, converter.offset) == (1 / 127.5, -1.0)
+
+
+@console
+@pytest.mark.parametrize("kind", ["siglip", "dinov2", "vit"])
+def test_keras_hub_tower_upcycled_with_every_expert_computes_the_tower(kind, tmp_path):
+    keras.utils.set_random_seed(0)
+    if kind == "siglip":
+        tower = perturbed(siglip_vision(), 1)
+    elif kind == "dinov2":
+        tower = perturbed(dinov2(num_register_tokens=2), 2)
+    else:
+        tower = perturbed(
+            keras_hub.models.ViTBackbone(
+                image_shape=(32, 32, 3), patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64
+            ),
+            3,
+        )
+    source = saved(tower, tmp_path / kind)
+    reference = keras_hub.models.Backbone.from_preset(str(source))  # As saved (DINOv2 back-resizes).
+    record = converted(source, tmp_path / "out", *EVERY_EXPERT)
+    assert record["source"] == str(source) and record["license"].startswith("unknown")
+    backbone = VMoEBackbone.from_preset(str(tmp_path / "out"))
+    assert backbone.moe_layers == (1,)
+    images = random_images(2)
+    assert_close(
+        to_numpy(backbone(images)), to_numpy(reference({"images": images} if kind != "vit" else images))
+    )
+
+
+@console
+def test_dinov2_onnx_file(tmp_path):
+    path = write_export(tmp_path / "dinov2.onnx", synthetic_weights())
+    record = converted(path, tmp_path / "out", "--image-size", "32", *EVERY_EXPERT)
+    assert record["source_kind"] == "onnx"
+    backbone = VMoEBackbone.from_preset(str(tmp_path / "out"))
+    pixels = np.random.RandomState(0).normal(size=(2, 32, 32, 3)).astype("float32")
+    expected = to_numpy(load_dinov2_onnx(path, image_size=32)(pixels))
+    assert_close(to_numpy(backbone(pixels)), expected)
+
+
+@console
+def test_pali_gemma_preset_with_an_upcycled_image_tower(tmp_path):
+    keras.utils.set_random_seed(0)
+    tokenizer = keras_hub.models.PaliGemmaTokenizer(proto=sentencepiece_proto(TEXTS))
+    preprocessor = keras_hub.models.PaliGemmaCausalLMPreprocessor(
+        tokenizer,
+        keras_hub.layers.PaliGemmaImageConverter(image_size=(16, 16), scale=1 / 127.5, offset=-1),
+        sequence_length=12,
+    )
+    backbone = keras_hub.models.PaliGemmaBackbone(
+        vocabulary_size=tokenizer.vocabulary_size(), **KERAS_HUB_BACKBONE
+    )
+    source = saved(keras_hub.models.PaliGemmaCausalLM(preprocessor, backbone), tmp_path / "pali_gemma")
+    record = converted(source, tmp_path / "out", "--upcycle", "4", "--moe-layers", "0", "--router", "soft")
+    assert record["source_class"] == "PaliGemmaBackbone"
+    causal_lm = PaliGemmaMoECausalLM.from_preset(str(tmp_path / "out"))
+    assert causal_lm.backbone.image_encoder.moe_layers == (0,)
+
+
+def expert_and_dense_kernels(classifier, block):
+    return to_numpy(classifier.backbone.get_layer(f"encoder_block_{block}").mlp.kernel_0)
+
+
+@console
+@requires_fixtures
+def test_vmoe_msgpack_checkpoint_with_a_json_config(tmp_path):
+    io = np.load(TOKEN_CHOICE / "io.npz")
+    record = converted(
+        TOKEN_CHOICE / "ckpt", tmp_path / "out", "--model-config", TOKEN_CHOICE / "config.json"
+    )
+    assert record["source_kind"] == "vmoe"
+    classifier = keras_hub.models.ImageClassifier.from_preset(str(tmp_path / "out"))
+    assert isinstance(classifier, VMoEImageClassifier)
+    logits = to_numpy(classifier(io["images"], training=False))
+    assert np.abs(logits - io["logits"]).max() <= 1e-4 * max(1.0, np.abs(io["logits"]).max())
+    assert classifier.preprocessor.image_converter.scale == 1 / 127.5
+
+
+@console
+@requires_fixtures
+def test_vmoe_orbax_checkpoint_upcycled(tmp_path):
+    from keras_vmoe.convert import read_vmoe_checkpoint
+    from tests.convert.test_vmoe_orbax import save_like_vmoe
+    from tests.convert.test_vmoe_orbax import train_state
+    from tests.convert.test_vmoe_orbax import unflatten
+
+    params = unflatten(read_vmoe_checkpoint(str(TOKEN_CHOICE / "ckpt")))
+    save_like_vmoe(tmp_path / "workdir" / "ckpt", {1: train_state(1, params)})
+    config = TOKEN_CHOICE / "config.json"
+    record = converted(
+        tmp_path / "workdir" / "ckpt",
+        tmp_path / "out",
+        "--model-config",
+        config,
+        "--upcycle",
+        "4",
+        "--moe-layers",
+        "0,2",
+        "--num-selected-experts",
+        "2",
+    )
+    assert record["source_kind"] == "vmoe-orbax" and record["upcycled"]["moe_layers"] == [0, 2]
+    classifier = keras_hub.models.ImageClassifier.from_preset(str(tmp_path / "out"))
+    assert classifier.backbone.moe_layers == (0, 1, 2, 3)
+    reference = load_vmoe_checkpoint(str(TOKEN_CHOICE / "ckpt"), json.loads(config.read_text()))
+    # The checkpoint's experts are kept; the dense MLPs of 0 and 2 are copied into every expert.
+    np.testing.assert_array_equal(
+        expert_and_dense_kernels(classifier, 1), expert_and_dense_kernels(reference, 1)
+    )
+    dense = to_numpy(reference.backbone.get_layer("encoder_block_2").mlp.dense_0.kernel)
+    np.testing.assert_array_equal(expert_and_dense_kernels(classifier, 2), np.stack([dense] * 4))
+
+
+def run(capsys, *argv):
+    status = cli.main(["convert", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def assert_error(capsys, output, argv, needles):
+    """One `keras-vmoe: error:` line holding every needle, and no output folder."""
+    status, _, err = run(capsys, *argv)
+    lines = err.strip().splitlines()
+    assert status == 1 and len(lines) == 1 and lines[0].startswith(ERROR_PREFIX), err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    assert not output.exists()
+
+
+@pytest.fixture(scope="module")
+def text_preset(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bert")
+    keras_hub.models.BertBackbone(
+        vocabulary_size=10,
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=8,
+        intermediate_dim=16,
+        max_sequence_length=4,
+    ).save_to_preset(str(folder))
+    return folder
+
+
+@pytest.mark.skipif(backend() != "torch", reason="the command's checks do not depend on the backend")
+def test_bad_sources_give_one_line_and_no_output(capsys, tmp_path, text_preset):
+    output = tmp_path / "out"
+    assert_error(capsys, output, [text_preset, output], ["is a BertBackbone preset", "SigLIPBackbone"])
+    assert_error(capsys, output, [tmp_path / "missing.onnx", output], ["no such ONNX file"])
+    assert_error(
+        capsys, output, [tmp_path / "missing", output], ["no such file or folder", "expected a vmoe"]
+    )
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("hello")
+    assert_error(
+        capsys, output, [tmp_path / "foreign", output], ["unknown source kind", "not an Orbax checkpoint"]
+    )
+    assert_error(
+        capsys, output, [tmp_path / "foreign" / "notes.txt", output], ["unknown source kind", "is a file"]
+    )
+
+
+@requires_fixtures
+@pytest.mark.skipif(backend() != "torch", reason="the command's checks do not depend on the backend")
+def test_bad_configs_and_options_give_one_line_and_no_output(capsys, tmp_path):
+    output = tmp_path / "out"
+    prefix = TOKEN_CHOICE / "ckpt"
+    assert_error(capsys, output, [prefix, output], ["needs --model-config"])
+    config = json.loads((TOKEN_CHOICE / "config.json").read_text())
+    config["hidden_size"] = 48
+    (tmp_path / "wrong.json").write_text(json.dumps(config))
+    assert_error(
+        capsys,
+        output,
+        [prefix, output, "--model-config", tmp_path / "wrong.json"],
+        ["has shape (8, 8, 3, 32) but the model built from the config expects (8, 8, 3, 48)"],
+    )
+    assert_error(
+        capsys, output, [prefix, output, "--model-config", "nope"], ["neither a built-in vmoe preset"]
+    )
+    assert_error(
+        capsys,
+        output,
+        [prefix, output, "--model-config", TOKEN_CHOICE / "config.json", "--upcycle", "4"],
+        ["--upcycle NUM_EXPERTS and --moe-layers I,J,... go together"],
+    )
+    output.mkdir()
+    status, _, err = run(capsys, prefix, output, "--model-config", TOKEN_CHOICE / "config.json")
+    assert status == 1 and "exists; pass --overwrite" in err and not any(output.iterdir())
