@@ -17,6 +17,7 @@ import keras_hub
 import numpy as np
 import pytest
 
+import keras_vmoe
 from keras_vmoe import cli
 from keras_vmoe.convert import load_dinov2_onnx
 from keras_vmoe.convert import load_vmoe_checkpoint
@@ -162,58 +163,59 @@ def test_pali_gemma_preset_with_an_upcycled_image_tower(tmp_path):
     assert causal_lm.backbone.image_encoder.moe_layers == (0,)
 
 
-def expert_and_dense_kernels(classifier, block):
-    return to_numpy(classifier.backbone.get_layer(f"encoder_block_{block}").mlp.kernel_0)
+def mlp_kernel(classifier, block):
+    """The first MLP kernel of a block: (E, D, F) for a MoE block, (D, F) for a dense one."""
+    mlp = classifier.backbone.get_layer(f"encoder_block_{block}").mlp
+    return to_numpy(mlp.kernel_0 if hasattr(mlp, "kernel_0") else mlp.dense_0.kernel)
 
 
-@console
-@requires_fixtures
-def test_vmoe_msgpack_checkpoint_with_a_json_config(tmp_path):
-    io = np.load(TOKEN_CHOICE / "io.npz")
-    record = converted(
-        TOKEN_CHOICE / "ckpt", tmp_path / "out", "--model-config", TOKEN_CHOICE / "config.json"
-    )
-    assert record["source_kind"] == "vmoe"
-    classifier = keras_hub.models.ImageClassifier.from_preset(str(tmp_path / "out"))
-    assert isinstance(classifier, VMoEImageClassifier)
-    logits = to_numpy(classifier(io["images"], training=False))
-    assert np.abs(logits - io["logits"]).max() <= 1e-4 * max(1.0, np.abs(io["logits"]).max())
-    assert classifier.preprocessor.image_converter.scale == 1 / 127.5
-
-
-@console
-@requires_fixtures
-def test_vmoe_orbax_checkpoint_upcycled(tmp_path):
+@pytest.fixture(scope="module")
+def orbax_workdir(tmp_path_factory):
+    """The token-choice fixture's parameters as an Orbax checkpoint of vmoe's trainer."""
+    pytest.importorskip("orbax.checkpoint")
     from keras_vmoe.convert import read_vmoe_checkpoint
     from tests.convert.test_vmoe_orbax import save_like_vmoe
     from tests.convert.test_vmoe_orbax import train_state
     from tests.convert.test_vmoe_orbax import unflatten
 
+    workdir = tmp_path_factory.mktemp("workdir")
     params = unflatten(read_vmoe_checkpoint(str(TOKEN_CHOICE / "ckpt")))
-    save_like_vmoe(tmp_path / "workdir" / "ckpt", {1: train_state(1, params)})
+    save_like_vmoe(workdir / "ckpt", {1: train_state(1, params)})
+    return workdir
+
+
+@console
+@requires_fixtures
+@pytest.mark.parametrize("kind", ["vmoe", "vmoe-orbax"])
+def test_vmoe_checkpoint_upcycled(kind, tmp_path, request):
+    source = TOKEN_CHOICE / "ckpt" if kind == "vmoe" else request.getfixturevalue("orbax_workdir") / "ckpt"
     config = TOKEN_CHOICE / "config.json"
+    # The checkpoint's own routing (K = 2, capacity factor 1.05, groups of 34
+    # tokens) for every MoE block, the new ones 0 and 2 included.
+    routing = ("--num-selected-experts", "2", "--capacity-factor", "1.05", "--group-size", "34")
     record = converted(
-        tmp_path / "workdir" / "ckpt",
-        tmp_path / "out",
-        "--model-config",
-        config,
-        "--upcycle",
-        "4",
-        "--moe-layers",
-        "0,2",
-        "--num-selected-experts",
-        "2",
+        source, tmp_path / "out", "--model-config", config, "--upcycle", "4", "--moe-layers", "0,2", *routing
     )
-    assert record["source_kind"] == "vmoe-orbax" and record["upcycled"]["moe_layers"] == [0, 2]
+    assert record["source_kind"] == kind and record["upcycled"]["moe_layers"] == [0, 2]
     classifier = keras_hub.models.ImageClassifier.from_preset(str(tmp_path / "out"))
-    assert classifier.backbone.moe_layers == (0, 1, 2, 3)
-    reference = load_vmoe_checkpoint(str(TOKEN_CHOICE / "ckpt"), json.loads(config.read_text()))
+    assert isinstance(classifier, VMoEImageClassifier) and classifier.backbone.moe_layers == (0, 1, 2, 3)
+    assert classifier.preprocessor.image_converter.scale == 1 / 127.5  # vmoe's [-1, 1] inputs.
+    dense = load_vmoe_checkpoint(str(TOKEN_CHOICE / "ckpt"), json.loads(config.read_text()))
     # The checkpoint's experts are kept; the dense MLPs of 0 and 2 are copied into every expert.
-    np.testing.assert_array_equal(
-        expert_and_dense_kernels(classifier, 1), expert_and_dense_kernels(reference, 1)
+    np.testing.assert_array_equal(mlp_kernel(classifier, 1), mlp_kernel(dense, 1))
+    np.testing.assert_array_equal(mlp_kernel(classifier, 2), np.stack([mlp_kernel(dense, 2)] * 4))
+    # The same upcycling in this process, given the written preset's new
+    # routers, computes the same logits.
+    reference = keras_vmoe.upcycle(
+        dense, 4, (0, 2), num_selected_experts=2, capacity_factor=1.05, group_size=34
     )
-    dense = to_numpy(reference.backbone.get_layer("encoder_block_2").mlp.dense_0.kernel)
-    np.testing.assert_array_equal(expert_and_dense_kernels(classifier, 2), np.stack([dense] * 4))
+    for block in (0, 2):
+        name = f"encoder_block_{block}"
+        kernel = classifier.backbone.get_layer(name).mlp.router.kernel
+        reference.backbone.get_layer(name).mlp.router.kernel.assign(to_numpy(kernel))
+    images = np.load(TOKEN_CHOICE / "io.npz")["images"]
+    expected = to_numpy(reference(images, training=False))
+    assert_close(to_numpy(classifier(images, training=False)), expected)
 
 
 def run(capsys, *argv):

@@ -23,7 +23,7 @@ TIMEOUT_S = 300
 BACKENDS = ("torch", "tensorflow", "jax")
 # keras.distribution shards only on JAX; the evaluation guide jit-compiles a
 # gradient per model on JAX and runs fastest on PyTorch.
-PINNED = {"expert_parallelism.py": "jax", "evaluation.py": "torch"}
+PINNED = {"expert_parallelism.py": "jax", "evaluation.py": "torch", "from_dense_towers.py": "torch"}
 
 
 def backend_of(guide):
