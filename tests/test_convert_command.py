@@ -27,18 +27,17 @@ from keras_vmoe.models import VMoEBackbone
 from keras_vmoe.models import VMoEImageClassifier
 from tests.convert.test_dinov2_onnx import synthetic_weights
 from tests.convert.test_dinov2_onnx import write_export
-from tests.convert.test_keras_hub_pali_gemma import KERAS_HUB_BACKBONE
-from tests.convert.test_keras_hub_pali_gemma import TEXTS
+from tests.convert.test_keras_hub_pali_gemma import tiny_keras_hub_pali_gemma
 from tests.convert.test_keras_hub_towers import dinov2
 from tests.convert.test_keras_hub_towers import perturbed
 from tests.convert.test_keras_hub_towers import siglip_vision
+from tests.convert.test_keras_hub_towers import text_backbone
 from tests.helpers import FIXTURES
 from tests.helpers import backend
 from tests.helpers import f32_atol
 from tests.helpers import random_images
 from tests.helpers import requires_fixtures
 from tests.helpers import to_numpy
-from tests.models.pali_gemma_moe.tiny_pali_gemma import sentencepiece_proto
 
 TOKEN_CHOICE = FIXTURES / "vmoe_tiny_token_choice"
 ERROR_PREFIX = "keras-vmoe: error:"
@@ -146,17 +145,7 @@ def test_dinov2_onnx_file(tmp_path):
 
 @console
 def test_pali_gemma_preset_with_an_upcycled_image_tower(tmp_path):
-    keras.utils.set_random_seed(0)
-    tokenizer = keras_hub.models.PaliGemmaTokenizer(proto=sentencepiece_proto(TEXTS))
-    preprocessor = keras_hub.models.PaliGemmaCausalLMPreprocessor(
-        tokenizer,
-        keras_hub.layers.PaliGemmaImageConverter(image_size=(16, 16), scale=1 / 127.5, offset=-1),
-        sequence_length=12,
-    )
-    backbone = keras_hub.models.PaliGemmaBackbone(
-        vocabulary_size=tokenizer.vocabulary_size(), **KERAS_HUB_BACKBONE
-    )
-    source = saved(keras_hub.models.PaliGemmaCausalLM(preprocessor, backbone), tmp_path / "pali_gemma")
+    source = saved(tiny_keras_hub_pali_gemma(), tmp_path / "pali_gemma")
     record = converted(source, tmp_path / "out", "--upcycle", "4", "--moe-layers", "0", "--router", "soft")
     assert record["source_class"] == "PaliGemmaBackbone"
     causal_lm = PaliGemmaMoECausalLM.from_preset(str(tmp_path / "out"))
@@ -176,7 +165,7 @@ def orbax_workdir(tmp_path_factory):
     from keras_vmoe.convert import read_vmoe_checkpoint
     from tests.convert.test_vmoe_orbax import save_like_vmoe
     from tests.convert.test_vmoe_orbax import train_state
-    from tests.convert.test_vmoe_orbax import unflatten
+    from tests.convert.vmoe_checkpoint_writer import unflatten
 
     workdir = tmp_path_factory.mktemp("workdir")
     params = unflatten(read_vmoe_checkpoint(str(TOKEN_CHOICE / "ckpt")))
@@ -237,14 +226,7 @@ def assert_error(capsys, output, argv, needles):
 @pytest.fixture(scope="module")
 def text_preset(tmp_path_factory):
     folder = tmp_path_factory.mktemp("bert")
-    keras_hub.models.BertBackbone(
-        vocabulary_size=10,
-        num_layers=1,
-        num_heads=2,
-        hidden_dim=8,
-        intermediate_dim=16,
-        max_sequence_length=4,
-    ).save_to_preset(str(folder))
+    text_backbone().save_to_preset(str(folder))
     return folder
 
 

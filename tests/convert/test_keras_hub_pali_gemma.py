@@ -44,10 +44,8 @@ KERAS_HUB_BACKBONE = dict(
 )
 
 
-@pytest.fixture(scope="module")
-def keras_hub_and_converted(tmp_path_factory):
-    """A tiny keras-hub PaliGemmaCausalLM with random weights, saved as a
-    preset, and our model converted from that folder."""
+def tiny_keras_hub_pali_gemma():
+    """A tiny keras-hub PaliGemmaCausalLM with random weights."""
     keras.utils.set_random_seed(0)
     tokenizer = keras_hub.models.PaliGemmaTokenizer(proto=sentencepiece_proto(TEXTS))
     preprocessor = keras_hub.models.PaliGemmaCausalLMPreprocessor(
@@ -63,7 +61,14 @@ def keras_hub_and_converted(tmp_path_factory):
     rng = np.random.RandomState(1)
     for weight in backbone.weights:
         weight.assign(to_numpy(weight) + rng.normal(0, 0.2, weight.shape).astype("float32"))
-    reference = keras_hub.models.PaliGemmaCausalLM(preprocessor, backbone)
+    return keras_hub.models.PaliGemmaCausalLM(preprocessor, backbone)
+
+
+@pytest.fixture(scope="module")
+def keras_hub_and_converted(tmp_path_factory):
+    """The tiny keras-hub PaliGemma, saved as a preset, and our model
+    converted from that folder."""
+    reference = tiny_keras_hub_pali_gemma()
     folder = tmp_path_factory.mktemp("keras_hub_pali_gemma")
     reference.save_to_preset(str(folder))
     return reference, from_keras_hub_pali_gemma(str(folder))

@@ -98,6 +98,18 @@ def dino_registers(tmp_path_factory):
     return keras_hub.models.Backbone.from_preset(folder), folder
 
 
+def text_backbone():
+    """A tiny text model: a preset of another family for the vision converters."""
+    return keras_hub.models.BertBackbone(
+        vocabulary_size=10,
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=8,
+        intermediate_dim=16,
+        max_sequence_length=4,
+    )
+
+
 def assert_close(got, expected):
     assert got.shape == expected.shape
     # Two programs (keras' MultiHeadAttention, our einsums): float32 sums in
@@ -168,14 +180,7 @@ def test_upcycled_with_every_expert_gives_the_dense_outputs(tower, request):
 
 
 def test_a_preset_of_another_family_is_refused_before_loading(tmp_path, siglip):
-    text = keras_hub.models.BertBackbone(
-        vocabulary_size=10,
-        num_layers=1,
-        num_heads=2,
-        hidden_dim=8,
-        intermediate_dim=16,
-        max_sequence_length=4,
-    )
+    text = text_backbone()
     text.save_to_preset(str(tmp_path / "bert"))
     with pytest.raises(
         ValueError, match=r"is a BertBackbone preset; expected a SigLIPBackbone or SigLIPVisionEncoder"

@@ -14,6 +14,7 @@ from keras_vmoe.convert import load_vmoe_checkpoint
 from keras_vmoe.convert import read_vmoe_checkpoint
 from keras_vmoe.convert import read_vmoe_orbax_checkpoint
 from keras_vmoe.convert import vmoe_name_table
+from tests.convert.vmoe_checkpoint_writer import unflatten
 from tests.helpers import FIXTURES
 from tests.helpers import requires_fixtures
 from tests.helpers import to_numpy
@@ -22,17 +23,6 @@ ocp = pytest.importorskip("orbax.checkpoint")
 
 TOKEN_CHOICE = FIXTURES / "vmoe_tiny_token_choice"
 STEP = 3
-
-
-def unflatten(flat):
-    tree = {}
-    for name, value in flat.items():
-        *parents, leaf = name.split("/")
-        node = tree
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return tree
 
 
 def map_tree(function, tree):

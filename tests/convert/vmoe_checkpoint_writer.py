@@ -27,7 +27,8 @@ def _slice_nd_bytes(slices):
     )
 
 
-def _nest(flat):
+def unflatten(flat):
+    """{'a/b': x} -> {'a': {'b': x}}: a flat parameter dict as flax's nested tree."""
     tree = {}
     for path, value in flat.items():
         node = tree
@@ -67,7 +68,7 @@ def write_vmoe_checkpoint(prefix, params, shard_count=2, split_first_axis=False)
             owners.append(shard)
         shaped = msgpack.packb((list(array.shape), array.dtype.name, False, {}), use_bin_type=True)
         index[path] = _ext(8, (shaped, tuple(slices), tuple(owners)))
-    content = {"version": "20220622", "shard_count": shard_count, "index": _nest(index)}
+    content = {"version": "20220622", "shard_count": shard_count, "index": unflatten(index)}
     with open(f"{prefix}.index", "wb") as file:
         file.write(msgpack.packb(content, use_bin_type=True))
     for shard, data in enumerate(shards):
