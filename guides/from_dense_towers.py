@@ -208,7 +208,7 @@ records where the weights came from.
 from keras_vmoe import cli  # noqa: E402 (the command, run in-process here)
 
 output = WORKDIR / "siglip2_soft_moe"
-cli.main(
+status = cli.main(
     [
         "convert",
         str(WORKDIR / "siglip2"),
@@ -223,6 +223,7 @@ cli.main(
         "soft",
     ]
 )
+assert status == 0, "keras-vmoe convert failed (its error is printed above)"
 loaded = keras_hub.models.ImageClassifier.from_preset(str(output))
 print(f"loaded back: {type(loaded).__name__}, MoE blocks {loaded.backbone.moe_layers}")
 print(json.dumps(json.loads((output / "metadata.json").read_text())["keras_vmoe_conversion"], indent=1))

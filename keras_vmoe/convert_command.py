@@ -18,14 +18,16 @@ SOURCE is one of (the kind is told from the path):
 
 OUTPUT_DIR becomes a keras-hub preset folder that `from_preset` loads: an image
 classifier (vmoe checkpoints with classes; towers with `--num-classes`, a new
-zero-initialised head and the source's pixel scaling), a backbone (towers
-without it), or a PaliGemma-style causal LM. `--upcycle` turns the MLPs of
+zero-initialised head and the pixel scaling of the preset's image converter,
+else the family's: ImageNet mean and std for DINOv2, [-1, 1] otherwise), a
+backbone (towers without it), or a PaliGemma-style causal LM. `--upcycle` turns the MLPs of
 `--moe-layers` into MoE layers of copied experts (`keras_vmoe.upcycle`). The
 preset's `metadata.json` records the source, its kind and licence where
 known, and the upcycling. The folder is written whole at the end, or not at
 all.
 """
 
+import argparse
 import datetime
 import json
 import os
@@ -36,6 +38,9 @@ import keras_hub
 import numpy as np
 
 from keras_vmoe.convert import from_keras_hub
+from keras_vmoe.convert import from_keras_hub_dinov2
+from keras_vmoe.convert import from_keras_hub_pali_gemma
+from keras_vmoe.convert import from_keras_hub_siglip
 from keras_vmoe.convert import load_dinov2_onnx
 from keras_vmoe.convert import load_vmoe_checkpoint
 from keras_vmoe.convert.keras_hub_models import keras_hub_converter
@@ -44,8 +49,9 @@ from keras_vmoe.convert.keras_hub_source import preset_class_name
 from keras_vmoe.convert.vmoe_orbax_reader import orbax_state_directory
 from keras_vmoe.errors import CheckpointError
 from keras_vmoe.errors import CommandError
+from keras_vmoe.keras_hub_internals import check_file_exists
+from keras_vmoe.keras_hub_internals import load_json
 from keras_vmoe.models import PaliGemmaMoECausalLM
-from keras_vmoe.models import VisionTransformerBackbone
 from keras_vmoe.models import VisionTransformerImageClassifier
 from keras_vmoe.models import VMoEImageClassifier
 from keras_vmoe.presets import VMOE_CHECKPOINT_PRESETS
@@ -64,16 +70,22 @@ PUBLISHED_LICENCES = {
     "pali_gemma": "Gemma Terms of Use (ai.google.dev/gemma/terms)",
     "vmoe": "Apache-2.0 (google-research/vmoe)",
 }
-# DINOv2's pixel normalisation (ImageNet mean and standard deviation).
+# DINOv2's pixel normalisation (ImageNet mean and standard deviation) as
+# (scale, offset) of uint8 pixels.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_SCALING = (
+    [1 / (255 * s) for s in IMAGENET_STD],
+    [-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)],
+)
 
 
 def add_parser(commands, positive_int):
     parser = commands.add_parser(
         "convert",
         help="a vmoe, keras-hub or DINOv2 ONNX checkpoint into a preset, upcycled if asked",
-        description=__doc__.split("\n\n")[0],
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("source", metavar="SOURCE", help="checkpoint prefix or folder, preset, or .onnx file")
     parser.add_argument("output", metavar="OUTPUT_DIR", help="the preset folder to write")
@@ -139,15 +151,15 @@ def parse_layers(text):
 
 
 def vmoe_model_config(value):
-    """(vmoe config.model dict, image size or None) from --model-config."""
+    """vmoe's config.model dict from --model-config."""
     if value is None:
         raise CommandError(
             "a vmoe checkpoint needs --model-config: vmoe's config.model as a JSON file, or one of "
             f"the built-in vmoe presets {', '.join(sorted(VMOE_CHECKPOINT_PRESETS))}"
         )
     if value in VMOE_CHECKPOINT_PRESETS:
-        preset = VMOE_CHECKPOINT_PRESETS[value]
-        return dict(preset.model_config), preset.image_size
+        # Its architecture; the image size is read from the checkpoint.
+        return dict(VMOE_CHECKPOINT_PRESETS[value].model_config)
     try:
         config = json.loads(pathlib.Path(value).read_text())
     except OSError as error:
@@ -160,13 +172,28 @@ def vmoe_model_config(value):
         raise CommandError(
             f"--model-config {value} is not a vmoe config.model (a JSON object with 'encoder')"
         )
-    return config, None
+    return config
+
+
+def check_output(args):
+    """OUTPUT_DIR must be new (or --overwrite), a folder, and not hold the
+    working folder or the source, which replacing it would delete."""
+    output = pathlib.Path(args.output).resolve()
+    if output.exists() and not output.is_dir():
+        raise CommandError(f"{args.output} is a file; OUTPUT_DIR must be a folder")
+    if output.exists() and not args.overwrite:
+        raise CommandError(f"{args.output} exists; pass --overwrite to replace it")
+    cwd = pathlib.Path.cwd().resolve()
+    if output == cwd or output in cwd.parents:
+        raise CommandError(f"{args.output} holds the working folder; choose another OUTPUT_DIR")
+    source = pathlib.Path(args.source).resolve()
+    if os.path.exists(args.source) and (output == source or output in source.parents):
+        raise CommandError(f"{args.output} holds the source {args.source}; choose another OUTPUT_DIR")
 
 
 def check_arguments(args):
     """Every argument checked before anything is read."""
-    if pathlib.Path(args.output).exists() and not args.overwrite:
-        raise CommandError(f"{args.output} exists; pass --overwrite to replace it")
+    check_output(args)
     if (args.upcycle is None) != (args.moe_layers is None):
         raise CommandError("--upcycle NUM_EXPERTS and --moe-layers I,J,... go together")
     if args.upcycle is not None and args.upcycle < 2:
@@ -202,7 +229,7 @@ def preset_metadata(source):
 
 def provenance(args, kind, model_class):
     record = dict(
-        source=os.path.abspath(args.source) if os.path.exists(args.source) else args.source,
+        source=os.path.abspath(args.source) if looks_like_path(args.source) else args.source,
         source_kind=kind,
         source_class=model_class,
         converted_by=f"keras-vmoe {__version__}",
@@ -224,23 +251,20 @@ def provenance(args, kind, model_class):
     return record
 
 
-def image_converter_arguments(source):
-    """(scale, offset) of the source preset's image converter, when it has one."""
-    path = os.path.join(source, "preprocessor.json")
-    if not os.path.isfile(path):
-        return None
-    found = []
-
-    def visit(node):
-        if isinstance(node, dict):
-            config = node.get("config")
-            if isinstance(config, dict) and "scale" in config and "offset" in config:
-                found.append((config["scale"], config["offset"]))
-            for value in node.values():
-                visit(value)
-
-    visit(json.loads(pathlib.Path(path).read_text()))
-    return found[0] if found else None
+def pixel_scaling(source, converter):
+    """(scale, offset) for a new classifier on a keras-hub tower: the
+    preset's own image converter when it has one, else the family's
+    (DINOv2: ImageNet mean and standard deviation; the others: [-1, 1])."""
+    try:
+        if check_file_exists(source, "image_converter.json"):
+            config = load_json(source, "image_converter.json").get("config", {})
+            if config.get("scale") is not None or config.get("offset") is not None:
+                return config.get("scale") or 1.0, config.get("offset") or 0.0
+    except (OSError, ValueError, AttributeError):
+        pass  # Unreadable or absent: the family's scaling below.
+    if converter is from_keras_hub_dinov2:
+        return IMAGENET_SCALING
+    return (1 / 127.5, -1.0)
 
 
 def tower_classifier(backbone, num_classes, scaling):
@@ -253,13 +277,11 @@ def tower_classifier(backbone, num_classes, scaling):
     return VMoEImageClassifier(backbone, num_classes, preprocessor=preprocessor_cls(converter))
 
 
-def read_source(args, kind, config, progress):
+def read_source(args, kind, config):
     """The converted model (before upcycling), and the source's class name."""
     if kind.startswith("vmoe"):
-        model_config, image_size = config
-        size = args.image_size or image_size
-        image_shape = None if size is None else (size, size, 3)
-        model = load_vmoe_checkpoint(args.source, model_config, image_shape=image_shape, verbose=True)
+        image_shape = None if args.image_size is None else (args.image_size, args.image_size, 3)
+        model = load_vmoe_checkpoint(args.source, config, image_shape=image_shape, verbose=True)
         if isinstance(model, VisionTransformerImageClassifier):
             # The same classifier with vmoe's pixel scaling as its preprocessor.
             with_preprocessor = type(model)(
@@ -271,32 +293,31 @@ def read_source(args, kind, config, progress):
             )
             with_preprocessor.head.set_weights(model.head.get_weights())
             model = with_preprocessor
-        return model, model_config.get("name", "VisionTransformerMoe")
-    pooling = POOLINGS[args.pooling] if args.pooling else None
-    options = {} if args.pooling is None else {"pooling": pooling}
+        return model, config.get("name", "VisionTransformerMoe")
+    options = {} if args.pooling is None else {"pooling": POOLINGS[args.pooling]}
     if kind == "onnx":
         if args.num_classes and args.pooling is None:
             options["pooling"] = "token"
         model = load_dinov2_onnx(args.source, image_size=args.image_size, **options)
-        scaling = (
-            [1 / (255 * s) for s in IMAGENET_STD],
-            [-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)],
-        )
-        model_class = "DINOv2 (ONNX)"
+        scaling, model_class = IMAGENET_SCALING, "DINOv2 (ONNX)"
     else:
         converter = keras_hub_converter(args.source)
         model_class = preset_class_name(args.source)
-        if args.num_classes and args.pooling is None and converter.__name__ != "from_keras_hub_siglip":
-            options["pooling"] = "token"
+        if converter is from_keras_hub_pali_gemma and (args.num_classes or args.pooling or args.image_size):
+            raise CommandError(
+                "--num-classes, --pooling and --image-size are for image towers; a PaliGemma converts whole"
+            )
         if args.image_size is not None:
-            if converter.__name__ != "from_keras_hub_dinov2":
+            if converter is not from_keras_hub_dinov2:
                 raise CommandError("--image-size converts DINOv2 towers only (their position grid resizes)")
             options["image_shape"] = (args.image_size, args.image_size, 3)
+        if args.num_classes and args.pooling is None and converter is not from_keras_hub_siglip:
+            options["pooling"] = "token"  # The class token (SigLIP keeps its MAP head).
         model = from_keras_hub(args.source, **options)
-        scaling = image_converter_arguments(args.source) or (1 / 127.5, -1.0)
+        scaling = pixel_scaling(args.source, converter) if args.num_classes else None
     if args.num_classes:
-        if not isinstance(model, VisionTransformerBackbone):
-            raise CommandError("--num-classes adds a head to image towers; this source is not one")
+        if model.pooling is None:
+            raise CommandError("--num-classes needs a pooled tower; --pooling none keeps every token")
         model = tower_classifier(model, args.num_classes, scaling)
     return model, model_class
 
@@ -307,7 +328,7 @@ def run(args):
     progress = keras.utils.Progbar(len(steps), unit_name="step")
     print(f"Converting {args.source} ({kind}) into a keras_vmoe preset at {args.output}")
     try:
-        model, model_class = read_source(args, kind, config, progress)
+        model, model_class = read_source(args, kind, config)
         progress.update(1)
         record = provenance(args, kind, model_class)
         if layers:
@@ -323,12 +344,15 @@ def run(args):
             progress.update(2)
     except (CheckpointError, ValueError, OSError) as error:
         raise CommandError(f"cannot convert {args.source}: {error}") from error
-    with staged_folder(args.output) as staging:
-        model.save_to_preset(str(staging))
-        metadata_path = staging / "metadata.json"
-        metadata = json.loads(metadata_path.read_text())
-        metadata["keras_vmoe_conversion"] = record
-        metadata_path.write_text(json.dumps(metadata, indent=2) + "\n")
+    try:
+        with staged_folder(args.output, replace=args.overwrite) as staging:
+            model.save_to_preset(str(staging))
+            metadata_path = staging / "metadata.json"
+            metadata = json.loads(metadata_path.read_text())
+            metadata["keras_vmoe_conversion"] = record
+            metadata_path.write_text(json.dumps(metadata, indent=2) + "\n")
+    except OSError as error:
+        raise CommandError(f"cannot write {args.output}: {error}") from error
     progress.update(len(steps))
     what = type(model).__name__
     params = int(np.sum([np.prod(w.shape) for w in model.weights]))

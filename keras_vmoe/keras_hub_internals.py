@@ -22,6 +22,7 @@ from keras_hub.src.models.pali_gemma.pali_gemma_decoder_block import PaliGemmaDe
 
 # Reads one JSON file of a preset (a local folder or a handle, fetching only
 # that file): the converters learn a preset's class before loading weights.
+from keras_hub.src.utils.preset_utils import check_file_exists  # noqa: F401
 from keras_hub.src.utils.preset_utils import load_json  # noqa: F401
 
 # Registers built-in preset names for a class, as keras-hub's own families do

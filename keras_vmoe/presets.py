@@ -277,7 +277,7 @@ def _convert_vmoe_checkpoint(preset):
     print(f"Converting {preset.source} to a keras-hub preset in {target}")
     preprocessor = vmoe_checkpoint_preprocessor(preset.image_size)
     classifier = load_vmoe_checkpoint(prefix, preset.model_config, preprocessor=preprocessor, verbose=True)
-    with staged_folder(target) as staging:  # A failure leaves no half preset.
+    with staged_folder(target, replace=False) as staging:  # A failure leaves no half preset.
         classifier.save_to_preset(str(staging))
     shutil.rmtree(downloads, ignore_errors=True)
 

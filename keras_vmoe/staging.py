@@ -14,8 +14,12 @@ import tempfile
 @contextlib.contextmanager
 def staged_folder(target, replace=True):
     """Yields a new empty folder beside `target`, which becomes `target` when
-    the block ends without an error (replacing an older `target` when
-    `replace`), and is deleted otherwise.
+    the block ends without an error, and is deleted otherwise.
+
+    An existing `target` folder is replaced when `replace` (it is moved
+    aside first and put back if the swap fails), and is an error otherwise
+    (`FileExistsError`), as are an existing file and a folder that holds the
+    working folder.
 
     >>> import os, tempfile
     >>> target = os.path.join(tempfile.mkdtemp(), "out")
@@ -24,16 +28,30 @@ def staged_folder(target, replace=True):
     >>> sorted(os.listdir(target))
     ['a.txt']
     """
-    target = pathlib.Path(target)
+    target = pathlib.Path(target).resolve()
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target} is a file, not a folder")
+    cwd = pathlib.Path.cwd().resolve()
+    if target == cwd or target in cwd.parents:
+        raise FileExistsError(f"{target} holds the working folder; it cannot be written over")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         yield staging
-        if target.exists():
-            if not replace:
-                raise FileExistsError(f"{target} exists")
-            shutil.rmtree(target)
-        staging.rename(target)
+        if not target.exists():
+            staging.rename(target)
+            return
+        if not replace:
+            raise FileExistsError(f"{target} exists")
+        aside = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}-old-", dir=target.parent))
+        target.rename(aside / "old")
+        try:
+            staging.rename(target)
+        except BaseException:
+            (aside / "old").rename(target)
+            raise
+        finally:
+            shutil.rmtree(aside)
     finally:
         if staging.exists():
             shutil.rmtree(staging)

@@ -145,7 +145,11 @@ def upcycle(
     if router != "soft" and router not in ROUTERS:
         known = ", ".join(map(repr, [*router_names(), "soft"]))
         raise ValueError(f"upcycle: router must be one of {known}, got {router!r}.")
-    if keras_hub_converter(model) is not None:
+    if not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts < 2:
+        raise ValueError(
+            f"upcycle: num_experts must be an int >= 2 (one expert is the dense MLP), got {num_experts!r}."
+        )
+    if not isinstance(model, str) and keras_hub_converter(model) is not None:
         model = from_keras_hub(model)
     vlm = _upcycle_vlm_image_tower(
         model,
@@ -160,10 +164,6 @@ def upcycle(
     )
     if vlm is not None:
         return vlm
-    if not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts < 2:
-        raise ValueError(
-            f"upcycle: num_experts must be an int >= 2 (one expert is the dense MLP), got {num_experts!r}."
-        )
     task = model if isinstance(model, VisionTransformerImageClassifier) else None
     backbone = task.backbone if task is not None else model
     if not isinstance(backbone, VisionTransformerBackbone):

@@ -275,3 +275,49 @@ def test_bad_configs_and_options_give_one_line_and_no_output(capsys, tmp_path):
     output.mkdir()
     status, _, err = run(capsys, prefix, output, "--model-config", TOKEN_CHOICE / "config.json")
     assert status == 1 and "exists; pass --overwrite" in err and not any(output.iterdir())
+
+
+@pytest.mark.skipif(backend() != "torch", reason="the command's checks do not depend on the backend")
+def test_bad_outputs_and_options_for_the_kind_give_one_line(capsys, tmp_path, monkeypatch):
+    pali_gemma = tmp_path / "pali_gemma"
+    pali_gemma.mkdir()  # Its config alone: the check comes before any weight is read.
+    (pali_gemma / "config.json").write_text(json.dumps({"registered_name": "keras_hub>PaliGemmaBackbone"}))
+    output = tmp_path / "out"
+    assert_error(capsys, output, [pali_gemma, output, "--num-classes", "3"], ["a PaliGemma converts whole"])
+    (tmp_path / "file").write_text("keep")
+    status, _, err = run(capsys, pali_gemma, tmp_path / "file", "--overwrite")
+    assert status == 1 and "is a file; OUTPUT_DIR must be a folder" in err
+    status, _, err = run(capsys, pali_gemma, tmp_path, "--overwrite")
+    assert status == 1 and "holds the source" in err
+    monkeypatch.chdir(pali_gemma)
+    status, _, err = run(capsys, pali_gemma, ".", "--overwrite")
+    assert status == 1 and "holds the working folder" in err
+    assert (tmp_path / "file").read_text() == "keep" and (pali_gemma / "config.json").is_file()
+
+
+@pytest.mark.skipif(backend() != "torch", reason="the command's flow does not depend on the backend")
+def test_a_new_head_takes_the_preset_scaling_or_the_family_one(capsys, tmp_path):
+    """DINOv2 without an image converter: ImageNet mean and std; a SigLIP
+    preset with its image converter: that converter's scale and offset."""
+    keras.utils.set_random_seed(0)
+    saved(dinov2(), tmp_path / "dinov2")
+    vision = siglip_vision()
+    saved(vision, tmp_path / "siglip")
+    keras_hub.layers.ImageConverter(image_size=(32, 32), scale=1 / 255.0, offset=0.0).save_to_preset(
+        str(tmp_path / "siglip")
+    )
+    for name, scale, offset in (
+        (
+            "dinov2",
+            [1 / (255 * s) for s in (0.229, 0.224, 0.225)],
+            [-0.485 / 0.229, -0.456 / 0.224, -0.406 / 0.225],
+        ),
+        ("siglip", 1 / 255.0, 0.0),
+    ):
+        status, _, err = run(capsys, tmp_path / name, tmp_path / f"{name}_out", "--num-classes", "3")
+        assert status == 0, err
+        classifier = keras_hub.models.ImageClassifier.from_preset(str(tmp_path / f"{name}_out"))
+        converter = classifier.preprocessor.image_converter
+        np.testing.assert_allclose(converter.scale, scale, rtol=1e-6)
+        np.testing.assert_allclose(converter.offset, offset, rtol=1e-6)
+        assert classifier.backbone.pooling == ("map" if name == "siglip" else "token")

@@ -5,6 +5,8 @@ the class a preset's `config.json` names, so the CLI and `upcycle` need not
 know the families one by one.
 """
 
+import os
+
 from keras_vmoe.convert.keras_hub_dinov2 import from_keras_hub_dinov2
 from keras_vmoe.convert.keras_hub_pali_gemma import from_keras_hub_pali_gemma
 from keras_vmoe.convert.keras_hub_siglip import from_keras_hub_siglip
@@ -25,23 +27,25 @@ KERAS_HUB_CONVERTERS = {
 def keras_hub_converter(source):
     """The converter for a keras-hub model or preset, or None for a model
     that is not a keras-hub one (e.g. already ours)."""
-    if isinstance(source, str):
+    if isinstance(source, (str, os.PathLike)):
         name = preset_class_name(source)
         if name not in KERAS_HUB_CONVERTERS:
             raise ValueError(
-                f"{source} is a {name} preset; the keras-hub models that convert are "
+                f"{os.fspath(source)} is a {name} preset; the keras-hub models that convert are "
                 f"{', '.join(KERAS_HUB_CONVERTERS)}."
             )
         return KERAS_HUB_CONVERTERS[name]
-    cls = type(source)
-    if not cls.__module__.startswith("keras_hub."):
+    if type(source).__module__.startswith("keras_vmoe"):
         return None
-    if cls.__name__ not in KERAS_HUB_CONVERTERS:
+    for cls in type(source).__mro__:  # keras-hub's classes and subclasses of them.
+        if cls.__module__.startswith("keras_hub.") and cls.__name__ in KERAS_HUB_CONVERTERS:
+            return KERAS_HUB_CONVERTERS[cls.__name__]
+    if type(source).__module__.startswith("keras_hub."):
         raise ValueError(
-            f"keras-hub {cls.__name__} models do not convert; the ones that do are "
+            f"keras-hub {type(source).__name__} models do not convert; the ones that do are "
             f"{', '.join(KERAS_HUB_CONVERTERS)}."
         )
-    return KERAS_HUB_CONVERTERS[cls.__name__]
+    return None
 
 
 def from_keras_hub(source, **kwargs):
@@ -59,6 +63,8 @@ def from_keras_hub(source, **kwargs):
         image towers, a `PaliGemmaMoECausalLM` / `PaliGemmaMoEBackbone` for
         PaliGemma.
     """
+    if isinstance(source, os.PathLike):
+        source = os.fspath(source)
     converter = keras_hub_converter(source)
     if converter is None:
         raise ValueError(f"from_keras_hub expects a keras-hub model or preset, got {type(source).__name__}.")

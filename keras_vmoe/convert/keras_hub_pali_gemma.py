@@ -16,6 +16,8 @@ num_experts=..., moe_layers=...)` turns MLPs of the image tower into MoE
 layers of copied experts.
 """
 
+import os
+
 import keras_hub
 
 from keras_vmoe.convert.weight_pairs import assign_pairs
@@ -197,6 +199,8 @@ def from_keras_hub_pali_gemma(source, dtype=None):
     ```
     """
 
+    if isinstance(source, os.PathLike):
+        source = os.fspath(source)
     if isinstance(source, str):
         kwargs = {} if dtype is None else {"dtype": dtype}
         source = keras_hub.models.PaliGemmaCausalLM.from_preset(source, **kwargs)

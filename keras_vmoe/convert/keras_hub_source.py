@@ -25,12 +25,35 @@ def looks_like_path(source):
     )
 
 
+# Hugging Face Transformers `model_type`s that keras-hub 0.32 loads, and the
+# keras-hub class it builds for each (`keras_hub/src/utils/transformers`).
+TRANSFORMERS_MODEL_TYPES = {
+    "vit": "ViTBackbone",
+    "dinov2": "DINOV2Backbone",
+    "dinov2_with_registers": "DINOV2Backbone",
+    "paligemma": "PaliGemmaBackbone",
+}
+
+
+def _class_from_config(config, where):
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{where} is not a keras-hub or Hugging Face config (not a JSON object).")
+    if "registered_name" in config:
+        return str(config["registered_name"]).rsplit(">", 1)[-1]
+    if "model_type" in config:  # A Hugging Face Transformers checkpoint.
+        model_type = str(config["model_type"])
+        return TRANSFORMERS_MODEL_TYPES.get(model_type, f"Hugging Face '{model_type}' model")
+    raise CheckpointError(f"{where} names no model class ('registered_name' or 'model_type').")
+
+
 def preset_class_name(preset):
     """The class a keras-hub preset's `config.json` names (e.g.
-    `"SigLIPBackbone"`): read from a local folder, or fetched alone (without
-    the weights) for a handle."""
+    `"SigLIPBackbone"`; for a Hugging Face Transformers checkpoint, the class
+    keras-hub builds from it): read from a local folder, or fetched alone
+    (without the weights) for a handle."""
+    preset = os.fspath(preset)
     if not looks_like_path(preset):
-        return str(load_json(preset)["registered_name"]).rsplit(">", 1)[-1]
+        return _class_from_config(load_json(preset), f"The config.json of {preset}")
     config_path = os.path.join(preset, "config.json")
     if not os.path.isdir(preset):
         raise CheckpointError(f"{preset} is not a folder; expected a keras-hub preset folder.")
@@ -38,12 +61,10 @@ def preset_class_name(preset):
         raise CheckpointError(f"{preset} has no config.json; expected a keras-hub preset folder.")
     try:
         with open(config_path, encoding="utf-8") as file:
-            name = json.load(file)["registered_name"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise CheckpointError(
-            f"{config_path} is not a keras-hub config (no 'registered_name'): {error}."
-        ) from error
-    return str(name).rsplit(">", 1)[-1]
+            config = json.load(file)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{config_path} is not readable JSON: {error}.") from error
+    return _class_from_config(config, config_path)
 
 
 def load_keras_hub_backbone(source, classes, converter, **kwargs):

@@ -6,6 +6,8 @@ embedding over all positions; its backbone returns every token after the
 final LayerNorm, so the result has `pooling=None` unless you ask otherwise.
 """
 
+import os
+
 import keras
 import keras_hub
 
@@ -71,6 +73,8 @@ def from_keras_hub_vit(vit, pooling=None, dtype=None):
     ```
     """
 
+    if isinstance(vit, os.PathLike):
+        vit = os.fspath(vit)
     if isinstance(vit, str):
         vit = keras_hub.models.ViTBackbone.from_preset(vit)
     if not isinstance(vit, keras_hub.models.ViTBackbone):

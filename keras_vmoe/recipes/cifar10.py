@@ -169,6 +169,7 @@ def make_optimizer(learning_rate, weight_decay, warmup_steps, total_steps):
             "scale",
             "position_embedding",
             "class_token",
+            "register_tokens",
             "probe",
             "embeddings",
             "log_temperature",

@@ -6,6 +6,9 @@ keras-hub 0.32 builds SigLIP 2 presets with the SigLIP classes (a
 preset form; "SigLIP" is a vision encoder saved on its own.
 """
 
+import json
+import pathlib
+
 import keras
 import keras_hub
 import numpy as np
@@ -13,6 +16,7 @@ import pytest
 
 import keras_vmoe
 from keras_vmoe.convert import CheckpointError
+from keras_vmoe.convert import from_keras_hub
 from keras_vmoe.convert import from_keras_hub_dinov2
 from keras_vmoe.convert import from_keras_hub_siglip
 from keras_vmoe.models import VMoEBackbone
@@ -210,3 +214,40 @@ def test_unconvertible_options_are_named():
         from_keras_hub_siglip(siglip_vision(layer_norm_epsilon=1e-5))
     with pytest.raises(ValueError, match="pooling must be 'map' or None"):
         from_keras_hub_siglip(siglip_vision(), pooling="token")
+
+
+def test_from_keras_hub_picks_the_converter_from_a_path_or_a_model(siglip, dino_registers):
+    reference, folder = siglip
+    assert_close(
+        to_numpy(from_keras_hub(pathlib.Path(folder))(IMAGES)), to_numpy(reference({"images": IMAGES}))
+    )
+    dino, _ = dino_registers
+    assert from_keras_hub(dino, pooling="token").pooling == "token"
+
+
+class SubclassedViT(keras_hub.models.ViTBackbone):
+    """A user's subclass of a keras-hub class converts as its parent does."""
+
+
+def test_a_subclass_of_a_keras_hub_class_and_our_own_models(tmp_path):
+    vit = SubclassedViT(
+        image_shape=(16, 16, 3), patch_size=8, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=16
+    )
+    converted = from_keras_hub(vit)
+    assert isinstance(converted, VMoEBackbone)
+    with pytest.raises(ValueError, match="expects a keras-hub model or preset, got VMoEBackbone"):
+        from_keras_hub(converted)
+
+
+@pytest.mark.parametrize(
+    "model_type, found", [("dinov2_with_registers", "DINOV2Backbone"), ("vit", "ViTBackbone"), ("bert", None)]
+)
+def test_hugging_face_checkpoints_are_told_by_their_model_type(tmp_path, model_type, found):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
+    if found:
+        assert keras_vmoe.convert.keras_hub_source.preset_class_name(str(tmp_path)) == found
+    else:
+        with pytest.raises(
+            ValueError, match="is a Hugging Face 'bert' model preset; the keras-hub models that"
+        ):
+            from_keras_hub(str(tmp_path))

@@ -130,7 +130,9 @@ def test_only_params_are_read_and_older_layouts_load(tmp_path):
         with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False)) as checkpointer:
             checkpointer.save(tmp_path / name / "ckpt" / "7" / "state", args=ocp.args.PyTreeSave(state))
     folder = tmp_path / "params_only" / "ckpt" / "7" / "state"
-    for array in folder.glob("opt_state.*"):
+    optimizer_arrays = list(folder.glob("opt_state.*"))
+    assert len(optimizer_arrays) == 4  # mu and nu of the kernel and the bias.
+    for array in optimizer_arrays:
         shutil.rmtree(array)
     legacy = tmp_path / "legacy" / "ckpt" / "7" / "state"
     (legacy / "_METADATA").unlink()
