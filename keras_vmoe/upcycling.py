@@ -102,6 +102,7 @@ def upcycle(
     capacity_factor=None,
     slots_per_expert=None,
     group_size=None,
+    ensemble_size=1,
     **moe_options,
 ):
     """Turns the dense MLPs of `moe_layers` into MoE layers of copied experts.
@@ -125,6 +126,13 @@ def upcycle(
             the group size instead of `slots_per_expert`.
         slots_per_expert: Soft MoE (default 1).
         group_size: tokens routed together (default: each image on its own).
+        ensemble_size: M > 1 makes the result an E^3 ensemble (sparse
+            routers; see `VMoEBackbone`): member m routes within experts
+            m * E / M ... (m + 1) * E / M - 1, a V-MoE's router kernel
+            (D, E) kept as is, which is vmoe's C-order reshape to
+            (D, M, E / M) in its E^3 fine-tuning configs. To turn a V-MoE
+            into an E^3 ensemble without new MoE blocks, pass its
+            `num_experts` and `moe_layers=()`.
         **moe_options: further arguments of the new backbone's MoE layers:
             `batch_priority`, `moe_dropout_rate` and `router_options` entries
             (`noise_std`, `importance_loss_weight`, ...) for sparse routers;
@@ -183,9 +191,18 @@ def upcycle(
                 f"upcycle: block {index} is already a MoE block (moe_layers={backbone.moe_layers}); "
                 "only dense MLPs can be upcycled."
             )
-    if len(set(moe_layers)) != len(moe_layers) or not moe_layers:
+    ensembling = ensemble_size != 1 and bool(backbone.moe_layers)  # A V-MoE into an E^3 ensemble.
+    if len(set(moe_layers)) != len(moe_layers) or not (moe_layers or ensembling):
         raise ValueError(f"upcycle: moe_layers must list distinct block indices, got {moe_layers}.")
     soft = router == "soft"
+    if soft and ensemble_size != 1:
+        raise ValueError("upcycle: E^3 ensembles (ensemble_size > 1) need a sparse router, not 'soft'.")
+    if backbone.moe_layers and backbone.moe_mlps[0].num_experts != num_experts:
+        raise ValueError(
+            f"upcycle: the model's MoE blocks {backbone.moe_layers} have "
+            f"{backbone.moe_mlps[0].num_experts} experts, so num_experts must be "
+            f"{backbone.moe_mlps[0].num_experts}, got {num_experts}."
+        )
     if backbone.moe_layers:
         kept = SoftMoE if soft else SparseMoE
         if not all(isinstance(moe, kept) for moe in backbone.moe_mlps):
@@ -207,6 +224,7 @@ def upcycle(
     else:
         config.update(
             num_experts=num_experts,
+            ensemble_size=ensemble_size,
             **_vmoe_arguments(router, num_selected_experts, capacity_factor, group_size, dict(moe_options)),
         )
     upcycled = classifier_cls.backbone_cls(**config)

@@ -130,7 +130,7 @@ def routing_decisions(backbone, images):
     decisions = {}
     for index in backbone.moe_layers:
         moe = backbone.get_layer(f"encoder_block_{index}").mlp
-        plan, _ = moe.router(moe_block_tokens(backbone, images, index), training=False)
+        plan, _ = moe.route(moe_block_tokens(backbone, images, index), training=False)
         decisions[index] = to_numpy(plan[0])  # Sparse: dispatch_index; soft: dispatch_weights.
     return decisions
 

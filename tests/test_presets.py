@@ -21,11 +21,11 @@ TOKEN_CHOICE = FIXTURES / "vmoe_tiny_token_choice"
 NAME = "vmoe_tiny_token_choice_test"
 
 
-def mirror_fixture(folder):
-    """A mirror folder laid out like gs://vmoe_checkpoints, holding the fixture as NAME."""
+def mirror_fixture(folder, fixture=TOKEN_CHOICE, name=NAME):
+    """A mirror folder laid out like gs://vmoe_checkpoints, holding the fixture as `name`."""
     folder.mkdir()
-    for path in TOKEN_CHOICE.glob("ckpt.*"):
-        shutil.copy(path, folder / path.name.replace("ckpt", NAME, 1))
+    for path in fixture.glob("ckpt.*"):
+        shutil.copy(path, folder / path.name.replace("ckpt", name, 1))
     return folder
 
 
@@ -71,10 +71,10 @@ def test_checkpoint_preset_downloads_converts_and_caches(tiny_preset, tmp_path, 
     np.testing.assert_allclose(again.predict(pixels, verbose=0), expected, atol=f32_atol(expected))
 
 
-def test_offline_error_says_what_to_download_and_how_to_load(tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", ["vmoe_s32_last2_ilsvrc2012_randaug_light1", "eee_s32_last2_ilsvrc2012"])
+def test_offline_error_says_what_to_download_and_how_to_load(tmp_path, monkeypatch, name):
     monkeypatch.setenv("KERAS_VMOE_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("KERAS_VMOE_CHECKPOINT_MIRROR", str(tmp_path / "empty"))
-    name = "vmoe_s32_last2_ilsvrc2012_randaug_light1"
     with pytest.raises(presets.PresetError) as error:
         VMoEImageClassifier.from_preset(name)
     message = str(error.value)
@@ -127,3 +127,58 @@ def test_released_configs_build_the_paper_architectures(name, moe_layers, group_
     assert moe.router.capacity_factor == capacity_factor
     classifier = VMoEImageClassifier(backbone, preset.model_config["num_classes"])
     assert classifier.count_params() == preset.params
+
+
+@pytest.mark.parametrize(
+    "name, image_size, num_classes",
+    [("eee_s32_last2_ilsvrc2012", 224, 1000), ("eee_s32_last2_ilsvrc2012_ft_cifar100", 128, 100)],
+)
+def test_released_e3_configs_build_the_paper_ensembles(name, image_size, num_classes):
+    preset = presets.VMOE_CHECKPOINT_PRESETS[name]
+    assert name in VMoEImageClassifier.presets and preset.image_size == image_size
+    backbone = backbone_from_vmoe_config(preset.model_config, (image_size, image_size, 3))
+    assert (backbone.ensemble_size, tuple(backbone.moe_layers)) == (2, (5, 7))
+    moe = backbone.get_layer("encoder_block_7").mlp
+    assert (moe.num_experts, moe.ensemble_size, moe.router.expert_partitions) == (8, 2, 2)
+    assert (moe.router.num_selected_experts, moe.router.capacity_factor, moe.dispatch_dtype) == (
+        1,
+        1.5,
+        "bfloat16",
+    )
+    classifier = VMoEImageClassifier(backbone, num_classes)
+    assert classifier.count_params() == preset.params
+
+
+EEE = FIXTURES / "eee_tiny"
+EEE_NAME = "eee_tiny_test"
+
+
+@requires_fixtures
+def test_e3_checkpoint_preset_converts_caches_and_saves(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_VMOE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv(
+        "KERAS_VMOE_CHECKPOINT_MIRROR", str(mirror_fixture(tmp_path / "mirror", EEE, EEE_NAME))
+    )
+    preset = presets.VMoECheckpointPreset(
+        EEE_NAME, "The E^3 fixture.", json.loads((EEE / "config.json").read_text()), image_size=32, params=0
+    )
+    presets.register_vmoe_checkpoint_preset(preset)
+    try:
+        classifier = VMoEImageClassifier.from_preset(EEE_NAME)
+    finally:
+        presets.VMOE_CHECKPOINT_PRESETS.pop(EEE_NAME)
+    io = np.load(EEE / "io.npz")
+    assert classifier.ensemble_size == 2
+    logits = to_numpy(classifier(io["images"], training=False))
+    assert np.abs(logits - io["logits"]).max() <= 1e-4 * max(1.0, np.abs(io["logits"]).max())
+    # A .keras file keeps the ensemble: raw outputs and the ensemble prediction.
+    path = str(tmp_path / "eee.keras")
+    classifier.save(path)
+    import keras
+
+    loaded = keras.saving.load_model(path)
+    assert loaded.ensemble_size == 2 and loaded.backbone.moe_mlps[0].router.expert_partitions == 2
+    np.testing.assert_array_equal(to_numpy(loaded(io["images"], training=False)), logits)
+    np.testing.assert_array_equal(
+        loaded.predict_on_batch(io["images"]), classifier.predict_on_batch(io["images"])
+    )

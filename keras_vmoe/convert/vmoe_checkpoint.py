@@ -58,7 +58,16 @@ _ENCODER_KEYS = {
     "position_emb",
     "deterministic",
 }
-_MOE_KEYS = {"layers", "num_experts", "group_size", "router", "dropout_rate", "split_rngs", "deterministic"}
+_MOE_KEYS = {
+    "layers",
+    "num_experts",
+    "group_size",
+    "router",
+    "dropout_rate",
+    "split_rngs",
+    "deterministic",
+    "ensemble_size",
+}
 
 
 OT_KINDS = frozenset(kind for kind, _ in OT_ROUTERS.values())
@@ -120,6 +129,13 @@ def _moe_arguments(moe, bfloat16_dispatch):
     """Backbone arguments for the MoE part of a vmoe encoder config."""
     _check_keys("encoder.moe", moe, _MOE_KEYS)
     router = dict(moe.get("router") or {})
+    ensemble_size = moe.get("ensemble_size")
+    if ensemble_size is not None and "name" in router:
+        # vmoe's VisionTransformerMoeEnsemble names its router class itself.
+        raise ValueError(
+            "vmoe model config: an E^3 config (encoder.moe.ensemble_size) takes no router 'name' "
+            f"(vmoe always uses NoisyTopExpertsPerItemEnsembleRouter); got {router['name']!r}."
+        )
     kind = _router_kind(router)
     arguments = dict(
         moe_layers=tuple(moe.get("layers", ())),
@@ -179,6 +195,8 @@ def _moe_arguments(moe, bfloat16_dispatch):
         capacity_factor=dispatcher.get("capacity_factor", 1.0),
         router_options=options,
     )
+    if ensemble_size is not None:
+        arguments["ensemble_size"] = ensemble_size
     return kind, arguments
 
 
@@ -211,6 +229,10 @@ def backbone_from_vmoe_config(model_config, image_shape, bfloat16_dispatch=None,
         dtype=dtype,
     )
     moe = encoder.get("moe")
+    if moe and moe.get("ensemble_size") is not None:
+        # vmoe's EncoderMoeEnsemble always has learned position embeddings
+        # and never passes attention_qk_norm to its blocks.
+        arguments.update(position_embedding="learned", attention_qk_norm=False)
     if not moe or not moe.get("layers"):
         return VMoEBackbone(**arguments)
     kind, moe_arguments = _moe_arguments(dict(moe), bfloat16_dispatch)
@@ -302,6 +324,11 @@ def vmoe_name_table(classifier):
                 table[f"{prefix}/Moe/Router/dense/kernel"] = moe.router.kernel
         else:
             table.update(_mlp_table(f"{prefix}/Mlp", block.mlp))
+    return table | _head_table(backbone, classifier)
+
+
+def _head_table(backbone, classifier):
+    table = {}
     table.update(_layer_norm_table("Encoder/encoder_norm", backbone.get_layer("encoder_norm")))
     if backbone.pooling == "map":
         pooling = backbone.get_layer("map_pooling")
@@ -317,6 +344,29 @@ def vmoe_name_table(classifier):
         table["head/kernel"] = classifier.head.kernel
         table["head/bias"] = classifier.head.bias
     return table
+
+
+def ensemble_router_kernels(params, classifier, source):
+    """vmoe's E^3 router kernels (D, M, E / M) -> ours (D, E), C order (pool
+    m owns experts m * E / M ... (m + 1) * E / M - 1). `params` is changed."""
+    backbone = getattr(classifier, "backbone", classifier)
+    members = getattr(backbone, "ensemble_size", 1)
+    if members == 1:
+        return params
+    for index, moe in zip(backbone.moe_layers, backbone.moe_mlps):
+        path = f"Encoder/encoderblock_{index}/Moe/Router/dense/kernel"
+        kernel = params.get(path)
+        expected = (moe.router.kernel.shape[0], members, moe.num_experts // members)
+        if kernel is None:
+            continue  # assign_parameters names it.
+        if tuple(kernel.shape) != expected:
+            raise CheckpointError(
+                f"{source}: the E^3 router kernel {path!r} has shape {tuple(kernel.shape)}, but the "
+                f"config (ensemble_size={members}, num_experts={moe.num_experts}) expects {expected} "
+                "(hidden size, members, experts per member)."
+            )
+        params[path] = np.reshape(np.asarray(kernel), (expected[0], -1))
+    return params
 
 
 def assign_parameters(table, params, source, verbose=False):
@@ -408,5 +458,6 @@ def load_vmoe_checkpoint(
         )
     else:
         model = backbone
+    params = ensemble_router_kernels(dict(params), model, f"Checkpoint {prefix}")
     assign_parameters(vmoe_name_table(model), params, f"Checkpoint {prefix}", verbose=verbose)
     return model

@@ -8,6 +8,9 @@ from keras_vmoe.layers.encoder import EncoderBlock
 from keras_vmoe.layers.encoder import MultiHeadAttentionPooling
 from keras_vmoe.layers.encoder import MultiHeadDotProductAttention
 from keras_vmoe.layers.encoder import SequencePooling
+from keras_vmoe.layers.ensemble import EnsembleRepeat
+from keras_vmoe.layers.ensemble import ensemble_log_mean
+from keras_vmoe.layers.ensemble import member_logits
 from keras_vmoe.layers.mlp import Mlp
 from keras_vmoe.layers.moe import MoELayer
 from keras_vmoe.layers.moe import SoftMoE

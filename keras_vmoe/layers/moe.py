@@ -96,10 +96,12 @@ class MoELayer(keras.layers.Layer):
         )
         self.bias_1 = self.add_weight(shape=(num_experts, dim), initializer="zeros", name="bias_1")
 
+    ensemble_size = 1  # SparseMoE's E^3 option; see `to_groups`.
+
     def resolve_group_size(self, input_shape):
         """The routing group size for inputs of `input_shape` (B, T, D)."""
         batch, tokens = input_shape[0], input_shape[1]
-        group_size = self.group_size or tokens
+        group_size = self.group_size or (None if tokens is None else tokens * self.ensemble_size)
         if group_size is None:
             raise ValueError(
                 f"{type(self).__name__} needs a known number of tokens per image (or an explicit group_size)."
@@ -157,8 +159,43 @@ class MoELayer(keras.layers.Layer):
 
     def group_tokens(self, inputs):
         """(batch, tokens, D) -> (G, group_size, D): the routing groups."""
-        group_size = self.resolve_group_size(inputs.shape)
-        return ops.reshape(inputs, (-1, group_size, ops.shape(inputs)[-1]))
+        return self.to_groups(inputs, self.resolve_group_size(inputs.shape))
+
+    def to_groups(self, values, group_size):
+        """(batch, tokens, ...) -> (G, group_size, ...). With `ensemble_size`
+        M > 1 the batch holds M copies of each image (row b * M + m is member
+        m of image b) and the groups keep an image's copies together, ordered
+        (image, token, member) with the member fastest, as vmoe's E^3
+        (`ensemble_routing.py`): (B*M, T, .) -> (B, T, M, .) -> (G, S, .)."""
+        trailing = tuple(ops.shape(values)[2:])
+        members = self.ensemble_size
+        if members > 1:
+            values = ops.reshape(values, (-1, members) + tuple(ops.shape(values)[1:]))
+            values = ops.swapaxes(values, 1, 2)  # (B, T, M, ...)
+        return ops.reshape(values, (-1, group_size) + trailing)
+
+    def from_groups(self, values, tokens):
+        """The inverse of `to_groups`: (G, S, ...) -> (batch, tokens, ...)."""
+        trailing = tuple(ops.shape(values)[2:])
+        members = self.ensemble_size
+        if members == 1:
+            return ops.reshape(values, (-1, tokens) + trailing)
+        values = ops.reshape(values, (-1, tokens, members) + trailing)  # (B, T, M, ...)
+        return ops.reshape(ops.swapaxes(values, 1, 2), (-1, tokens) + trailing)
+
+    def routing_inputs(self, tokens):
+        """The router's inputs besides the (G, S, D) `tokens` it routes: for
+        an E^3 layer each token's member (`token_partitions`), which picks
+        its pool of experts."""
+        if self.ensemble_size == 1:
+            return {}
+        members = ops.arange(tokens.shape[1], dtype="int32") % self.ensemble_size
+        return {"token_partitions": ops.broadcast_to(members[None], ops.shape(tokens)[:2])}
+
+    def route(self, tokens, training=False, token_mask=None):
+        """The router's (plan, metrics) on (G, S, D) routing groups (from
+        `group_tokens`), with the inputs `routing_inputs` adds."""
+        return self.router(tokens, training=training, token_mask=token_mask, **self.routing_inputs(tokens))
 
     def call(self, inputs, training=None, token_mask=None, token_modalities=None):
         """`token_mask` (batch, tokens) bool: False marks padding, which no
@@ -172,8 +209,8 @@ class MoELayer(keras.layers.Layer):
         exchange = ExpertExchange.for_layer(self, tokens.shape[0])
         if exchange is not None:
             tokens = exchange.split_groups(tokens)
-        mask = None if token_mask is None else ops.reshape(ops.cast(token_mask, "bool"), (-1, group_size))
-        options = {}
+        mask = None if token_mask is None else self.to_groups(ops.cast(token_mask, "bool"), group_size)
+        options = self.routing_inputs(tokens)  # E^3: member m routes within expert pool m.
         if token_modalities is not None:
             if not self.router.uses_token_modalities:
                 raise ValueError(
@@ -181,7 +218,7 @@ class MoELayer(keras.layers.Layer):
                     f"{type(self.router).__name__} does not use them; use a "
                     "keras_vmoe.layers.MultimodalTokenChoiceRouter (or `token_mask` for padding)."
                 )
-            options["token_modalities"] = ops.reshape(ops.cast(token_modalities, "int32"), (-1, group_size))
+            options["token_modalities"] = self.to_groups(ops.cast(token_modalities, "int32"), group_size)
         plan, metrics = self.router(tokens, training=training, token_mask=mask, **options)
         tokens, experts = self.round_to_dispatch_dtype(tokens), self.rounded_experts(training)
         if isinstance(plan, SoftRoutingPlan):
@@ -191,7 +228,7 @@ class MoELayer(keras.layers.Layer):
             sparse_moe = exchange.sparse_moe if exchange is not None else moe_ops.sparse_moe
             outputs = sparse_moe(tokens, plan, experts)
         self.record(metrics, training)
-        return ops.reshape(outputs, shape)
+        return ops.reshape(self.from_groups(outputs, shape[1]), shape)
 
     def record(self, metrics, training):
         """Keeps the call's metrics and, in training, adds the auxiliary loss."""
@@ -243,6 +280,13 @@ class SparseMoE(MoELayer):
             and expert outputs before the combine (vmoe's `bfloat16` dispatcher
             option, on in its paper configs).
         seed: int or None. Seed of the routing noise.
+        ensemble_size: int. M, for E^3 ("Sparse MoEs meet Efficient
+            Ensembles"): the batch holds M copies of each image (row b * M + m
+            is member m of image b), an image's copies share its routing
+            group, and member m routes only within the m-th pool of
+            E / M experts (the token-choice routers' `expert_partitions`).
+            `group_size` then counts all copies (images x tokens x M); None
+            routes each image's M copies as one group.
 
     In training the layer adds its auxiliary loss with `add_loss`. A token
     whose every choice was dropped gets zeros (the block's residual carries it).
@@ -276,11 +320,23 @@ class SparseMoE(MoELayer):
         dispatch_dtype=None,
         seed=None,
         router_options=None,
+        ensemble_size=1,
         **kwargs,
     ):
         super().__init__(
             num_experts, mlp_dim, group_size, approximate_gelu, dropout_rate, dispatch_dtype, **kwargs
         )
+        self.ensemble_size = check_int("ensemble_size", ensemble_size, minimum=1, owner="SparseMoE")
+        if self.num_experts % self.ensemble_size:
+            raise ValueError(
+                f"SparseMoE: ensemble_size={ensemble_size} must divide num_experts={num_experts} "
+                "(each ensemble member routes within its own num_experts / ensemble_size experts)."
+            )
+        if self.group_size is not None and self.group_size % self.ensemble_size:
+            raise ValueError(
+                f"SparseMoE: group_size={group_size} must be a multiple of ensemble_size={ensemble_size}: "
+                "it counts every member's copy of the images it routes (images x tokens x members)."
+            )
         if isinstance(router, dict):
             router = keras.saving.deserialize_keras_object(router)
         if isinstance(router, str):
@@ -301,8 +357,15 @@ class SparseMoE(MoELayer):
                 seed=seed,
                 name="router",
             )
+            if self.ensemble_size > 1:
+                shared["expert_partitions"] = self.ensemble_size
             try:
                 router = make_router(router, shared, router_options)
+                if getattr(router, "expert_partitions", 1) != self.ensemble_size:
+                    raise ValueError(
+                        f"router {type(router).__name__} cannot route within expert pools, which "
+                        f"ensemble_size={self.ensemble_size} needs; use a token-choice router."
+                    )
             except ValueError as error:
                 raise ValueError(f"SparseMoE: {error}") from None
         elif router_options:
@@ -317,6 +380,13 @@ class SparseMoE(MoELayer):
                 f"SparseMoE: the router has {router.num_experts} experts but the "
                 f"layer has num_experts={self.num_experts}."
             )
+        # A router with pools of its own (LIMoE's modality pools) serves ensemble_size=1.
+        if self.ensemble_size > 1 and getattr(router, "expert_partitions", 1) != self.ensemble_size:
+            raise ValueError(
+                f"SparseMoE: ensemble_size={self.ensemble_size} needs a router with "
+                f"expert_partitions={self.ensemble_size}; got {type(router).__name__} with "
+                f"expert_partitions={getattr(router, 'expert_partitions', 1)}."
+            )
         self.router = router
 
     def build(self, input_shape):
@@ -327,7 +397,9 @@ class SparseMoE(MoELayer):
 
     def get_config(self):
         config = super().get_config()
-        config.update(router=keras.saving.serialize_keras_object(self.router))
+        config.update(
+            router=keras.saving.serialize_keras_object(self.router), ensemble_size=self.ensemble_size
+        )
         return config
 
 

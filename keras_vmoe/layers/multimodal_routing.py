@@ -24,6 +24,7 @@ from keras import ops
 
 from keras_vmoe.layers.routing import TokenChoiceRouter
 from keras_vmoe.layers.routing_losses import _weights
+from keras_vmoe.layers.routing_plans import compute_capacity
 from keras_vmoe.validation import check_float
 
 PAPER_MODALITIES = ("image", "text")
@@ -106,6 +107,15 @@ class MultimodalTokenChoiceRouter(TokenChoiceRouter):
         **kwargs: `TokenChoiceRouter` arguments (`num_selected_experts`,
             `capacity_factor`, `batch_priority`, loss weights, ...).
 
+        modality_expert_pools: bool. Give every modality its own pool of
+            E / len(modalities) experts (VL-MoE's vision and language
+            experts): modality i routes only within experts i * E / n ...
+            (i + 1) * E / n - 1, as `TokenChoiceRouter(expert_partitions=n)`
+            routes E^3 members, and its losses are taken over its own pool.
+            As a group usually holds one modality (LIMoE routes them apart),
+            the capacity is sized per pool: C = capacity of the group's
+            tokens over E / n experts. It then needs `token_modalities`.
+
     Without `token_modalities` it is a plain `TokenChoiceRouter`.
 
     Example:
@@ -115,6 +125,14 @@ class MultimodalTokenChoiceRouter(TokenChoiceRouter):
     >>> plan, metrics = router(tokens, token_modalities=modalities)
     >>> sorted(name for name in metrics if "entropy" in name)
     ['image_global_entropy', 'image_local_entropy', 'text_global_entropy', 'text_local_entropy']
+
+    With modality pools, image tokens use experts 0 and 1, text tokens 2 and 3:
+    >>> router = MultimodalTokenChoiceRouter(num_experts=4, modality_expert_pools=True)
+    >>> plan, metrics = router(keras.random.normal((2, 6, 8)), token_modalities=modalities)
+    >>> gates = keras.ops.convert_to_numpy(router.route_gates(
+    ...     keras.random.normal((2, 6, 8)), False, None, modalities)[0])
+    >>> bool((gates[:, :4, 2:] == 0).all() and (gates[:, 4, :2] == 0).all())
+    True
     """
 
     uses_token_modalities = True
@@ -126,15 +144,31 @@ class MultimodalTokenChoiceRouter(TokenChoiceRouter):
         local_entropy_weights=None,
         global_entropy_weights=None,
         global_entropy_thresholds=None,
+        modality_expert_pools=False,
         **kwargs,
     ):
-        super().__init__(num_experts, **kwargs)
         modalities = tuple(modalities)
         if not modalities or len(set(modalities)) != len(modalities):
             raise ValueError(
                 f"MultimodalTokenChoiceRouter: `modalities` must be distinct names, got {modalities}."
             )
+        self.modality_expert_pools = bool(modality_expert_pools)
+        if self.modality_expert_pools:
+            partitions = kwargs.setdefault("expert_partitions", len(modalities))
+            if partitions != len(modalities):
+                raise ValueError(
+                    f"MultimodalTokenChoiceRouter: modality_expert_pools gives each of the "
+                    f"{len(modalities)} modalities its own pool, so expert_partitions must be "
+                    f"{len(modalities)}, got {partitions}."
+                )
+        elif kwargs.get("expert_partitions", 1) != 1:
+            raise ValueError(
+                "MultimodalTokenChoiceRouter: pools of experts are the modalities' "
+                "(modality_expert_pools=True), not expert_partitions."
+            )
+        super().__init__(num_experts, **kwargs)
         self.modalities = modalities
+        pool = num_experts // self.expert_partitions
         self.local_entropy_weights = _per_modality(
             "local_entropy_weights", local_entropy_weights, modalities, 0.01
         )
@@ -145,7 +179,19 @@ class MultimodalTokenChoiceRouter(TokenChoiceRouter):
             "global_entropy_thresholds",
             global_entropy_thresholds,
             modalities,
-            math.log(max(num_experts / 2, 1.0)),
+            math.log(max(pool / 2, 1.0)),
+        )
+
+    def capacity(self, group_size):
+        if not self.modality_expert_pools:
+            return super().capacity(group_size)
+        # A group's tokens (of one modality, usually) share one pool of E / n experts.
+        return compute_capacity(
+            group_size * self.num_selected_experts,
+            self.num_experts // self.expert_partitions,
+            self.capacity_factor,
+            self.capacity_rounding,
+            self.capacity_multiple_of,
         )
 
     def call(self, tokens, training=None, token_mask=None, token_modalities=None):
@@ -160,10 +206,21 @@ class MultimodalTokenChoiceRouter(TokenChoiceRouter):
     def route_gates(self, tokens, training, token_mask, token_modalities=None):
         """Token choice's gates and losses, plus the entropy losses per modality."""
         logits = self.gate_logits(tokens)
-        routing_gates, metrics = self.softmax_gates_and_losses(logits, training, _weights(token_mask))
+        pools = None
+        if self.modality_expert_pools:
+            if token_modalities is None:
+                raise ValueError(
+                    f"MultimodalTokenChoiceRouter {self.name!r} has modality_expert_pools: call it "
+                    "with `token_modalities` (G, S), each token's modality index (-1 for padding)."
+                )
+            pools = ops.maximum(ops.cast(token_modalities, "int32"), 0)  # padding is not routed
+        weights = _weights(token_mask)
+        routing_gates, metrics = self.softmax_gates_and_losses(logits, training, weights, pools)
+        if pools is not None:
+            metrics = _mean_over_used_pools(metrics, pools, weights, self.expert_partitions)
         if token_modalities is None:
             return routing_gates, routing_gates, metrics
-        gates = ops.softmax(logits, axis=-1)  # (G, S, E), clean
+        gates = pooled_softmax(logits, pools, self.expert_partitions)  # (G, S, E), clean
         num_groups = ops.shape(tokens)[0]
         auxiliary = metrics["auxiliary_loss"]
         for index, modality in enumerate(self.modalities):
@@ -187,5 +244,31 @@ class MultimodalTokenChoiceRouter(TokenChoiceRouter):
             local_entropy_weights=dict(self.local_entropy_weights),
             global_entropy_weights=dict(self.global_entropy_weights),
             global_entropy_thresholds=dict(self.global_entropy_thresholds),
+            modality_expert_pools=self.modality_expert_pools,
         )
         return config
+
+
+def pooled_softmax(logits, pools, num_pools):
+    """Softmax of (G, S, E) `logits` within each token's pool of E / n
+    experts (`pools` (G, S) int; None: over all E), zero elsewhere."""
+    if pools is None:
+        return ops.softmax(logits, axis=-1)
+    size = logits.shape[-1] // num_pools
+    parts = [
+        ops.softmax(logits[..., p * size : (p + 1) * size], axis=-1)
+        * ops.cast(ops.equal(pools, p), logits.dtype)[..., None]
+        for p in range(num_pools)
+    ]
+    return ops.concatenate(parts, axis=-1)
+
+
+def _mean_over_used_pools(metrics, pools, token_weights, num_pools):
+    """(G, P) per-pool losses -> (G,), the mean over the pools that hold
+    tokens of the group (an image-only group leaves the text pool empty)."""
+    used = ops.stack([ops.equal(pools, p) for p in range(num_pools)], axis=-1)  # (G, S, P)
+    if token_weights is not None:
+        used = ops.logical_and(used, ops.greater(token_weights, 0)[..., None])
+    used = ops.cast(ops.any(used, axis=1), "float32")  # (G, P)
+    count = ops.maximum(ops.sum(used, axis=-1), 1.0)
+    return {name: ops.sum(value * used, axis=-1) / count for name, value in metrics.items()}

@@ -132,6 +132,18 @@ class TokenChoiceRouter(Router):
     noise, i.e. in training), GShard, and optionally the ST-MoE z-loss;
     `auxiliary_loss` is their weighted sum.
 
+    Partitioned routing (`expert_partitions=P`, vmoe's E^3 router
+    `NoisyTopExpertsPerItemEnsembleRouter`): the experts split into P
+    contiguous pools of E / P, and a call with `token_partitions` (G, S) int
+    routes each token only within its pool: its gates are the softmax of its
+    pool's logits (zero elsewhere), its noise std is `noise_std / (E / P)`,
+    and K <= E / P. The kernel stays (D, E); pool p owns the columns
+    p * E / P ... (p + 1) * E / P - 1 (vmoe's (D, P, E / P) kernel, reshaped in
+    C order). The losses are taken per pool, over its tokens and experts, so
+    they are (G, P); capacity and dispatch are those of the whole (S, E)
+    table. E^3 ensembles (`SparseMoE(ensemble_size=M)`) and LIMoE's
+    modality pools use it.
+
     `token_mask` (G, S) bool, optional: False marks padding, which is not
     routed (it takes no slot, is combined with weight 0) and is left out of
     the losses and the dropped-token metrics.
@@ -157,18 +169,31 @@ class TokenChoiceRouter(Router):
         capacity_rounding="ceil",
         capacity_multiple_of=4,
         renormalize_combine_weights=False,
+        expert_partitions=1,
         seed=None,
         **kwargs,
     ):
         super().__init__(num_experts, noise_std=noise_std, seed=seed, **kwargs)
-        owner = "TokenChoiceRouter"
+        owner = type(self).__name__
         self.num_selected_experts = check_int(
             "num_selected_experts", num_selected_experts, minimum=1, owner=owner
         )
-        if self.num_selected_experts > self.num_experts:
+        self.expert_partitions = check_int("expert_partitions", expert_partitions, minimum=1, owner=owner)
+        if self.num_experts % self.expert_partitions:
             raise ValueError(
-                f"{owner}: num_selected_experts (K={num_selected_experts}) cannot "
-                f"exceed num_experts (E={num_experts})."
+                f"{owner}: expert_partitions={expert_partitions} must divide num_experts={num_experts} "
+                "(every pool gets num_experts / expert_partitions experts)."
+            )
+        pool = self.num_experts // self.expert_partitions
+        if self.num_selected_experts > pool:
+            raise ValueError(
+                f"{owner}: num_selected_experts (K={num_selected_experts}) cannot exceed "
+                + (
+                    f"num_experts (E={num_experts})."
+                    if self.expert_partitions == 1
+                    else f"the {pool} experts of each of the {self.expert_partitions} pools "
+                    f"(num_experts={num_experts} / expert_partitions={self.expert_partitions})."
+                )
             )
         self.capacity_factor = check_float(
             "capacity_factor", capacity_factor, exclusive_minimum=0.0, owner=owner
@@ -208,21 +233,48 @@ class TokenChoiceRouter(Router):
         metrics.update(token_choice_metrics(kept, weights))
         return plan, metrics
 
-    def route_gates(self, tokens, training, token_mask):
+    def route_gates(self, tokens, training, token_mask, token_partitions=None):
         """(scores, combine_gates, metrics): what tokens choose their experts
         by, the combine weight of each (token, expert) pair, both (G, S, E),
         and the losses (padding, `token_mask` False, left out). Here both are
         the (noisy, in training) softmax gates."""
         logits = self.gate_logits(tokens)  # (G, S, E)
-        gates, metrics = self.softmax_gates_and_losses(logits, training, _weights(token_mask))
+        gates, metrics = self.softmax_gates_and_losses(
+            logits, training, _weights(token_mask), token_partitions
+        )
         return gates, gates, metrics
 
-    def softmax_gates_and_losses(self, logits, training, token_weights):
+    def softmax_gates_and_losses(self, logits, training, token_weights, token_partitions=None):
         """vmoe's gates and auxiliary losses from (G, S, E) logits: the
-        routing gates (noisy in training) and {loss name: (G,)}."""
+        routing gates (noisy in training) and {loss name: (G,)}; with
+        `expert_partitions` P > 1, each token's gates over its own pool
+        (`token_partitions` (G, S) int) and the losses per pool, (G, P)."""
+        if self.expert_partitions == 1:
+            return self._gates_and_losses(logits, *self.add_noise(logits, training), token_weights)
+        if token_partitions is None:
+            raise ValueError(
+                f"{type(self).__name__} {self.name!r} routes within {self.expert_partitions} expert "
+                "pools: call it with `token_partitions` (G, S), each token's pool in "
+                f"0 .. {self.expert_partitions - 1} (SparseMoE(ensemble_size=...) passes them)."
+            )
+        pool = self.num_experts // self.expert_partitions
+        noisy_logits, noise_std = self.add_noise(logits, training, scale=pool)
+        token_partitions = ops.cast(token_partitions, "int32")
+        gates, metrics = [], []
+        for index in range(self.expert_partitions):
+            columns = slice(index * pool, (index + 1) * pool)
+            in_pool = ops.cast(ops.equal(token_partitions, index), "float32")  # (G, S)
+            weights = in_pool if token_weights is None else in_pool * token_weights
+            noisy = None if noise_std is None else noisy_logits[..., columns]
+            pool_gates, pool_metrics = self._gates_and_losses(logits[..., columns], noisy, noise_std, weights)
+            gates.append(pool_gates * in_pool[..., None])
+            metrics.append(pool_metrics)
+        stacked = {name: ops.stack([m[name] for m in metrics], axis=-1) for name in metrics[0]}
+        return ops.concatenate(gates, axis=-1), stacked
+
+    def _gates_and_losses(self, logits, noisy_logits, noise_std, token_weights):
         k = self.num_selected_experts
         gates = ops.softmax(logits, axis=-1)
-        noisy_logits, noise_std = self.add_noise(logits, training)
         routing_gates = gates if noise_std is None else ops.softmax(noisy_logits, axis=-1)
         metrics = {
             "importance_loss": importance_loss(gates, token_weights),
@@ -236,7 +288,7 @@ class TokenChoiceRouter(Router):
             metrics["load_loss"] = load_loss(logits, noisy_logits, noise_std, k, token_weights)
             weighted.append((self.load_loss_weight, metrics["load_loss"]))
         if self.z_loss_weight > 0:
-            metrics["z_loss"] = z_loss(logits)
+            metrics["z_loss"] = z_loss(logits, token_weights)
             weighted.append((self.z_loss_weight, metrics["z_loss"]))
         metrics["auxiliary_loss"] = _weighted_sum(logits, *weighted)
         return routing_gates, metrics
@@ -254,6 +306,7 @@ class TokenChoiceRouter(Router):
             capacity_rounding=self.capacity_rounding,
             capacity_multiple_of=self.capacity_multiple_of,
             renormalize_combine_weights=self.renormalize_combine_weights,
+            expert_partitions=self.expert_partitions,
         )
         return config
 

@@ -12,6 +12,14 @@ from keras_vmoe import ops as moe_ops
 from keras_vmoe.layers.routing_plans import token_mean
 
 
+def squared_variation(values):
+    """(std / mean)^2 over the last axis, as var / mean^2: 0 (with zero
+    gradients) where every value is 0, e.g. an expert pool without tokens."""
+    mean = ops.mean(values, axis=-1)
+    safe_mean = ops.where(mean > 0, mean, ops.ones_like(mean))
+    return ops.var(values, axis=-1) / ops.square(safe_mean)
+
+
 def importance_loss(gates, token_weights=None):
     """Squared coefficient of variation of the per-expert gate sums.
 
@@ -19,8 +27,7 @@ def importance_loss(gates, token_weights=None):
     """
     if token_weights is not None:
         gates = gates * token_weights[..., None]
-    importance = ops.sum(gates, axis=1)
-    return (ops.std(importance, axis=-1) / ops.mean(importance, axis=-1)) ** 2
+    return squared_variation(ops.sum(gates, axis=1))
 
 
 def load_loss(logits, noisy_logits, noise_std, num_selected_experts, token_weights=None):
@@ -35,8 +42,7 @@ def load_loss(logits, noisy_logits, noise_std, num_selected_experts, token_weigh
     noise_required_to_win = (threshold - logits) / noise_std
     # 1 - Phi(z) = erfc(z / sqrt 2) / 2 = (1 - erf(z / sqrt 2)) / 2.
     p = 0.5 * (1.0 - ops.erf(noise_required_to_win / math.sqrt(2.0)))
-    p_mean = token_mean(p, token_weights)
-    return (ops.std(p_mean, axis=-1) / ops.mean(p_mean, axis=-1)) ** 2
+    return squared_variation(token_mean(p, token_weights))
 
 
 def gshard_loss(gates, token_weights=None):
@@ -50,9 +56,10 @@ def gshard_loss(gates, token_weights=None):
     return loss * float(num_experts**2)
 
 
-def z_loss(logits):
-    """ST-MoE's router z-loss: mean squared log-partition. (G, S, E) -> (G,)."""
-    return ops.mean(ops.square(ops.logsumexp(logits, axis=-1)), axis=-1)
+def z_loss(logits, token_weights=None):
+    """ST-MoE's router z-loss: mean squared log-partition. (G, S, E) -> (G,).
+    `token_weights` (G, S): 0 leaves a token out."""
+    return token_mean(ops.square(ops.logsumexp(logits, axis=-1)), token_weights)
 
 
 def _weights(token_mask):

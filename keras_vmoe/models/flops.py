@@ -53,6 +53,9 @@ def count_flops(model):
     """Forward FLOPs per image of a `VisionTransformerBackbone` or of a task
     on one (a classifier's head included).
 
+    An E^3 ensemble (`ensemble_size` M) counts its M members from the first
+    MoE block on: the cost of one prediction.
+
     Returns:
         A dict of floats: `"patch_embedding"`, `"attention"`, `"mlp"` (dense
         MLPs and MoE experts), `"routing"` (routers, Soft MoE dispatch and
@@ -71,13 +74,18 @@ def count_flops(model):
     dim = backbone.hidden_dim
     counts = dict.fromkeys(("patch_embedding", "attention", "mlp", "routing", "head"), 0.0)
     counts["patch_embedding"] = 2 * num_patches * patch_height * patch_width * channels * dim
-    for block in backbone.encoder_blocks:
+    # E^3: from the first MoE block on, every image runs as M members.
+    members = getattr(backbone, "ensemble_size", 1)
+    first_repeated = backbone.moe_layers[0] if members > 1 else backbone.num_layers
+    for index, block in enumerate(backbone.encoder_blocks):
         tokens = block.input.shape[1]
-        counts["attention"] += _attention(tokens, tokens, dim)
+        copies = members if index >= first_repeated else 1
+        counts["attention"] += copies * _attention(tokens, tokens, dim)
         if isinstance(block.mlp, Mlp):
-            counts["mlp"] += _mlp(tokens, dim, block.mlp.mlp_dim)
+            counts["mlp"] += copies * _mlp(tokens, dim, block.mlp.mlp_dim)
         elif isinstance(block.mlp, (SparseMoE, SoftMoE)):
-            experts, routing = _moe_layer(block.mlp, tokens, dim)
+            # An image's M copies route together: `tokens * copies` per image.
+            experts, routing = _moe_layer(block.mlp, tokens * copies, dim)
             counts["mlp"] += experts
             counts["routing"] += routing
         else:
@@ -96,6 +104,7 @@ def count_flops(model):
     head = getattr(model, "head", None)
     if head is not None:
         counts["head"] += 2 * math.prod(head.kernel.shape)
+    counts["head"] *= members
     counts["total"] = sum(counts.values())
     counts["per_token"] = counts["total"] / num_patches
     return counts

@@ -1,10 +1,13 @@
 """Image classification on top of a pooled `VisionTransformerBackbone`."""
 
 import keras
+from keras import ops
 from keras_hub.models import ImageClassifier
 from keras_hub.models import Task
 
 from keras_vmoe.export import ExportMixin
+from keras_vmoe.layers.ensemble import ensemble_log_mean
+from keras_vmoe.layers.ensemble import member_logits
 from keras_vmoe.models.preset_mixin import BuiltinPresetMixin
 from keras_vmoe.models.router_metrics import RouterMetricsMixin
 from keras_vmoe.models.vision_transformer import VisionTransformerBackbone
@@ -34,6 +37,16 @@ class VisionTransformerImageClassifier(ExportMixin, BuiltinPresetMixin, RouterMe
 
     On a `VisionTransformerBackbone` it is the dense ViT's classifier (the
     `vit_tiny_cifar10` preset); the families subclass it.
+
+    On an E^3 backbone (`ensemble_size` M > 1) the one head serves every
+    member, as in vmoe: calling the model gives the raw logits, M rows per
+    image (row b * M + m = member m of image b); `predict` and
+    `predict_on_batch` give the ensemble's log of the members' mean
+    probability, (B, num_classes) (vmoe's evaluator); `predict_members` the
+    members' logits (B, M, num_classes). `fit` trains with the compiled loss
+    on every member against its image's label (vmoe's ensemble
+    cross-entropy, labels repeated M times) and computes the compiled metrics
+    on the ensemble's prediction.
     """
 
     backbone_cls = VisionTransformerBackbone
@@ -105,6 +118,45 @@ class VisionTransformerImageClassifier(ExportMixin, BuiltinPresetMixin, RouterMe
         )
         model.set_weights(dense.get_weights())
         return model
+
+    @property
+    def ensemble_size(self):
+        """E^3's M (1 for a single model)."""
+        return getattr(self.backbone, "ensemble_size", 1)
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        if self.ensemble_size > 1:
+            # vmoe's E^3 loss: every member against its image's label.
+            repeat = lambda v: None if v is None else ops.repeat(v, self.ensemble_size, axis=0)  # noqa: E731
+            y, sample_weight = (
+                keras.tree.map_structure(repeat, y),
+                keras.tree.map_structure(repeat, sample_weight),
+            )
+        return super().compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training)
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        if self.ensemble_size > 1:
+            y_pred = ensemble_log_mean(y_pred, self.ensemble_size)
+        return super().compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def predict(self, x, *args, **kwargs):
+        """keras-hub's `predict`; an E^3 model returns the ensemble's log
+        mean probability (B, num_classes)."""
+        return self._ensemble_prediction(super().predict(x, *args, **kwargs))
+
+    def predict_on_batch(self, x):
+        return self._ensemble_prediction(super().predict_on_batch(x))
+
+    def predict_members(self, x, *args, **kwargs):
+        """The ensemble members' logits, (B, M, num_classes) (M = 1 for a
+        single model); the arguments are `predict`'s."""
+        logits = super().predict(x, *args, **kwargs)
+        return ops.convert_to_numpy(member_logits(logits, self.ensemble_size))
+
+    def _ensemble_prediction(self, logits):
+        if self.ensemble_size == 1:
+            return logits
+        return ops.convert_to_numpy(ensemble_log_mean(logits, self.ensemble_size))
 
     def get_config(self):
         # keras-hub's ImageClassifier config names its own pooling head; ours

@@ -65,7 +65,7 @@ def _block_plans(backbone, images):
     as the router decides in eval mode."""
     for index, tokens in router_inputs(backbone, images).items():
         moe = backbone.get_layer(f"encoder_block_{index}").mlp
-        plan, _ = moe.router(tokens, training=False)
+        plan, _ = moe.route(tokens, training=False)
         capacity = None if isinstance(plan, SoftRoutingPlan) else moe.router.capacity(tokens.shape[1])
         yield index, moe, plan, capacity
 
@@ -82,16 +82,17 @@ def expert_assignments(backbone, images):
 
     Tokens are those the block sees: with a class token it comes first; after
     a PatchMerger they are the merged tokens. -1 marks a token a sparse
-    block dropped.
+    block dropped. For an E^3 backbone the rows are the ensemble members,
+    (images * M, tokens), row b * M + m = member m of image b.
     """
     batch = int(ops.shape(images)[0])
     assignments = {}
-    for index, _, plan, capacity in _block_plans(backbone, images):
+    for index, moe, plan, capacity in _block_plans(backbone, images):
         if capacity is None:
             expert = _soft_expert(plan)
         else:
             expert = plan_experts(plan, capacity)[..., 0]
-        assignments[index] = expert.reshape(batch, -1).astype("int32")
+        assignments[index] = _per_row(moe, expert, batch).astype("int32")
     return assignments
 
 
@@ -120,5 +121,13 @@ def selected_experts(backbone, images):
             chosen = plan_experts(plan, capacity)  # (G, S, K), -1 where dropped
         num_experts = moe.num_experts
         one_hot = (chosen[..., None] == np.arange(num_experts)).any(axis=-2)  # (G, S, E)
-        selected[index] = one_hot.reshape(batch, -1, num_experts)
+        selected[index] = _per_row(moe, one_hot, batch)
     return selected
+
+
+def _per_row(moe, values, batch):
+    """(G, S, ...) per-token values -> (rows, tokens, ...), one row per image,
+    or per ensemble member (row b * M + m) for an E^3 layer."""
+    rows = batch * moe.ensemble_size
+    tokens = values.shape[0] * values.shape[1] // rows
+    return np.asarray(ops.convert_to_numpy(moe.from_groups(values, tokens)))

@@ -22,6 +22,7 @@ from keras_vmoe.layers.encoder import POOLINGS
 from keras_vmoe.layers.encoder import EncoderBlock
 from keras_vmoe.layers.encoder import MultiHeadAttentionPooling
 from keras_vmoe.layers.encoder import SequencePooling
+from keras_vmoe.layers.ensemble import EnsembleRepeat
 from keras_vmoe.layers.mlp import Mlp
 from keras_vmoe.layers.moe import MoELayer
 from keras_vmoe.layers.patch_merger import PatchMerger
@@ -219,6 +220,10 @@ class VisionTransformerBackbone(ExportMixin, BuiltinPresetMixin, Backbone):
         patch_merger: None, or `dict(after_block=b, num_tokens=M)`: merge the
             patch tokens into M after block b (0 <= b <= num_layers - 2,
             M <= the number of patches).
+        ensemble_size: int. E^3's M (a family whose MoE layers route
+            ensemble members, `VMoEBackbone`): every image is repeated M
+            times before the first MoE block (`EnsembleRepeat`), so the
+            output has M rows per image, row b * M + m = member m of image b.
         dtype: a dtype or `keras.DTypePolicy` (e.g. `"mixed_bfloat16"`).
     """
 
@@ -244,6 +249,7 @@ class VisionTransformerBackbone(ExportMixin, BuiltinPresetMixin, Backbone):
         moe_layers=(),
         moe_mlp=None,
         patch_merger=None,
+        ensemble_size=1,
         dtype=None,
         **kwargs,
     ):
@@ -270,6 +276,12 @@ class VisionTransformerBackbone(ExportMixin, BuiltinPresetMixin, Backbone):
         moe_layers = check_moe_layers(moe_layers, num_layers, owner)
         if moe_layers and moe_mlp is None:
             raise ValueError(f"{owner}: moe_layers given but this backbone has no MoE layer type.")
+        ensemble_size = check_int("ensemble_size", ensemble_size, minimum=1, owner=owner)
+        if ensemble_size > 1 and not moe_layers:
+            raise ValueError(
+                f"{owner}: ensemble_size={ensemble_size} needs MoE layers (the members differ only in "
+                "their experts); give moe_layers."
+            )
         grid_size = (image_shape[0] // patch_size[0], image_shape[1] // patch_size[1])
         num_register_tokens = check_int("num_register_tokens", num_register_tokens, minimum=0, owner=owner)
         num_prefix_tokens = int(bool(use_class_token)) + num_register_tokens
@@ -315,6 +327,15 @@ class VisionTransformerBackbone(ExportMixin, BuiltinPresetMixin, Backbone):
                     num_prefix_tokens + patch_merger["num_tokens"],
                     owner,
                 )
+            if index in moe_layers and getattr(block.mlp, "ensemble_size", 1) != ensemble_size:
+                raise ValueError(
+                    f"{owner}: ensemble_size={ensemble_size}, but the MoE layer of block {index} "
+                    f"({type(block.mlp).__name__}) routes ensembles of "
+                    f"{getattr(block.mlp, 'ensemble_size', 1)}; E^3 ensembles need the V-MoE's "
+                    "SparseMoE (VMoEBackbone(ensemble_size=...))."
+                )
+            if ensemble_size > 1 and index == moe_layers[0]:
+                x = EnsembleRepeat(ensemble_size, dtype=dtype, name="ensemble_repeat")(x)
             x = block(x)
             if patch_merger and index == patch_merger["after_block"]:
                 x = PatchMerger(
@@ -361,6 +382,7 @@ class VisionTransformerBackbone(ExportMixin, BuiltinPresetMixin, Backbone):
         self.num_register_tokens = num_register_tokens
         self.moe_layers = moe_layers
         self.patch_merger = patch_merger
+        self.ensemble_size = ensemble_size
 
     @classmethod
     def from_preset(cls, preset, *args, **kwargs):
@@ -447,6 +469,8 @@ class VisionTransformerBackbone(ExportMixin, BuiltinPresetMixin, Backbone):
             moe_layers=self.moe_layers,
             patch_merger=self.patch_merger,
         )
+        if self.ensemble_size > 1:  # Configs of other models stay as before.
+            config["ensemble_size"] = self.ensemble_size
         return config
 
 

@@ -39,7 +39,7 @@ def relative_error(got, expected):
 def moe_router_metrics(model, images, block_index):
     """Eval-mode per-group router metrics of one MoE block, from its real inputs."""
     moe = model.backbone.get_layer(f"encoder_block_{block_index}").mlp
-    return moe.router(moe_block_tokens(model.backbone, images, block_index), training=False)[-1]
+    return moe.route(moe_block_tokens(model.backbone, images, block_index), training=False)[-1]
 
 
 @requires_fixtures

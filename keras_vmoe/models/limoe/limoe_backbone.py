@@ -93,6 +93,12 @@ class LIMoEBackbone(ExportMixin, BuiltinPresetMixin, Backbone):
             `VisionTransformerBackbone`.
         route_pairs_together: bool. Route an image and its caption in one
             group (see above); default False.
+        modality_expert_pools: bool. Split the experts of every MoE layer
+            into an image pool (the first E / 2) and a text pool (the last
+            E / 2): image tokens route only to image experts and text tokens
+            only to text experts, as VL-MoE's vision and language experts
+            (`MultimodalTokenChoiceRouter(modality_expert_pools=True)`).
+            Default False: both modalities share every expert, as in LIMoE.
 
     Example:
     >>> backbone = LIMoEBackbone(
@@ -130,6 +136,7 @@ class LIMoEBackbone(ExportMixin, BuiltinPresetMixin, Backbone):
         approximate_gelu=True,
         layer_norm_epsilon=1e-6,
         route_pairs_together=False,
+        modality_expert_pools=False,
         dtype=None,
         **kwargs,
     ):
@@ -142,6 +149,12 @@ class LIMoEBackbone(ExportMixin, BuiltinPresetMixin, Backbone):
         check_choice("image_pooling", image_pooling, IMAGE_POOLINGS, owner=owner)
         moe_layers = check_moe_layers(moe_layers, num_layers, owner)
         router_options = dict(router_options or {})
+        modality_expert_pools = bool(modality_expert_pools)
+        if modality_expert_pools and num_experts % 2:
+            raise ValueError(
+                f"{owner}: modality_expert_pools splits the experts into an image and a text pool, "
+                f"so num_experts must be even, got {num_experts}."
+            )
         grid_size = (image_shape[0] // patch_size[0], image_shape[1] // patch_size[1])
 
         # === Layers ===
@@ -168,6 +181,7 @@ class LIMoEBackbone(ExportMixin, BuiltinPresetMixin, Backbone):
                 num_selected_experts=num_selected_experts,
                 capacity_factor=capacity_factor,
                 batch_priority=batch_priority,
+                modality_expert_pools=modality_expert_pools,
                 name="router",
                 **router_options,
             )
@@ -219,6 +233,7 @@ class LIMoEBackbone(ExportMixin, BuiltinPresetMixin, Backbone):
         self.num_image_tokens = grid_size[0] * grid_size[1]
         self.max_text_length = max_text_length
         self.route_pairs_together = bool(route_pairs_together)
+        self.modality_expert_pools = modality_expert_pools
 
         # === Functional model ===
         images = keras.Input(shape=image_shape, name="images")
@@ -371,4 +386,6 @@ class LIMoEBackbone(ExportMixin, BuiltinPresetMixin, Backbone):
             layer_norm_epsilon=self.layer_norm_epsilon,
             route_pairs_together=self.route_pairs_together,
         )
+        if self.modality_expert_pools:  # Configs of shared-expert models stay as before.
+            config["modality_expert_pools"] = True
         return config

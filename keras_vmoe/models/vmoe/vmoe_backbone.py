@@ -43,6 +43,12 @@ class VMoEBackbone(VisionTransformerBackbone):
             (e.g. `num_iterations` for Sinkhorn).
         moe_dropout_rate: float or None. Dropout in the experts (default:
             `dropout_rate`).
+        ensemble_size: int. M > 1 makes it an E^3 ensemble ("Sparse MoEs meet
+            Efficient Ensembles"): each image is repeated M times before the
+            first MoE block, member m routes within its own E / M experts
+            (`SparseMoE(ensemble_size=M)`; K <= E / M, `group_size` counts
+            the M copies), and the output has M rows per image (row
+            b * M + m = member m of image b). M = 1 is the plain V-MoE.
 
     Example:
     >>> backbone = VMoEBackbone(
@@ -79,6 +85,7 @@ class VMoEBackbone(VisionTransformerBackbone):
         batch_priority=False,
         router_options=None,
         moe_dropout_rate=None,
+        ensemble_size=1,
         **kwargs,
     ):
         router_options = dict(router_options or {})
@@ -105,6 +112,7 @@ class VMoEBackbone(VisionTransformerBackbone):
                 dropout_rate=moe_dropout,
                 dtype=kwargs.get("dtype"),
                 router_options=own_options or None,
+                ensemble_size=ensemble_size,
                 **layer_options,
             )
         super().__init__(
@@ -116,6 +124,7 @@ class VMoEBackbone(VisionTransformerBackbone):
             num_heads,
             moe_layers=moe_layers,
             moe_mlp=moe_mlp,
+            ensemble_size=ensemble_size,
             **kwargs,
         )
         self.num_experts = num_experts

@@ -41,6 +41,8 @@ def vmoe_paper_model_config(
     num_classes,
     representation_size,
     capacity_factor,
+    ensemble_size=None,
+    head_bias_init=None,
 ):
     """vmoe's `configs/vmoe_paper/common.get_vmoe_config`, as a plain dict.
 
@@ -62,8 +64,14 @@ def vmoe_paper_model_config(
             batch_priority=False,
         ),
     )
+    moe = dict(layers=tuple(moe_layers), num_experts=num_experts, group_size=None, router=router)
+    extra = {}
+    if ensemble_size is not None:  # E^3: vmoe's `VisionTransformerMoeEnsemble`.
+        moe["ensemble_size"] = ensemble_size
+    if head_bias_init is not None:
+        extra["head_bias_init"] = head_bias_init
     return dict(
-        name="VisionTransformerMoe",
+        name="VisionTransformerMoe" if ensemble_size is None else "VisionTransformerMoeEnsemble",
         num_classes=num_classes,
         patch_size=(patch_size, patch_size),
         hidden_size=hidden_size,
@@ -73,8 +81,9 @@ def vmoe_paper_model_config(
             num_layers=num_layers,
             mlp_dim=mlp_dim,
             num_heads=num_heads,
-            moe=dict(layers=tuple(moe_layers), num_experts=num_experts, group_size=None, router=router),
+            moe=moe,
         ),
+        **extra,
     )
 
 
@@ -82,6 +91,12 @@ def vmoe_paper_model_config(
 # evaluates these models with (4.0 for the S/32 pre-training runs, an
 # evaluation override in their config; the fine-tuning configs' 1.5).
 _S32_LAST2 = dict(variant="S", patch_size=32, num_experts=8, num_selected_experts=2, moe_layers=(5, 7))
+# E^3 ("Sparse MoEs meet Efficient Ensembles"): M=2 members of 4 experts
+# each, K=1 (vmoe's configs/eee_paper). With group_size None each image's two
+# copies form one routing group.
+_EEE_S32_LAST2 = dict(
+    variant="S", patch_size=32, num_experts=8, num_selected_experts=1, moe_layers=(5, 7), ensemble_size=2
+)
 _B16_EVERY2 = dict(
     variant="B", patch_size=16, num_experts=8, num_selected_experts=2, moe_layers=(1, 3, 5, 7, 9, 11)
 )
@@ -135,6 +150,31 @@ VMOE_CHECKPOINT_PRESETS = {
             ),
             384,
             285_238_504,
+        ),
+        VMoECheckpointPreset(
+            "eee_s32_last2_ilsvrc2012",
+            "E^3 S/32 (efficient ensemble of experts): 2 members, each routing (K=1) within its own "
+            "4 of the 8 experts on the last two odd blocks; trained on ILSVRC-2012; 224x224, "
+            "1000 classes. `predict` gives the ensemble's log mean probability.",
+            vmoe_paper_model_config(
+                **_EEE_S32_LAST2, num_classes=1000, representation_size=512, capacity_factor=1.5
+            ),
+            224,
+            56_999_400,
+        ),
+        VMoECheckpointPreset(
+            "eee_s32_last2_ilsvrc2012_ft_cifar100",
+            "eee_s32_last2_ilsvrc2012 fine-tuned on CIFAR-100 at 128x128 (vmoe's "
+            "configs/eee_paper; 81.31% test top-1 in vmoe's README).",
+            vmoe_paper_model_config(
+                **_EEE_S32_LAST2,
+                num_classes=100,
+                representation_size=512,
+                capacity_factor=1.5,
+                head_bias_init=-10.0,
+            ),
+            128,
+            56_520_804,
         ),
     )
 }

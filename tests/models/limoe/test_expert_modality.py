@@ -128,3 +128,76 @@ def test_routed_experts_decode_slots_with_the_capacity_of_a_routing_group():
     expected = np.where(slots < 4 * capacity, slots // capacity, -1)
     np.testing.assert_array_equal(experts[0], expected)
     assert (expected >= 0).any()
+
+
+@pytest.mark.parametrize("route_pairs_together", [False, True])
+def test_modality_expert_pools_keep_images_and_text_apart(route_pairs_together):
+    backbone = LIMoEBackbone(
+        image_shape=(16, 16, 3),
+        patch_size=4,
+        vocabulary_size=50,
+        max_text_length=8,
+        num_layers=2,
+        hidden_dim=16,
+        mlp_dim=32,
+        num_heads=2,
+        embedding_dim=8,
+        moe_layers=(0, 1),
+        num_experts=4,
+        num_selected_experts=2,  # Both experts of a pool: nothing but the pools keeps them apart.
+        capacity_factor=2.0,
+        route_pairs_together=route_pairs_together,
+        modality_expert_pools=True,
+    )
+    router = backbone.blocks[0].mlp.router
+    assert router.expert_partitions == 2
+    # A group of one modality gets room for all its tokens in its pool's 2 experts.
+    assert router.capacity(16) == 32
+    images = random_images(6, (16, 16, 3))
+    rng = np.random.default_rng(0)
+    token_ids = rng.integers(4, 50, (6, 8)).astype("int32")
+    padding_mask = np.arange(8)[None] < np.array([8, 5, 3, 6, 2, 7])[:, None]
+    stats = expert_modality_counts(backbone, images, token_ids, padding_mask)
+    for index in (0, 1):
+        counts = stats[index].counts  # (modality, expert)
+        assert (counts[0, 2:] == 0).all() and (counts[1, :2] == 0).all(), counts
+        assert (
+            counts[0].sum() == 2 * 6 * 16 and counts[1].sum() == 2 * padding_mask.sum()
+        )  # K=2, nothing dropped
+    # Pairs through the backbone's own call: the gates of every token, per pool.
+    x, modalities, mask = backbone.input_tokens(images[:2], token_ids[:2], padding_mask[:2])
+    block = backbone.blocks[0]
+    tokens = block.router_tokens(block.attend(x, attention_mask=mask))
+    groups = keras.ops.reshape(modalities, (-1, tokens.shape[1]))
+    gates = to_numpy(router.route_gates(tokens, False, None, groups)[0])
+    groups = to_numpy(groups)
+    assert (gates[groups == 0][:, 2:] == 0).all() and (gates[groups == 1][:, :2] == 0).all()
+    np.testing.assert_allclose(gates[groups >= 0].sum(-1), 1.0, rtol=1e-5)
+    # Training: the per-pool losses are finite (an image-only group has an empty text pool).
+    outputs = backbone(
+        {"images": images, "token_ids": token_ids, "padding_mask": padding_mask}, training=True
+    )
+    assert np.isfinite(to_numpy(outputs["image_embeddings"])).all()
+    losses = [float(to_numpy(loss)) for loss in backbone.losses]
+    assert losses and all(np.isfinite(losses)) and min(losses) > 0, losses
+    config = backbone.get_config()
+    assert config["modality_expert_pools"] is True
+    assert LIMoEBackbone.from_config(config).blocks[1].mlp.router.modality_expert_pools
+
+
+def test_modality_expert_pools_bad_input():
+    with pytest.raises(ValueError, match="num_experts must be even, got 5"):
+        LIMoEBackbone(
+            image_shape=(16, 16, 3), patch_size=4, vocabulary_size=50, max_text_length=8, num_layers=1,
+            hidden_dim=16, mlp_dim=32, num_heads=2, embedding_dim=8, moe_layers=(0,), num_experts=5,
+            modality_expert_pools=True,
+        )  # fmt: skip
+    from keras_vmoe.layers import MultimodalTokenChoiceRouter
+
+    with pytest.raises(ValueError, match="expert_partitions must be 2, got 4"):
+        MultimodalTokenChoiceRouter(8, modality_expert_pools=True, expert_partitions=4)
+    with pytest.raises(ValueError, match="not expert_partitions"):
+        MultimodalTokenChoiceRouter(8, expert_partitions=2)
+    router = MultimodalTokenChoiceRouter(4, modality_expert_pools=True)
+    with pytest.raises(ValueError, match="call it with `token_modalities`"):
+        router(keras.ops.ones((1, 4, 8)))
