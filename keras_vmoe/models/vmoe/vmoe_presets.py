@@ -165,7 +165,7 @@ VMOE_CHECKPOINT_PRESETS = {
         VMoECheckpointPreset(
             "eee_s32_last2_ilsvrc2012_ft_cifar100",
             "eee_s32_last2_ilsvrc2012 fine-tuned on CIFAR-100 at 128x128 (vmoe's "
-            "configs/eee_paper; 81.31% test top-1 in vmoe's README).",
+            "configs/eee_paper, whose docstring gives 81.31% test top-1, mean of three fine-tuning seeds).",
             vmoe_paper_model_config(
                 **_EEE_S32_LAST2,
                 num_classes=100,

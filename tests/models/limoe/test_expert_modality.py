@@ -29,8 +29,9 @@ def recorded_dispatch(backbone, monkeypatch):
     return tables
 
 
-def test_counts_and_shares_match_the_dispatch_tables(monkeypatch):
-    backbone = LIMoEBackbone(
+def tiny_limoe(**overrides):
+    """A 2-block LIMoE on 16x16 images (16 patches) and 8 text positions, 4 experts in both blocks."""
+    arguments = dict(
         image_shape=(16, 16, 3),
         patch_size=4,
         vocabulary_size=50,
@@ -42,8 +43,12 @@ def test_counts_and_shares_match_the_dispatch_tables(monkeypatch):
         embedding_dim=8,
         moe_layers=(0, 1),
         num_experts=4,
-        capacity_factor=0.5,  # Some tokens are dropped.
     )
+    return LIMoEBackbone(**(arguments | overrides))
+
+
+def test_counts_and_shares_match_the_dispatch_tables(monkeypatch):
+    backbone = tiny_limoe(capacity_factor=0.5)  # Some tokens are dropped.
     images = random_images(6, (16, 16, 3))
     rng = np.random.default_rng(0)
     token_ids = rng.integers(4, 50, (5, 8)).astype("int32")
@@ -100,21 +105,7 @@ def test_shares_and_specific_experts_by_hand():
 def test_routed_experts_decode_slots_with_the_capacity_of_a_routing_group():
     # group_size spans two images: slots are numbered with the capacity of a
     # 32-token group, not of one 16-token image (the decoding 0.1 got wrong).
-    backbone = LIMoEBackbone(
-        image_shape=(16, 16, 3),
-        patch_size=4,
-        vocabulary_size=50,
-        max_text_length=8,
-        num_layers=1,
-        hidden_dim=16,
-        mlp_dim=32,
-        num_heads=2,
-        embedding_dim=8,
-        moe_layers=(0,),
-        num_experts=4,
-        num_selected_experts=2,
-        group_size=32,
-    )
+    backbone = tiny_limoe(num_layers=1, moe_layers=(0,), num_selected_experts=2, group_size=32)
     images = random_images(4, (16, 16, 3))
     experts, _ = routed_experts(backbone, images=images)
     router = backbone.blocks[0].mlp.router
@@ -130,23 +121,10 @@ def test_routed_experts_decode_slots_with_the_capacity_of_a_routing_group():
     assert (expected >= 0).any()
 
 
-@pytest.mark.parametrize("route_pairs_together", [False, True])
-def test_modality_expert_pools_keep_images_and_text_apart(route_pairs_together):
-    backbone = LIMoEBackbone(
-        image_shape=(16, 16, 3),
-        patch_size=4,
-        vocabulary_size=50,
-        max_text_length=8,
-        num_layers=2,
-        hidden_dim=16,
-        mlp_dim=32,
-        num_heads=2,
-        embedding_dim=8,
-        moe_layers=(0, 1),
-        num_experts=4,
+def test_modality_expert_pools_keep_images_and_text_apart():
+    backbone = tiny_limoe(
         num_selected_experts=2,  # Both experts of a pool: nothing but the pools keeps them apart.
         capacity_factor=2.0,
-        route_pairs_together=route_pairs_together,
         modality_expert_pools=True,
     )
     router = backbone.blocks[0].mlp.router
@@ -161,10 +139,9 @@ def test_modality_expert_pools_keep_images_and_text_apart(route_pairs_together):
     for index in (0, 1):
         counts = stats[index].counts  # (modality, expert)
         assert (counts[0, 2:] == 0).all() and (counts[1, :2] == 0).all(), counts
-        assert (
-            counts[0].sum() == 2 * 6 * 16 and counts[1].sum() == 2 * padding_mask.sum()
-        )  # K=2, nothing dropped
-    # Pairs through the backbone's own call: the gates of every token, per pool.
+        # K = 2 and nothing dropped: every token twice.
+        assert counts[0].sum() == 2 * 6 * 16 and counts[1].sum() == 2 * padding_mask.sum()
+    # Pairs in one routing group (route_pairs_together): the gates of every token, per pool.
     x, modalities, mask = backbone.input_tokens(images[:2], token_ids[:2], padding_mask[:2])
     block = backbone.blocks[0]
     tokens = block.router_tokens(block.attend(x, attention_mask=mask))
@@ -187,11 +164,7 @@ def test_modality_expert_pools_keep_images_and_text_apart(route_pairs_together):
 
 def test_modality_expert_pools_bad_input():
     with pytest.raises(ValueError, match="num_experts must be even, got 5"):
-        LIMoEBackbone(
-            image_shape=(16, 16, 3), patch_size=4, vocabulary_size=50, max_text_length=8, num_layers=1,
-            hidden_dim=16, mlp_dim=32, num_heads=2, embedding_dim=8, moe_layers=(0,), num_experts=5,
-            modality_expert_pools=True,
-        )  # fmt: skip
+        tiny_limoe(num_experts=5, modality_expert_pools=True)
     from keras_vmoe.layers import MultimodalTokenChoiceRouter
 
     with pytest.raises(ValueError, match="expert_partitions must be 2, got 4"):
