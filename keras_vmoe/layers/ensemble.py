@@ -44,6 +44,34 @@ class EnsembleRepeat(keras.layers.Layer):
         return config
 
 
+def check_ensemble_arguments(ensemble_size, num_experts, group_size, owner="SparseMoE"):
+    """`ensemble_size`, checked against a MoE layer's experts and group size."""
+    ensemble_size = check_int("ensemble_size", ensemble_size, minimum=1, owner=owner)
+    if num_experts % ensemble_size:
+        raise ValueError(
+            f"{owner}: ensemble_size={ensemble_size} must divide num_experts={num_experts} "
+            "(each ensemble member routes within its own num_experts / ensemble_size experts)."
+        )
+    if group_size is not None and group_size % ensemble_size:
+        raise ValueError(
+            f"{owner}: group_size={group_size} must be a multiple of ensemble_size={ensemble_size}: "
+            "it counts every member's copy of the images it routes (images x tokens x members)."
+        )
+    return ensemble_size
+
+
+def check_ensemble_router(router, ensemble_size, owner="SparseMoE"):
+    """An E^3 layer's router must route within `ensemble_size` expert pools
+    (a router with pools of its own, LIMoE's modality pools, serves M = 1)."""
+    partitions = getattr(router, "expert_partitions", 1)
+    if ensemble_size > 1 and partitions != ensemble_size:
+        raise ValueError(
+            f"{owner}: ensemble_size={ensemble_size} needs a token-choice router that routes within "
+            f"expert pools (expert_partitions={ensemble_size}); got {type(router).__name__} with "
+            f"expert_partitions={partitions}."
+        )
+
+
 def member_logits(logits, ensemble_size):
     """(B * M, C) raw outputs -> (B, M, C), member m of image b at [b, m]."""
     logits = ops.convert_to_tensor(logits)

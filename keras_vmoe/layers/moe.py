@@ -15,6 +15,8 @@ from keras import ops
 from keras_vmoe import ops as moe_ops
 from keras_vmoe.distribution.expert_exchange import ExpertExchange
 from keras_vmoe.distribution.layout_map import check_expert_layouts
+from keras_vmoe.layers.ensemble import check_ensemble_arguments
+from keras_vmoe.layers.ensemble import check_ensemble_router
 from keras_vmoe.layers.routing import Router
 from keras_vmoe.layers.routing import SoftRouter
 from keras_vmoe.layers.routing import make_router
@@ -326,17 +328,7 @@ class SparseMoE(MoELayer):
         super().__init__(
             num_experts, mlp_dim, group_size, approximate_gelu, dropout_rate, dispatch_dtype, **kwargs
         )
-        self.ensemble_size = check_int("ensemble_size", ensemble_size, minimum=1, owner="SparseMoE")
-        if self.num_experts % self.ensemble_size:
-            raise ValueError(
-                f"SparseMoE: ensemble_size={ensemble_size} must divide num_experts={num_experts} "
-                "(each ensemble member routes within its own num_experts / ensemble_size experts)."
-            )
-        if self.group_size is not None and self.group_size % self.ensemble_size:
-            raise ValueError(
-                f"SparseMoE: group_size={group_size} must be a multiple of ensemble_size={ensemble_size}: "
-                "it counts every member's copy of the images it routes (images x tokens x members)."
-            )
+        self.ensemble_size = check_ensemble_arguments(ensemble_size, self.num_experts, self.group_size)
         if isinstance(router, dict):
             router = keras.saving.deserialize_keras_object(router)
         if isinstance(router, str):
@@ -361,11 +353,6 @@ class SparseMoE(MoELayer):
                 shared["expert_partitions"] = self.ensemble_size
             try:
                 router = make_router(router, shared, router_options)
-                if getattr(router, "expert_partitions", 1) != self.ensemble_size:
-                    raise ValueError(
-                        f"router {type(router).__name__} cannot route within expert pools, which "
-                        f"ensemble_size={self.ensemble_size} needs; use a token-choice router."
-                    )
             except ValueError as error:
                 raise ValueError(f"SparseMoE: {error}") from None
         elif router_options:
@@ -380,13 +367,7 @@ class SparseMoE(MoELayer):
                 f"SparseMoE: the router has {router.num_experts} experts but the "
                 f"layer has num_experts={self.num_experts}."
             )
-        # A router with pools of its own (LIMoE's modality pools) serves ensemble_size=1.
-        if self.ensemble_size > 1 and getattr(router, "expert_partitions", 1) != self.ensemble_size:
-            raise ValueError(
-                f"SparseMoE: ensemble_size={self.ensemble_size} needs a router with "
-                f"expert_partitions={self.ensemble_size}; got {type(router).__name__} with "
-                f"expert_partitions={getattr(router, 'expert_partitions', 1)}."
-            )
+        check_ensemble_router(router, self.ensemble_size)
         self.router = router
 
     def build(self, input_shape):

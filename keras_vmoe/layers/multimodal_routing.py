@@ -22,6 +22,8 @@ import math
 import keras
 from keras import ops
 
+from keras_vmoe.layers.expert_pools import mean_over_used_pools
+from keras_vmoe.layers.expert_pools import pooled_softmax
 from keras_vmoe.layers.routing import TokenChoiceRouter
 from keras_vmoe.layers.routing_losses import _weights
 from keras_vmoe.layers.routing_plans import compute_capacity
@@ -217,7 +219,7 @@ class MultimodalTokenChoiceRouter(TokenChoiceRouter):
         weights = _weights(token_mask)
         routing_gates, metrics = self.softmax_gates_and_losses(logits, training, weights, pools)
         if pools is not None:
-            metrics = _mean_over_used_pools(metrics, pools, weights, self.expert_partitions)
+            metrics = mean_over_used_pools(metrics, pools, weights, self.expert_partitions)
         if token_modalities is None:
             return routing_gates, routing_gates, metrics
         gates = pooled_softmax(logits, pools, self.expert_partitions)  # (G, S, E), clean
@@ -247,28 +249,3 @@ class MultimodalTokenChoiceRouter(TokenChoiceRouter):
             modality_expert_pools=self.modality_expert_pools,
         )
         return config
-
-
-def pooled_softmax(logits, pools, num_pools):
-    """Softmax of (G, S, E) `logits` within each token's pool of E / n
-    experts (`pools` (G, S) int; None: over all E), zero elsewhere."""
-    if pools is None:
-        return ops.softmax(logits, axis=-1)
-    size = logits.shape[-1] // num_pools
-    parts = [
-        ops.softmax(logits[..., p * size : (p + 1) * size], axis=-1)
-        * ops.cast(ops.equal(pools, p), logits.dtype)[..., None]
-        for p in range(num_pools)
-    ]
-    return ops.concatenate(parts, axis=-1)
-
-
-def _mean_over_used_pools(metrics, pools, token_weights, num_pools):
-    """(G, P) per-pool losses -> (G,), the mean over the pools that hold
-    tokens of the group (an image-only group leaves the text pool empty)."""
-    used = ops.stack([ops.equal(pools, p) for p in range(num_pools)], axis=-1)  # (G, S, P)
-    if token_weights is not None:
-        used = ops.logical_and(used, ops.greater(token_weights, 0)[..., None])
-    used = ops.cast(ops.any(used, axis=1), "float32")  # (G, P)
-    count = ops.maximum(ops.sum(used, axis=-1), 1.0)
-    return {name: ops.sum(value * used, axis=-1) / count for name, value in metrics.items()}

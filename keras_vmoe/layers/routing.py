@@ -25,6 +25,7 @@ import math
 import keras
 from keras import ops
 
+from keras_vmoe.layers.expert_pools import pooled_gates_and_losses
 from keras_vmoe.layers.normalization import l2_normalize
 from keras_vmoe.layers.routing_losses import _weighted_sum
 from keras_vmoe.layers.routing_losses import _weights
@@ -132,17 +133,9 @@ class TokenChoiceRouter(Router):
     noise, i.e. in training), GShard, and optionally the ST-MoE z-loss;
     `auxiliary_loss` is their weighted sum.
 
-    Partitioned routing (`expert_partitions=P`, vmoe's E^3 router
-    `NoisyTopExpertsPerItemEnsembleRouter`): the experts split into P
-    contiguous pools of E / P, and a call with `token_partitions` (G, S) int
-    routes each token only within its pool: its gates are the softmax of its
-    pool's logits (zero elsewhere), its noise std is `noise_std / (E / P)`,
-    and K <= E / P. The kernel stays (D, E); pool p owns the columns
-    p * E / P ... (p + 1) * E / P - 1 (vmoe's (D, P, E / P) kernel, reshaped in
-    C order). The losses are taken per pool, over its tokens and experts, so
-    they are (G, P); capacity and dispatch are those of the whole (S, E)
-    table. E^3 ensembles (`SparseMoE(ensemble_size=M)`) and LIMoE's
-    modality pools use it.
+    `expert_partitions=P` routes each token only within its pool of E / P
+    experts (`token_partitions` (G, S) in the call; `expert_pools.py`): E^3
+    ensembles and LIMoE's modality pools.
 
     `token_mask` (G, S) bool, optional: False marks padding, which is not
     routed (it takes no slot, is combined with weight 0) and is left out of
@@ -250,29 +243,12 @@ class TokenChoiceRouter(Router):
         `expert_partitions` P > 1, each token's gates over its own pool
         (`token_partitions` (G, S) int) and the losses per pool, (G, P)."""
         if self.expert_partitions == 1:
-            return self._gates_and_losses(logits, *self.add_noise(logits, training), token_weights)
-        if token_partitions is None:
-            raise ValueError(
-                f"{type(self).__name__} {self.name!r} routes within {self.expert_partitions} expert "
-                "pools: call it with `token_partitions` (G, S), each token's pool in "
-                f"0 .. {self.expert_partitions - 1} (SparseMoE(ensemble_size=...) passes them)."
-            )
-        pool = self.num_experts // self.expert_partitions
-        noisy_logits, noise_std = self.add_noise(logits, training, scale=pool)
-        token_partitions = ops.cast(token_partitions, "int32")
-        gates, metrics = [], []
-        for index in range(self.expert_partitions):
-            columns = slice(index * pool, (index + 1) * pool)
-            in_pool = ops.cast(ops.equal(token_partitions, index), "float32")  # (G, S)
-            weights = in_pool if token_weights is None else in_pool * token_weights
-            noisy = None if noise_std is None else noisy_logits[..., columns]
-            pool_gates, pool_metrics = self._gates_and_losses(logits[..., columns], noisy, noise_std, weights)
-            gates.append(pool_gates * in_pool[..., None])
-            metrics.append(pool_metrics)
-        stacked = {name: ops.stack([m[name] for m in metrics], axis=-1) for name in metrics[0]}
-        return ops.concatenate(gates, axis=-1), stacked
+            return self.gates_and_losses(logits, *self.add_noise(logits, training), token_weights)
+        noisy = self.add_noise(logits, training, scale=self.num_experts // self.expert_partitions)
+        return pooled_gates_and_losses(self, logits, noisy, token_weights, token_partitions)
 
-    def _gates_and_losses(self, logits, noisy_logits, noise_std, token_weights):
+    def gates_and_losses(self, logits, noisy_logits, noise_std, token_weights):
+        """The gates and {loss: (G,)} over the experts of `logits` (all, or one pool's)."""
         k = self.num_selected_experts
         gates = ops.softmax(logits, axis=-1)
         routing_gates = gates if noise_std is None else ops.softmax(noisy_logits, axis=-1)

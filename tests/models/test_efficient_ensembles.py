@@ -232,7 +232,7 @@ def test_upcycling_a_dense_model_and_a_vmoe_to_e3():
             r"K=5\) cannot exceed the 4 experts of each of the 2 pools",
         ),
         (dict(ensemble_size=2, group_size=35), "group_size=35 must be a multiple of ensemble_size=2"),
-        (dict(ensemble_size=2, router="expert_choice"), "cannot route within expert pools"),
+        (dict(ensemble_size=2, router="expert_choice"), "needs a token-choice router that routes within"),
     ],
 )
 def test_bad_ensemble_configurations(options, message):
