@@ -194,10 +194,11 @@ class MoELayer(keras.layers.Layer):
         members = ops.arange(tokens.shape[1], dtype="int32") % self.ensemble_size
         return {"token_partitions": ops.broadcast_to(members[None], ops.shape(tokens)[:2])}
 
-    def route(self, tokens, training=False, token_mask=None):
+    def route(self, tokens, training=False, token_mask=None, **options):
         """The router's (plan, metrics) on (G, S, D) routing groups (from
         `group_tokens`), with the inputs `routing_inputs` adds."""
-        return self.router(tokens, training=training, token_mask=token_mask, **self.routing_inputs(tokens))
+        options.update(self.routing_inputs(tokens))  # E^3: member m routes within expert pool m.
+        return self.router(tokens, training=training, token_mask=token_mask, **options)
 
     def call(self, inputs, training=None, token_mask=None, token_modalities=None):
         """`token_mask` (batch, tokens) bool: False marks padding, which no
@@ -212,7 +213,7 @@ class MoELayer(keras.layers.Layer):
         if exchange is not None:
             tokens = exchange.split_groups(tokens)
         mask = None if token_mask is None else self.to_groups(ops.cast(token_mask, "bool"), group_size)
-        options = self.routing_inputs(tokens)  # E^3: member m routes within expert pool m.
+        options = {}
         if token_modalities is not None:
             if not self.router.uses_token_modalities:
                 raise ValueError(
@@ -221,7 +222,7 @@ class MoELayer(keras.layers.Layer):
                     "keras_vmoe.layers.MultimodalTokenChoiceRouter (or `token_mask` for padding)."
                 )
             options["token_modalities"] = self.to_groups(ops.cast(token_modalities, "int32"), group_size)
-        plan, metrics = self.router(tokens, training=training, token_mask=mask, **options)
+        plan, metrics = self.route(tokens, training=training, token_mask=mask, **options)
         tokens, experts = self.round_to_dispatch_dtype(tokens), self.rounded_experts(training)
         if isinstance(plan, SoftRoutingPlan):
             soft_moe = exchange.soft_moe if exchange is not None else moe_ops.soft_moe

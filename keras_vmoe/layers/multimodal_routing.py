@@ -26,7 +26,6 @@ from keras_vmoe.layers.expert_pools import mean_over_used_pools
 from keras_vmoe.layers.expert_pools import pooled_softmax
 from keras_vmoe.layers.routing import TokenChoiceRouter
 from keras_vmoe.layers.routing_losses import _weights
-from keras_vmoe.layers.routing_plans import compute_capacity
 from keras_vmoe.validation import check_float
 
 PAPER_MODALITIES = ("image", "text")
@@ -184,17 +183,9 @@ class MultimodalTokenChoiceRouter(TokenChoiceRouter):
             math.log(max(pool / 2, 1.0)),
         )
 
-    def capacity(self, group_size):
-        if not self.modality_expert_pools:
-            return super().capacity(group_size)
-        # A group's tokens (of one modality, usually) share one pool of E / n experts.
-        return compute_capacity(
-            group_size * self.num_selected_experts,
-            self.num_experts // self.expert_partitions,
-            self.capacity_factor,
-            self.capacity_rounding,
-            self.capacity_multiple_of,
-        )
+    def capacity_experts(self):
+        # With modality pools a group's tokens (of one modality, usually) share one pool of E / n.
+        return self.num_experts // self.expert_partitions
 
     def call(self, tokens, training=None, token_mask=None, token_modalities=None):
         if token_modalities is None:

@@ -133,9 +133,8 @@ class TokenChoiceRouter(Router):
     noise, i.e. in training), GShard, and optionally the ST-MoE z-loss;
     `auxiliary_loss` is their weighted sum.
 
-    `expert_partitions=P` routes each token only within its pool of E / P
-    experts (`token_partitions` (G, S) in the call; `expert_pools.py`): E^3
-    ensembles and LIMoE's modality pools.
+    `expert_partitions=P` routes each token within its pool of E / P experts
+    (`token_partitions` (G, S) in the call; `expert_pools.py`): E^3, LIMoE.
 
     `token_mask` (G, S) bool, optional: False marks padding, which is not
     routed (it takes no slot, is combined with weight 0) and is left out of
@@ -203,11 +202,14 @@ class TokenChoiceRouter(Router):
     def capacity(self, group_size):
         return compute_capacity(
             group_size * self.num_selected_experts,
-            self.num_experts,
+            self.capacity_experts(),
             self.capacity_factor,
             self.capacity_rounding,
             self.capacity_multiple_of,
         )
+
+    def capacity_experts(self):  # The experts a group's tokens spread over (E^3's members: all E).
+        return self.num_experts
 
     def call(self, tokens, training=None, token_mask=None, **gate_options):
         """`gate_options` go to `route_gates` (a subclass's extra inputs)."""
