@@ -122,7 +122,7 @@ def jax_steps(model, images, cotangent):
 
     trainable = [v.value for v in model.trainable_variables]
     non_trainable = [v.value for v in model.non_trainable_variables]
-    images = jax.numpy.asarray(images)
+    images = jax.tree.map(jax.numpy.asarray, images)  # An array or a dict of arrays.
 
     def forward(trainable, non_trainable, images):
         return model.stateless_call(trainable, non_trainable, images, training=False)[0]
@@ -141,7 +141,7 @@ def jax_steps(model, images, cotangent):
 def tensorflow_steps(model, images, cotangent):
     import tensorflow as tf
 
-    images = tf.constant(images)
+    images = tf.nest.map_structure(tf.constant, images)
 
     @tf.function(jit_compile=False)
     def forward(images):
@@ -163,7 +163,7 @@ def tensorflow_steps(model, images, cotangent):
 def torch_steps(model, images, cotangent):
     import torch
 
-    images, cotangent = torch.from_numpy(images), torch.from_numpy(cotangent)
+    images, cotangent = torch.utils._pytree.tree_map(torch.from_numpy, images), torch.from_numpy(cotangent)
     variables = [v.value for v in model.trainable_variables]
 
     def forward():

@@ -29,6 +29,7 @@ PINNED = {
     "evaluation.py": "torch",
     "from_dense_towers.py": "torch",
     "efficient_ensembles.py": "torch",
+    "native_resolution.py": "torch",
 }
 
 

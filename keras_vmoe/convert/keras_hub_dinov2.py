@@ -31,7 +31,7 @@ from keras_vmoe.convert.weight_pairs import dense_pairs
 from keras_vmoe.convert.weight_pairs import layer_norm_pairs
 from keras_vmoe.keras_hub_internals import DINOV2Embedding
 from keras_vmoe.models import VMoEBackbone
-from keras_vmoe.models.vision_transformer import check_image_and_patch_size
+from keras_vmoe.models.encoder_stack import check_image_and_patch_size
 
 _CONVERTER = "from_keras_hub_dinov2"
 _LAYER_NORM_EPSILON = 1e-6  # Fixed in keras-hub's DINOv2 layers.

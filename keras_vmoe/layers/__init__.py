@@ -1,6 +1,7 @@
 """Layers: the encoder pieces, the dense MLP, routers, MoE layers and the PatchMerger."""
 
 from keras_vmoe.layers.embedding import ClassToken
+from keras_vmoe.layers.embedding import FactorizedPositionEmbedding
 from keras_vmoe.layers.embedding import PatchEmbedding
 from keras_vmoe.layers.embedding import PositionEmbedding
 from keras_vmoe.layers.embedding import RegisterTokens
@@ -11,6 +12,8 @@ from keras_vmoe.layers.encoder import SequencePooling
 from keras_vmoe.layers.ensemble import EnsembleRepeat
 from keras_vmoe.layers.ensemble import ensemble_log_mean
 from keras_vmoe.layers.ensemble import member_logits
+from keras_vmoe.layers.image_packing import ImagePatcher
+from keras_vmoe.layers.image_packing import SequencePacker
 from keras_vmoe.layers.mlp import Mlp
 from keras_vmoe.layers.moe import MoELayer
 from keras_vmoe.layers.moe import SoftMoE
@@ -22,6 +25,7 @@ from keras_vmoe.layers.ot_routing import SinkhornExpertChoiceRouter
 from keras_vmoe.layers.ot_routing import SinkhornTokenChoiceRouter
 from keras_vmoe.layers.ot_routing import SparseExpertChoiceRouter
 from keras_vmoe.layers.ot_routing import SparseTokenChoiceRouter
+from keras_vmoe.layers.packing import PackedLayout
 from keras_vmoe.layers.patch_merger import PatchMerger
 from keras_vmoe.layers.routing import ROUTERS
 from keras_vmoe.layers.routing import ExpertChoiceRouter

@@ -16,6 +16,7 @@ class Mlp(keras.layers.Layer):
         approximate_gelu: bool. Use the tanh approximation of GELU (vmoe,
             big_vision) rather than the exact form (keras-hub's ViT).
         dropout_rate: float. Dropout after the activation and the output.
+        use_bias: bool. False: no biases (ViT-22B).
 
     Example:
     >>> mlp = Mlp(mlp_dim=64)
@@ -23,18 +24,23 @@ class Mlp(keras.layers.Layer):
     (2, 5, 16)
     """
 
-    def __init__(self, mlp_dim, approximate_gelu=True, dropout_rate=0.0, **kwargs):
+    def __init__(self, mlp_dim, approximate_gelu=True, dropout_rate=0.0, use_bias=True, **kwargs):
         super().__init__(**kwargs)
         self.mlp_dim = check_int("mlp_dim", mlp_dim, minimum=1, owner="Mlp")
         self.approximate_gelu = bool(approximate_gelu)
         self.dropout_rate = check_float("dropout_rate", dropout_rate, 0.0, 1.0, owner="Mlp")
-        self.dense_0 = keras.layers.Dense(mlp_dim, dtype=self.dtype_policy, name="dense_0")
+        self.use_bias = bool(use_bias)
+        self.dense_0 = keras.layers.Dense(
+            mlp_dim, use_bias=self.use_bias, dtype=self.dtype_policy, name="dense_0"
+        )
         self.dense_1 = None
         self.dropout = keras.layers.Dropout(self.dropout_rate, dtype=self.dtype_policy)
 
     def build(self, input_shape):
         self.dense_0.build(input_shape)
-        self.dense_1 = keras.layers.Dense(input_shape[-1], dtype=self.dtype_policy, name="dense_1")
+        self.dense_1 = keras.layers.Dense(
+            input_shape[-1], use_bias=self.use_bias, dtype=self.dtype_policy, name="dense_1"
+        )
         self.dense_1.build(tuple(input_shape[:-1]) + (self.mlp_dim,))
 
     def call(self, inputs, training=None):
@@ -54,4 +60,6 @@ class Mlp(keras.layers.Layer):
             approximate_gelu=self.approximate_gelu,
             dropout_rate=self.dropout_rate,
         )
+        if not self.use_bias:  # Configs of biased MLPs stay as before.
+            config["use_bias"] = False
         return config

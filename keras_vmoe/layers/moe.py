@@ -23,19 +23,21 @@ from keras_vmoe.layers.routing import make_router
 from keras_vmoe.layers.routing import router_names
 from keras_vmoe.layers.routing_plans import SoftRoutingPlan
 from keras_vmoe.layers.routing_plans import compute_capacity
+from keras_vmoe.layers.routing_plans import group_mean
 from keras_vmoe.validation import check_float
 from keras_vmoe.validation import check_int
 
 
 def _dense(x, kernel, bias):
-    return ops.matmul(x, kernel) + bias
+    return ops.matmul(x, kernel) if bias is None else ops.matmul(x, kernel) + bias
 
 
 class MoELayer(keras.layers.Layer):
     """Expert weight banks, grouping and metric bookkeeping shared by MoE layers.
 
     Expert banks follow vmoe's layout: `kernel_0` (E, D, H), `bias_0` (E, H),
-    `kernel_1` (E, H, D), `bias_1` (E, D).
+    `kernel_1` (E, H, D), `bias_1` (E, D); `use_bias=False` (ViT-22B, a
+    keyword of every MoE layer) leaves out the two bias banks.
 
     After each call, `router_metrics` holds that call's router metrics
     (scalars, averaged over groups); tasks report them during `fit`.
@@ -61,10 +63,12 @@ class MoELayer(keras.layers.Layer):
         approximate_gelu=True,
         dropout_rate=0.0,
         dispatch_dtype=None,
+        use_bias=True,
         **kwargs,
     ):
         super().__init__(**kwargs)
         owner = type(self).__name__
+        self.use_bias = bool(use_bias)
         if dispatch_dtype not in (None, "bfloat16", "float16", "float32"):
             raise ValueError(
                 f"{owner}: dispatch_dtype must be None, 'bfloat16', 'float16' or "
@@ -92,11 +96,14 @@ class MoELayer(keras.layers.Layer):
         self.kernel_0 = self.add_weight(
             shape=(num_experts, dim, hidden), initializer=initializer, name="kernel_0"
         )
-        self.bias_0 = self.add_weight(shape=(num_experts, hidden), initializer="zeros", name="bias_0")
+        self.bias_0 = self.bias_1 = None
+        if self.use_bias:
+            self.bias_0 = self.add_weight(shape=(num_experts, hidden), initializer="zeros", name="bias_0")
         self.kernel_1 = self.add_weight(
             shape=(num_experts, hidden, dim), initializer=initializer, name="kernel_1"
         )
-        self.bias_1 = self.add_weight(shape=(num_experts, dim), initializer="zeros", name="bias_1")
+        if self.use_bias:
+            self.bias_1 = self.add_weight(shape=(num_experts, dim), initializer="zeros", name="bias_1")
 
     ensemble_size = 1  # SparseMoE's E^3 option; see `to_groups`.
 
@@ -132,11 +139,14 @@ class MoELayer(keras.layers.Layer):
         """
         is_list = isinstance(expert_inputs, (list, tuple))
         dtype = (expert_inputs[0] if is_list else expert_inputs).dtype
-        weights = [ops.cast(w, dtype) for w in (self.kernel_0, self.bias_0, self.kernel_1, self.bias_1)]
+        weights = [
+            None if w is None else ops.cast(w, dtype)
+            for w in (self.kernel_0, self.bias_0, self.kernel_1, self.bias_1)
+        ]
         if not is_list:
             return self._expert_mlp(expert_inputs, moe_ops.expert_dense, *weights, training)
         # Unstacked once: the gradient of E slices would be E full-size kernels.
-        per_expert = zip(*(ops.unstack(w) for w in weights))
+        per_expert = zip(*(ops.unstack(w) if w is not None else [None] * self.num_experts for w in weights))
         return [
             self._expert_mlp(x, _dense, *expert_weights, training)
             for x, expert_weights in zip(expert_inputs, per_expert)
@@ -230,12 +240,14 @@ class MoELayer(keras.layers.Layer):
         else:
             sparse_moe = exchange.sparse_moe if exchange is not None else moe_ops.sparse_moe
             outputs = sparse_moe(tokens, plan, experts)
-        self.record(metrics, training)
+        self.record(metrics, training, mask)
         return ops.reshape(self.from_groups(outputs, shape[1]), shape)
 
-    def record(self, metrics, training):
-        """Keeps the call's metrics and, in training, adds the auxiliary loss."""
-        scalars = {name: ops.mean(value) for name, value in metrics.items()}
+    def record(self, metrics, training, token_mask=None):
+        """Keeps the call's metrics, averaged over the groups that hold a
+        real token, and, in training, adds the auxiliary loss."""
+        used = None if token_mask is None else ops.cast(ops.any(token_mask, axis=1), "float32")
+        scalars = {name: group_mean(value, used) for name, value in metrics.items()}
         if training:
             self.add_loss(scalars["auxiliary_loss"])
         self.router_metrics = scalars
@@ -253,6 +265,8 @@ class MoELayer(keras.layers.Layer):
             dropout_rate=self.dropout_rate,
             dispatch_dtype=self.dispatch_dtype,
         )
+        if not self.use_bias:  # Configs of biased layers stay as before.
+            config["use_bias"] = False
         return config
 
 

@@ -72,6 +72,16 @@ def token_mean(x, token_weights):
     return ops.sum(x * weights, axis=1) / ops.reshape(count, ops.shape(count) + trailing)
 
 
+def group_mean(x, group_weights=None):
+    """The mean of a metric, (G,) per group (or a scalar); with (G,) 0/1
+    `group_weights`, over the weighted groups only (packed images leave
+    groups of padding only, which a mean over all groups would count)."""
+    if group_weights is None or len(x.shape) != 1:
+        return ops.mean(x)
+    x = ops.cast(x, "float32")
+    return ops.sum(x * group_weights) / ops.maximum(ops.sum(group_weights), 1.0)
+
+
 def _distributed():
     # Under a keras.distribution the groups are sharded over devices: build
     # plans with ops a sharding compiler splits by group (`ops.group_local`).

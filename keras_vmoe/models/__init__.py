@@ -1,5 +1,7 @@
 """Model families: backbones, tasks, image converters and preprocessors."""
 
+from keras_vmoe.models.encoder_stack import every_n
+from keras_vmoe.models.encoder_stack import last_n
 from keras_vmoe.models.flops import count_flops
 from keras_vmoe.models.image_classifier import VisionTransformerImageClassifier
 from keras_vmoe.models.limoe import LIMoEBackbone
@@ -9,6 +11,7 @@ from keras_vmoe.models.limoe import LIMoEPreprocessor
 from keras_vmoe.models.limoe import LIMoETokenizer
 from keras_vmoe.models.limoe import LIMoEZeroShotClassifier
 from keras_vmoe.models.limoe import train_limoe_vocabulary
+from keras_vmoe.models.native_resolution_preprocessing import NativeResolutionImageClassifierPreprocessor
 from keras_vmoe.models.pali_gemma_moe import PaliGemmaMoEBackbone
 from keras_vmoe.models.pali_gemma_moe import PaliGemmaMoECausalLM
 from keras_vmoe.models.pali_gemma_moe import PaliGemmaMoECausalLMPreprocessor
@@ -24,8 +27,6 @@ from keras_vmoe.models.soft_moe import SoftMoEImageClassifier
 from keras_vmoe.models.soft_moe import SoftMoEImageClassifierPreprocessor
 from keras_vmoe.models.soft_moe import SoftMoEImageConverter
 from keras_vmoe.models.vision_transformer import VisionTransformerBackbone
-from keras_vmoe.models.vision_transformer import every_n
-from keras_vmoe.models.vision_transformer import last_n
 from keras_vmoe.models.vision_transformer_preprocessing import VisionTransformerImageClassifierPreprocessor
 from keras_vmoe.models.vision_transformer_preprocessing import VisionTransformerImageConverter
 from keras_vmoe.models.vmoe import VMOE_ARCHITECTURES

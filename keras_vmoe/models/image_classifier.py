@@ -1,6 +1,7 @@
 """Image classification on top of a pooled `VisionTransformerBackbone`."""
 
 import keras
+import numpy as np
 from keras import ops
 from keras_hub.models import ImageClassifier
 from keras_hub.models import Task
@@ -8,6 +9,9 @@ from keras_hub.models import Task
 from keras_vmoe.export import ExportMixin
 from keras_vmoe.layers.ensemble import ensemble_log_mean
 from keras_vmoe.layers.ensemble import member_logits
+from keras_vmoe.models.native_resolution_preprocessing import NativeResolutionImageClassifierPreprocessor
+from keras_vmoe.models.native_resolution_preprocessing import image_rows
+from keras_vmoe.models.native_resolution_preprocessing import is_packed
 from keras_vmoe.models.preset_mixin import BuiltinPresetMixin
 from keras_vmoe.models.router_metrics import RouterMetricsMixin
 from keras_vmoe.models.vision_transformer import VisionTransformerBackbone
@@ -47,6 +51,12 @@ class VisionTransformerImageClassifier(ExportMixin, BuiltinPresetMixin, RouterMe
     on every member against its image's label (vmoe's ensemble
     cross-entropy, labels repeated M times) and computes the compiled metrics
     on the ensemble's prediction.
+
+    On a native-resolution backbone (NaViT, `native_resolution=True`) the
+    model maps packed sequences to (sequences, N, num_classes), one row per
+    image slot; `predict`, `fit` and `evaluate` take a list of images of any
+    sizes, packed by a `NativeResolutionImageClassifierPreprocessor`, and
+    `predict` gives (num_images, num_classes) in the images' order.
     """
 
     backbone_cls = VisionTransformerBackbone
@@ -139,10 +149,68 @@ class VisionTransformerImageClassifier(ExportMixin, BuiltinPresetMixin, RouterMe
             y_pred = ensemble_log_mean(y_pred, self.ensemble_size)
         return super().compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
+    @property
+    def native_resolution(self):
+        """Whether the backbone takes packed images of any size (NaViT)."""
+        return getattr(self.backbone, "native_resolution", False)
+
+    def compile(self, optimizer="auto", loss="auto", *, metrics="auto", **kwargs):
+        """keras-hub's `compile`. A native-resolution model weighs the real
+        images only (empty image slots have weight 0): its default loss
+        averages over them (`reduction="mean_with_sample_weight"`) and its
+        `metrics` are computed as weighted metrics."""
+        if self.native_resolution:
+            if loss == "auto":
+                loss = keras.losses.SparseCategoricalCrossentropy(
+                    from_logits=True, reduction="mean_with_sample_weight"
+                )
+            if metrics == "auto":
+                metrics = [keras.metrics.SparseCategoricalAccuracy()]
+            if "weighted_metrics" not in kwargs:
+                metrics, kwargs["weighted_metrics"] = None, metrics
+        super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
+
+    def _pack(self, x, y=None, sample_weight=None, training=False):
+        """Packs a list of images of any sizes with the preprocessor (a
+        native-resolution model); returns None for other inputs."""
+        if not self.native_resolution or is_packed(x) or not isinstance(x, (list, tuple, np.ndarray)):
+            return None
+        if not isinstance(self.preprocessor, NativeResolutionImageClassifierPreprocessor):
+            raise ValueError(
+                f"{type(self).__name__}: a native-resolution model packs lists of images with a "
+                "NativeResolutionImageClassifierPreprocessor; set `preprocessor=` (see "
+                "NativeResolutionImageClassifierPreprocessor.for_backbone), or pass packed batches."
+            )
+        return self.preprocessor.pack(x, y, sample_weight, training=training)
+
     def predict(self, x, *args, **kwargs):
         """keras-hub's `predict`; an E^3 model returns the ensemble's log
-        mean probability (B, num_classes)."""
+        mean probability (B, num_classes). A native-resolution model takes a
+        list of images of any sizes and returns one row per image, in order."""
+        packed = self._pack(x)
+        if packed is not None:
+            return image_rows(super().predict(packed[0], *args, **kwargs), packed[3])
         return self._ensemble_prediction(super().predict(x, *args, **kwargs))
+
+    def fit(self, x=None, y=None, sample_weight=None, validation_data=None, **kwargs):
+        """keras-hub's `fit`. A native-resolution model takes a list of
+        images of any sizes and their labels: they are packed once (with the
+        preprocessor's token dropping and budget range), `batch_size` counts
+        packed sequences, and empty image slots get weight 0."""
+        packed = self._pack(x, y, sample_weight, training=True)
+        if packed is not None:
+            x, y, sample_weight, _ = packed
+            if validation_data is not None and self._pack(validation_data[0]) is not None:
+                validation_data = self._pack(*validation_data)[:3]
+        return super().fit(x, y, sample_weight=sample_weight, validation_data=validation_data, **kwargs)
+
+    def evaluate(self, x=None, y=None, sample_weight=None, **kwargs):
+        """keras-hub's `evaluate`; a native-resolution model takes a list of
+        images of any sizes, as `fit`."""
+        packed = self._pack(x, y, sample_weight)
+        if packed is not None:
+            x, y, sample_weight, _ = packed
+        return super().evaluate(x, y, sample_weight=sample_weight, **kwargs)
 
     def predict_on_batch(self, x):
         return self._ensemble_prediction(super().predict_on_batch(x))

@@ -19,157 +19,24 @@ from keras_vmoe.layers.embedding import PatchEmbedding
 from keras_vmoe.layers.embedding import PositionEmbedding
 from keras_vmoe.layers.embedding import RegisterTokens
 from keras_vmoe.layers.encoder import POOLINGS
-from keras_vmoe.layers.encoder import EncoderBlock
 from keras_vmoe.layers.encoder import MultiHeadAttentionPooling
 from keras_vmoe.layers.encoder import SequencePooling
 from keras_vmoe.layers.ensemble import EnsembleRepeat
-from keras_vmoe.layers.mlp import Mlp
 from keras_vmoe.layers.moe import MoELayer
 from keras_vmoe.layers.patch_merger import PatchMerger
+from keras_vmoe.models.encoder_stack import check_image_and_patch_size
+from keras_vmoe.models.encoder_stack import check_moe_layers
+from keras_vmoe.models.encoder_stack import check_patch_merger
+from keras_vmoe.models.encoder_stack import encoder_blocks
+from keras_vmoe.models.encoder_stack import rescale_group_size
+from keras_vmoe.models.native_resolution import build_packed_moe
+from keras_vmoe.models.native_resolution import check_native_resolution
+from keras_vmoe.models.native_resolution import packed_embedding
+from keras_vmoe.models.native_resolution import packed_inputs
 from keras_vmoe.models.preset_mixin import BuiltinPresetMixin
-from keras_vmoe.validation import as_pair
 from keras_vmoe.validation import check_choice
 from keras_vmoe.validation import check_float
 from keras_vmoe.validation import check_int
-
-
-def moe_factory(layer_class, num_experts, mlp_dim, **arguments):
-    """`make(index) -> a new MoE layer` for the blocks in `moe_layers`.
-
-    One layer is built at once, so that bad arguments fail before anything
-    else is; every block gets its own layer (named `"moe"`) of the same config.
-    """
-    layer_class(num_experts, mlp_dim, name="moe", **arguments)
-    return lambda index: layer_class(num_experts, mlp_dim, name="moe", **arguments)
-
-
-def encoder_blocks(
-    num_layers,
-    num_heads,
-    mlp_dim,
-    moe_layers=(),
-    make_moe=None,
-    approximate_gelu=True,
-    dropout_rate=0.0,
-    dtype=None,
-    **block_options,
-):
-    """The Transformer blocks of an encoder: `encoder_block_<i>`, with a dense
-    `Mlp` or, for `i` in `moe_layers`, the layer `make_moe(i)` returns.
-
-    `block_options` go to every `EncoderBlock` (attention options,
-    LayerNorm epsilon, LayerScale).
-    """
-    blocks = []
-    for index in range(num_layers):
-        if index in moe_layers:
-            mlp = make_moe(index)
-        else:
-            mlp = Mlp(mlp_dim, approximate_gelu, dropout_rate, dtype=dtype, name="mlp")
-        blocks.append(
-            EncoderBlock(
-                num_heads,
-                mlp,
-                dropout_rate=dropout_rate,
-                dtype=dtype,
-                name=f"encoder_block_{index}",
-                **block_options,
-            )
-        )
-    return blocks
-
-
-def every_n(n, num_layers):
-    """V-MoE's "Every-n" placement: blocks n-1, 2n-1, ... (vmoe configs)."""
-    return tuple(range(n - 1, num_layers, n))
-
-
-def last_n(n, num_layers):
-    """V-MoE's "Last-n" placement: the last n odd blocks (vmoe configs)."""
-    return tuple(range(1, num_layers, 2))[-n:]
-
-
-def check_moe_layers(moe_layers, num_layers, owner):
-    moe_layers = tuple(moe_layers or ())
-    for index in moe_layers:
-        check_int("moe_layers index", index, owner=owner)
-        if not 0 <= index < num_layers:
-            raise ValueError(
-                f"{owner}: moe_layers has block index {index}, but the encoder has "
-                f"blocks 0 to {num_layers - 1} (num_layers={num_layers})."
-            )
-    if len(set(moe_layers)) != len(moe_layers):
-        raise ValueError(f"{owner}: moe_layers repeats a block index: {moe_layers}.")
-    return tuple(sorted(int(i) for i in moe_layers))
-
-
-def check_image_and_patch_size(image_shape, patch_size, owner):
-    """Validates an (height, width, channels) image shape and a patch size that
-    divides it; returns them as a tuple and an (int, int) pair."""
-    image_shape = tuple(image_shape)
-    if len(image_shape) != 3:
-        raise ValueError(f"{owner}: image_shape must be (height, width, channels), got {image_shape}.")
-    patch_size = as_pair("patch_size", patch_size, owner=owner)
-    for axis, name in ((0, "height"), (1, "width")):
-        size = check_int(f"image {name}", image_shape[axis], minimum=1, owner=owner)
-        if size % patch_size[axis]:
-            raise ValueError(
-                f"{owner}: patch_size {patch_size} does not divide the image "
-                f"{name} {size} (image_shape={image_shape})."
-            )
-    return image_shape, patch_size
-
-
-PATCH_MERGER_KEYS = ("after_block", "num_tokens")
-
-
-def check_patch_merger(patch_merger, num_layers, num_patches, owner):
-    """Validates `patch_merger` and returns it as a plain dict (or None)."""
-    if patch_merger is None:
-        return None
-    usage = "a dict(after_block=<block index>, num_tokens=<tokens out>)"
-    if not isinstance(patch_merger, dict):
-        raise ValueError(f"{owner}: patch_merger must be None or {usage}, got {patch_merger!r}.")
-    if set(patch_merger) != set(PATCH_MERGER_KEYS):
-        raise ValueError(f"{owner}: patch_merger must be {usage}; got the keys {sorted(patch_merger)}.")
-    after_block = patch_merger["after_block"]
-    check_int("patch_merger after_block", after_block, owner=owner)
-    if num_layers < 2:
-        raise ValueError(
-            f"{owner}: a patch_merger needs num_layers >= 2, since at least one block must "
-            f"follow the merger; got num_layers={num_layers}."
-        )
-    if not 0 <= after_block <= num_layers - 2:
-        raise ValueError(
-            f"{owner}: patch_merger after_block={after_block}, but the encoder has blocks 0 "
-            f"to {num_layers - 1} (num_layers={num_layers}) and at least one block must "
-            f"follow the merger, so after_block must be in 0 to {num_layers - 2}."
-        )
-    num_tokens = check_int("patch_merger num_tokens", patch_merger["num_tokens"], minimum=1, owner=owner)
-    if num_tokens > num_patches:
-        raise ValueError(
-            f"{owner}: patch_merger num_tokens={num_tokens} is more than the {num_patches} "
-            "patch tokens it would merge; a PatchMerger can only reduce the tokens."
-        )
-    return dict(after_block=int(after_block), num_tokens=num_tokens)
-
-
-def rescale_group_size(moe, tokens_before, tokens_after, owner):
-    """Makes a MoE layer behind a PatchMerger route groups of as many images
-    as the layers in front of it: `group_size` counts tokens of the unmerged
-    sequence (vmoe's configs give it as images x tokens per image)."""
-    group_size = getattr(moe, "group_size", None)
-    if group_size is None:
-        return
-    if group_size % tokens_before:
-        raise ValueError(
-            f"{owner}: with a patch_merger, group_size must be a whole number of images, "
-            f"a multiple of the {tokens_before} tokens per image before the merger (got "
-            f"group_size={group_size}); MoE layers after the merger then route as many "
-            "images per group on their merged tokens. Or use group_size=None (one image "
-            "per group)."
-        )
-    moe.group_size = group_size // tokens_before * tokens_after
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
@@ -224,6 +91,27 @@ class VisionTransformerBackbone(ExportMixin, BuiltinPresetMixin, Backbone):
             ensemble members, `VMoEBackbone`): every image is repeated M
             times before the first MoE block (`EnsembleRepeat`), so the
             output has M rows per image, row b * M + m = member m of image b.
+        parallel_block: bool. ViT-22B's block: attention and MLP in parallel
+            from one LayerNorm.
+        use_bias: bool. False: no biases in the attention and MLP (or
+            expert) projections (ViT-22B); the LayerNorms keep theirs.
+        native_resolution: bool. NaViT: the backbone takes packed sequences,
+            `{"patches", "positions", "segment_ids"}` (see
+            `keras_vmoe.layers.SequencePacker`), of images at their own
+            resolution and aspect ratio, up to `image_shape` (which sizes the
+            position tables). Attention stays within each image, pooling is
+            per image, (batch, max_images_per_sequence, dim) (zeros for empty
+            slots), and padding is never routed. Needs a `position_embedding`
+            of `"factorized"`, `"factorized_fractional"`, `"sincos2d"` or None.
+        max_images_per_sequence: int. N, the image slots of a sequence.
+        max_image_tokens: int or None. P, the most tokens one image may
+            have (its class token included); None: the whole grid of
+            `image_shape`.
+        packed_routing: `"image"` (default): each image is its own routing
+            group, padded to P tokens, so its outputs never depend on the
+            other images of its sequence (Soft MoE: its own slots);
+            `"sequence"` (token-choice layers only): one group per sequence,
+            where images compete for capacity as images in a group do.
         dtype: a dtype or `keras.DTypePolicy` (e.g. `"mixed_bfloat16"`).
     """
 
@@ -250,6 +138,12 @@ class VisionTransformerBackbone(ExportMixin, BuiltinPresetMixin, Backbone):
         moe_mlp=None,
         patch_merger=None,
         ensemble_size=1,
+        parallel_block=False,
+        use_bias=True,
+        native_resolution=False,
+        max_images_per_sequence=None,
+        max_image_tokens=None,
+        packed_routing="image",
         dtype=None,
         **kwargs,
     ):
@@ -262,7 +156,8 @@ class VisionTransformerBackbone(ExportMixin, BuiltinPresetMixin, Backbone):
         if hidden_dim % num_heads:
             raise ValueError(f"{owner}: hidden_dim={hidden_dim} must be divisible by num_heads={num_heads}.")
         check_choice("pooling", pooling, POOLINGS, owner=owner)
-        check_choice("position_embedding", position_embedding, POSITION_EMBEDDINGS, owner=owner)
+        if not native_resolution:
+            check_choice("position_embedding", position_embedding, POSITION_EMBEDDINGS, owner=owner)
         if use_class_token is None:
             use_class_token = pooling == "token"
         if pooling == "token" and not use_class_token:
@@ -287,19 +182,49 @@ class VisionTransformerBackbone(ExportMixin, BuiltinPresetMixin, Backbone):
         num_prefix_tokens = int(bool(use_class_token)) + num_register_tokens
         num_patches = grid_size[0] * grid_size[1]
         patch_merger = check_patch_merger(patch_merger, num_layers, num_patches, owner)
+        native_resolution = bool(native_resolution)
+        if native_resolution:
+            max_images_per_sequence, max_image_tokens = check_native_resolution(
+                owner,
+                position_embedding,
+                max_images_per_sequence,
+                max_image_tokens,
+                packed_routing,
+                grid_size,
+                num_prefix_tokens,
+                num_register_tokens,
+                patch_merger,
+                ensemble_size,
+            )
 
         # === Functional model ===
-        images = keras.Input(shape=image_shape, name="images")
-        x = PatchEmbedding(hidden_dim, patch_size, dtype=dtype, name="patch_embedding")(images)
-        if use_class_token:
-            x = ClassToken(dtype=dtype, name="class_token")(x)
-        x = PositionEmbedding(
-            position_embedding,
-            grid_size,
-            int(bool(use_class_token)),
-            dtype=dtype,
-            name="position_embedding",
-        )(x)
+        packed = {}  # The packed sequences' extra arguments of blocks and pooling.
+        if native_resolution:
+            images = packed_inputs(patch_size, image_shape[-1])
+            x, layout = packed_embedding(
+                images,
+                hidden_dim,
+                patch_size,
+                grid_size,
+                position_embedding,
+                use_class_token,
+                max_images_per_sequence,
+                max_image_tokens,
+                dtype,
+            )
+            packed = {"segment_ids": images["segment_ids"]}
+        else:
+            images = keras.Input(shape=image_shape, name="images")
+            x = PatchEmbedding(hidden_dim, patch_size, dtype=dtype, name="patch_embedding")(images)
+            if use_class_token:
+                x = ClassToken(dtype=dtype, name="class_token")(x)
+            x = PositionEmbedding(
+                position_embedding,
+                grid_size,
+                int(bool(use_class_token)),
+                dtype=dtype,
+                name="position_embedding",
+            )(x)
         if num_register_tokens:
             x = RegisterTokens(
                 num_register_tokens, int(bool(use_class_token)), dtype=dtype, name="register_tokens"
@@ -318,8 +243,12 @@ class VisionTransformerBackbone(ExportMixin, BuiltinPresetMixin, Backbone):
             attention_dropout_rate=attention_dropout_rate,
             layer_norm_epsilon=layer_norm_epsilon,
             layer_scale_init=layer_scale_init,
+            use_bias=use_bias,
+            **({"parallel_block": True} if parallel_block else {}),
         )
         for index, block in enumerate(blocks):
+            if native_resolution:
+                build_packed_moe(block, index, packed_routing, max_image_tokens, hidden_dim, owner)
             if patch_merger and index > patch_merger["after_block"] and index in moe_layers:
                 rescale_group_size(
                     block.mlp,
@@ -336,7 +265,8 @@ class VisionTransformerBackbone(ExportMixin, BuiltinPresetMixin, Backbone):
                 )
             if ensemble_size > 1 and index == moe_layers[0]:
                 x = EnsembleRepeat(ensemble_size, dtype=dtype, name="ensemble_repeat")(x)
-            x = block(x)
+            groups = {"image_groups": layout} if native_resolution and packed_routing == "image" else {}
+            x = block(x, **packed, **groups)
             if patch_merger and index == patch_merger["after_block"]:
                 x = PatchMerger(
                     patch_merger["num_tokens"],
@@ -353,11 +283,16 @@ class VisionTransformerBackbone(ExportMixin, BuiltinPresetMixin, Backbone):
                 attention_qk_norm,
                 approximate_gelu,
                 layer_norm_epsilon,
+                use_bias=use_bias,
                 dtype=dtype,
                 name="map_pooling",
-            )(x)
+            )(x, **packed, **({"max_images": max_images_per_sequence} if packed else {}))
         elif pooling is not None:
-            x = SequencePooling(pooling, num_prefix_tokens, dtype=dtype, name="pooling")(x)
+            pool = SequencePooling(pooling, num_prefix_tokens, dtype=dtype, name="pooling")
+            if packed:
+                x = pool(x, prefix_mask=layout["prefix_mask"], max_images=max_images_per_sequence, **packed)
+            else:
+                x = pool(x)
         if representation_size is not None:
             x = keras.layers.Dense(representation_size, activation="tanh", dtype=dtype, name="pre_logits")(x)
         super().__init__(inputs=images, outputs=x, dtype=dtype, **kwargs)
@@ -383,6 +318,12 @@ class VisionTransformerBackbone(ExportMixin, BuiltinPresetMixin, Backbone):
         self.moe_layers = moe_layers
         self.patch_merger = patch_merger
         self.ensemble_size = ensemble_size
+        self.parallel_block = bool(parallel_block)
+        self.use_bias = bool(use_bias)
+        self.native_resolution = native_resolution
+        self.max_images_per_sequence = max_images_per_sequence
+        self.max_image_tokens = max_image_tokens
+        self.packed_routing = packed_routing
 
     @classmethod
     def from_preset(cls, preset, *args, **kwargs):
@@ -471,6 +412,17 @@ class VisionTransformerBackbone(ExportMixin, BuiltinPresetMixin, Backbone):
         )
         if self.ensemble_size > 1:  # Configs of other models stay as before.
             config["ensemble_size"] = self.ensemble_size
+        if self.parallel_block:
+            config["parallel_block"] = True
+        if not self.use_bias:
+            config["use_bias"] = False
+        if self.native_resolution:
+            config.update(
+                native_resolution=True,
+                max_images_per_sequence=self.max_images_per_sequence,
+                max_image_tokens=self.max_image_tokens,
+                packed_routing=self.packed_routing,
+            )
         return config
 
 

@@ -17,6 +17,7 @@ import pytest
 ON_BACKEND = {
     "test_moe_layer.py": "torch",
     "test_patch_merger.py": "torch",
+    "test_navit.py": "tensorflow",
     "test_robustness.py": "torch",
     "test_serving.py": "tensorflow",  # SavedModel and ONNX (tf2onnx)
     "test_upcycling_cifar10.py": "torch",

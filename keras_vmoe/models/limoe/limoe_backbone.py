@@ -13,10 +13,10 @@ from keras_vmoe.layers.encoder import SequencePooling
 from keras_vmoe.layers.moe import SparseMoE
 from keras_vmoe.layers.multimodal_routing import MultimodalTokenChoiceRouter
 from keras_vmoe.layers.normalization import l2_normalize
+from keras_vmoe.models.encoder_stack import check_image_and_patch_size
+from keras_vmoe.models.encoder_stack import check_moe_layers
+from keras_vmoe.models.encoder_stack import encoder_blocks
 from keras_vmoe.models.preset_mixin import BuiltinPresetMixin
-from keras_vmoe.models.vision_transformer import check_image_and_patch_size
-from keras_vmoe.models.vision_transformer import check_moe_layers
-from keras_vmoe.models.vision_transformer import encoder_blocks
 from keras_vmoe.validation import check_choice
 from keras_vmoe.validation import check_int
 
@@ -174,7 +174,7 @@ class LIMoEBackbone(ExportMixin, BuiltinPresetMixin, Backbone):
         )
         self.embedding_dropout = keras.layers.Dropout(dropout_rate, dtype=dtype, name="embedding_dropout")
 
-        def make_moe(index):
+        def make_moe(index, **options):
             router = MultimodalTokenChoiceRouter(
                 num_experts,
                 modalities=("image", "text"),
@@ -194,6 +194,7 @@ class LIMoEBackbone(ExportMixin, BuiltinPresetMixin, Backbone):
                 dropout_rate=dropout_rate,
                 dtype=dtype,
                 name="moe",
+                **options,
             )
 
         # One stack for both modalities, built as every encoder of the zoo is.

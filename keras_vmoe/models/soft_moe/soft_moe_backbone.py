@@ -3,10 +3,10 @@
 import keras
 
 from keras_vmoe.layers.moe import SoftMoE
+from keras_vmoe.models.encoder_stack import moe_factory
 from keras_vmoe.models.soft_moe.soft_moe_architectures import SOFT_MOE_ARCHITECTURES
 from keras_vmoe.models.soft_moe.soft_moe_architectures import architecture_config
 from keras_vmoe.models.vision_transformer import VisionTransformerBackbone
-from keras_vmoe.models.vision_transformer import moe_factory
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")

@@ -17,8 +17,8 @@ placements: pass `patch_merger=dict(after_block=..., num_tokens=...)` to
 
 import re
 
-from keras_vmoe.models.vision_transformer import every_n
-from keras_vmoe.models.vision_transformer import last_n
+from keras_vmoe.models.encoder_stack import every_n
+from keras_vmoe.models.encoder_stack import last_n
 
 # variant: (num_layers, hidden_dim, mlp_dim, num_heads)
 VARIANTS = {

@@ -5,8 +5,8 @@ import inspect
 import keras
 
 from keras_vmoe.layers.moe import SparseMoE
+from keras_vmoe.models.encoder_stack import moe_factory
 from keras_vmoe.models.vision_transformer import VisionTransformerBackbone
-from keras_vmoe.models.vision_transformer import moe_factory
 from keras_vmoe.models.vmoe.vmoe_architectures import VMOE_ARCHITECTURES
 from keras_vmoe.models.vmoe.vmoe_architectures import architecture_config
 
