@@ -368,6 +368,9 @@ class SequencePooling(keras.layers.Layer):
     def compute_output_spec(self, tokens, segment_ids=None, prefix_mask=None, max_images=None):
         return pooled_spec(tokens, segment_ids, max_images)
 
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], input_shape[-1])
+
     def get_config(self):
         config = super().get_config()
         config.update(mode=self.mode, num_prefix_tokens=self.num_prefix_tokens)
@@ -429,6 +432,9 @@ class MultiHeadAttentionPooling(keras.layers.Layer):
 
     def compute_output_spec(self, tokens, segment_ids=None, max_images=None):
         return pooled_spec(tokens, segment_ids, max_images)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], input_shape[-1])
 
     def get_config(self):
         config = super().get_config()
