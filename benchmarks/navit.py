@@ -18,8 +18,9 @@ Run from the repository root:
     packed first-fit into sequences of 256 tokens with up to 10 images, one
     routing group of 64 tokens per image slot, the default) and
     `packing_sequence` (packed, one routing group per sequence). Phases
-    `forward` and `train` (the gradients of sum(outputs x a fixed cotangent)), each backend in its own one-thread process, in the
-    mode Keras runs it (`jax-jit`, `tf-graph`, `torch-eager`); candidates
+    `forward` and `train` (the gradients of sum(outputs x a fixed
+    cotangent)), each backend in its own one-thread process, in the mode
+    Keras runs it (`jax-jit`, `tf-graph`, `torch-eager`); candidates
     alternate within a round. Reported: images per second, and the ratio of
     packing over padding.
 
