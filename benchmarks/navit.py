@@ -40,7 +40,6 @@ Run from the repository root:
 import argparse
 import datetime
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -57,7 +56,7 @@ from moe_layer import machine_info  # noqa: E402
 from moe_layer import run_script_worker  # noqa: E402
 from moe_layer import write_report  # noqa: E402
 from patch_merger import STEPS  # noqa: E402
-from patch_merger import seconds  # noqa: E402
+from patch_merger import time_phases  # noqa: E402
 
 BACKENDS = ("jax", "tensorflow", "torch")
 MODES = {"jax": "jax-jit", "tensorflow": "tf-graph", "torch": "torch-eager"}
@@ -172,27 +171,7 @@ def run_worker(task):
             k: list(v.shape) for k, v in (inputs if isinstance(inputs, dict) else {"images": inputs}).items()
         }
         log(f"built {candidate}: inputs {shapes[candidate]}")
-    results = {}
-    for phase in PHASES:
-        first = {candidate: seconds(steps[candidate][phase]) for candidate in CANDIDATES}
-        times = {candidate: [] for candidate in CANDIDATES}
-        for round_index in range(task["rounds"][phase]):
-            order = CANDIDATES if round_index % 2 == 0 else CANDIDATES[::-1]
-            for candidate in order:
-                times[candidate].append(seconds(steps[candidate][phase]))
-            log(
-                f"{phase} round {round_index + 1}: "
-                + ", ".join(f"{c} {1e3 * times[c][-1]:.0f} ms" for c in CANDIDATES)
-            )
-        results[phase] = {
-            candidate: {
-                "median_ms": 1e3 * statistics.median(times[candidate]),
-                "images_per_second": scale["images"] / statistics.median(times[candidate]),
-                "first_call_s": first[candidate],
-                "times_ms": [round(1e3 * t, 3) for t in times[candidate]],
-            }
-            for candidate in CANDIDATES
-        }
+    results = time_phases(steps, CANDIDATES, task["rounds"], scale["images"])
     return {"mode": MODES[backend], "results": results, "inputs": shapes}
 
 

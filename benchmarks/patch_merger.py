@@ -187,6 +187,40 @@ def seconds(step):
     return time.perf_counter() - start
 
 
+def time_phases(steps, candidates, rounds, images):
+    """Times every candidate's steps ({candidate: {phase: step}}) in one
+    process: the first call (trace, compile and run) apart, then `rounds[phase]`
+    rounds in alternating order, so a slow phase of the machine hits all.
+    Returns {phase: {candidate: timings}}, with images per second for
+    `images` images per step."""
+    results = {}
+    for phase, count in rounds.items():
+        first_call = {}
+        for candidate in candidates:
+            first_call[candidate] = seconds(steps[candidate][phase])
+            log(f"{phase} {candidate}: first call {first_call[candidate]:.2f} s")
+        times = {candidate: [] for candidate in candidates}
+        for round_index in range(count):
+            order = candidates if round_index % 2 == 0 else candidates[::-1]
+            for candidate in order:
+                times[candidate].append(seconds(steps[candidate][phase]))
+            log(
+                f"{phase} round {round_index + 1}/{count}: "
+                + ", ".join(f"{c} {1e3 * times[c][-1]:.0f} ms" for c in candidates)
+            )
+        results[phase] = {
+            candidate: {
+                "median_ms": 1e3 * statistics.median(times[candidate]),
+                "min_ms": 1e3 * min(times[candidate]),
+                "images_per_second": images / statistics.median(times[candidate]),
+                "first_call_s": first_call[candidate],
+                "times_ms": [round(1e3 * t, 3) for t in times[candidate]],
+            }
+            for candidate in candidates
+        }
+    return results
+
+
 def run_worker(task):
     """Times both candidates in this process; returns the measurements."""
     import keras
@@ -208,31 +242,8 @@ def run_worker(task):
         cotangent = rng.standard_normal((batch_size, model.output_dim)).astype("float32")
         steps[candidate] = STEPS[backend](model, images, cotangent)
         log(f"built {candidate}: {model.count_params():,} parameters")
-    results = {}
+    results = time_phases(steps, CANDIDATES, task["rounds"], batch_size)
     for phase in PHASES:
-        first_call = {}
-        for candidate in CANDIDATES:
-            first_call[candidate] = seconds(steps[candidate][phase])
-            log(f"{phase} {candidate}: first call {first_call[candidate]:.2f} s")
-        times = {candidate: [] for candidate in CANDIDATES}
-        for round_index in range(task["rounds"][phase]):
-            order = CANDIDATES if round_index % 2 == 0 else CANDIDATES[::-1]
-            for candidate in order:
-                times[candidate].append(seconds(steps[candidate][phase]))
-            log(
-                f"{phase} round {round_index + 1}/{task['rounds'][phase]}: "
-                + ", ".join(f"{c} {1e3 * times[c][-1]:.0f} ms" for c in CANDIDATES)
-            )
-        results[phase] = {
-            candidate: {
-                "median_ms": 1e3 * statistics.median(times[candidate]),
-                "min_ms": 1e3 * min(times[candidate]),
-                "images_per_second": batch_size / statistics.median(times[candidate]),
-                "first_call_s": first_call[candidate],
-                "times_ms": [round(1e3 * t, 3) for t in times[candidate]],
-            }
-            for candidate in CANDIDATES
-        }
         dense, merged = (results[phase][c]["images_per_second"] for c in CANDIDATES)
         results[phase]["speedup"] = merged / dense
     return {"mode": MODES[backend], "results": results, "configs": configs}

@@ -50,8 +50,10 @@ def native_backbone(family, pooling="gap", **overrides):
         native_resolution=True,
         max_images_per_sequence=MAX_IMAGES,
     )
-    if family == "vmoe":  # Capacity that drops nothing.
-        arguments.update(moe_layers=(1,), num_experts=4, num_selected_experts=2, capacity_factor=8.0)
+    if family == "vmoe":
+        # Capacity that drops nothing, and K = E: no top-K choice a last-bit
+        # difference (another CPU's reduction order) could flip.
+        arguments.update(moe_layers=(1,), num_experts=4, num_selected_experts=4, capacity_factor=8.0)
     elif family == "soft_moe":
         arguments.update(moe_layers=(1,), num_experts=4, slots_per_expert=2)
     arguments.update(overrides)
@@ -281,7 +283,8 @@ def test_fit_on_mixed_sizes_lowers_the_loss_and_predicts_in_order(classifier):
     predictions = classifier.predict(images, verbose=0)
     assert predictions.shape == (16, 4)
     for i in (0, 7, 15):  # Row i is image i, whatever it was packed with.
-        np.testing.assert_allclose(classifier.predict([images[i]], verbose=0)[0], predictions[i], atol=1e-5)
+        alone = classifier.predict([images[i]], verbose=0)[0]
+        np.testing.assert_allclose(alone, predictions[i], atol=f32_atol(predictions))
     evaluation = classifier.evaluate(images, labels, verbose=0, return_dict=True)
     reference = keras.losses.sparse_categorical_crossentropy(labels, predictions, from_logits=True)
     np.testing.assert_allclose(evaluation["loss"], np.mean(to_numpy(reference)), rtol=1e-4)
