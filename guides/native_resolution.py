@@ -2,8 +2,8 @@
 Title: Native resolution (NaViT): images of any size and aspect ratio, packed
 Author: keras_vmoe contributors
 Date created: 2026/12/04
-Last modified: 2026/12/04
-Description: Cut images into patches at their own resolution, pack several into one sequence, train and predict on lists of differently sized images with a V-MoE, and use ViT-22B's parallel block.
+Last modified: 2026/12/05
+Description: Cut images into patches at their own resolution, pack several into one sequence, train and predict on lists of differently sized images with a V-MoE (from lists or a tf.data stream), train LIMoE on them, and use ViT-22B's parallel block.
 Accelerator: None
 """
 
@@ -153,6 +153,32 @@ history = classifier.fit(train_images, train_labels, batch_size=8, epochs=1 if F
 print({name: round(values[-1], 4) for name, values in history.history.items()})
 
 """
+## Streaming from `tf.data`
+
+`fit` on a list packs the images once. `packed_dataset` turns a
+`tf.data.Dataset` of single `(image, label)` pairs into packed batches of one
+fixed shape (`num_sequences` sequences each, so one compiled step): it
+patches and packs anew on every pass, so each epoch draws new patch budgets
+and new token dropping. It feeds `fit` and `evaluate` on every backend.
+"""
+
+import tensorflow as tf  # noqa: E402
+
+stream = tf.data.Dataset.from_generator(
+    lambda: zip(train_images, train_labels),
+    output_signature=(
+        tf.TensorSpec((None, None, 3), tf.uint8),
+        tf.TensorSpec((), tf.as_dtype(train_labels.dtype)),
+    ),
+)
+packed_stream = preprocessor.packed_dataset(stream, num_sequences=8, training=True).prefetch(2)
+x, y, sample_weight = next(iter(packed_stream))
+print(
+    "patches", x["patches"].shape, "labels", y.shape, "images in the batch", int(sample_weight.numpy().sum())
+)
+classifier.fit(packed_stream, epochs=1)
+
+"""
 One model, many resolutions: evaluate the same classifier on the test images
 resized to several square sizes.
 """
@@ -165,7 +191,57 @@ for side in (16, 32, 48):
 `benchmarks/navit.py resolution` runs this comparison properly (a model
 trained at mixed resolutions against one trained at 32 pixels, at the same
 cost) and `benchmarks/navit.py throughput` measures packing against padding.
+"""
 
+"""
+## LIMoE at native resolution
+
+`LIMoEBackbone(native_resolution=True, ...)` packs images the same way;
+each image slot carries its caption, so `token_ids` and `padding_mask` are
+(sequences, N, text length) and both embeddings come back per slot,
+(sequences, N, embedding_dim), zeros in empty slots. Give
+`LIMoEPreprocessor` an `image_packer` and `LIMoEContrastiveModel.fit` takes
+`{"images": [images of any sizes], "text": [captions]}`; the contrastive
+loss counts the filled slots only.
+"""
+
+from keras_vmoe.models import LIMoEBackbone  # noqa: E402
+from keras_vmoe.models import LIMoEContrastiveModel  # noqa: E402
+from keras_vmoe.models import LIMoEPreprocessor  # noqa: E402
+from keras_vmoe.models import LIMoETokenizer  # noqa: E402
+from keras_vmoe.models import train_limoe_vocabulary  # noqa: E402
+
+names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+captions = [f"a photo of a {names[label]}." for label in train_labels]
+tokenizer = LIMoETokenizer(proto=train_limoe_vocabulary(captions, 300))
+limoe = LIMoEBackbone(
+    image_shape=(48, 48, 3),
+    patch_size=4,
+    vocabulary_size=tokenizer.vocabulary_size(),
+    max_text_length=8,
+    num_layers=2,
+    hidden_dim=64,
+    mlp_dim=128,
+    num_heads=4,
+    embedding_dim=32,
+    moe_layers=(1,),
+    num_experts=4,
+    native_resolution=True,
+    max_images_per_sequence=4,
+    parallel_block=True,
+    use_bias=False,
+)
+image_packer = NativeResolutionImageClassifierPreprocessor.for_backbone(
+    limoe, max_patches=(16, 144), sequence_length=160, scale=1 / 127.5, offset=-1.0
+)
+contrastive = LIMoEContrastiveModel(
+    limoe, LIMoEPreprocessor(tokenizer, sequence_length=8, image_packer=image_packer)
+)
+contrastive.compile(optimizer=keras.optimizers.Adam(1e-3))
+limit = 64 if FAST else 1000
+contrastive.fit({"images": train_images[:limit], "text": captions[:limit]}, batch_size=8, epochs=1)
+
+"""
 ## ViT-22B's block
 
 `parallel_block=True` runs attention and MLP in parallel from one LayerNorm,

@@ -33,7 +33,7 @@ LEVELS = {
 BACKENDS = ("jax", "jaxlib", "tensorflow", "torch")
 # Preprocessing that runs TensorFlow (tf.data, tf.strings) on every backend, as
 # keras-hub's own preprocessors and tokenizers do: not backend code.
-TF_PREPROCESSING = {"limoe_preprocessor.py", "limoe_tokenizer.py"}
+TF_PREPROCESSING = {"limoe_preprocessor.py", "limoe_tokenizer.py", "native_resolution_preprocessing.py"}
 MAX_LINES = 500
 
 

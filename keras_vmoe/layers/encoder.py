@@ -299,16 +299,18 @@ class EncoderBlock(keras.layers.Layer):
         its residual."""
         residual, x = state
         routes = hasattr(self.mlp, "group_tokens")
+        uses_modalities = token_modalities is not None and getattr(self.mlp, "uses_token_modalities", False)
+        modalities = {"token_modalities": token_modalities} if uses_modalities else {}
         if segment_ids is not None and routes and image_groups is not None:
             groups, mask = to_image_groups(x, image_groups)  # (B * N, P, D): one group per image
-            y = self.mlp(groups, training=training, token_mask=mask)
+            if uses_modalities:
+                modalities["token_modalities"] = to_image_groups(token_modalities, image_groups)[0]
+            y = self.mlp(groups, training=training, token_mask=mask, **modalities)
             y = from_image_groups(y, image_groups, segment_ids)
         elif segment_ids is not None and routes:
-            y = self.mlp(x, training=training, token_mask=segment_ids > 0)
-        elif token_modalities is None or not getattr(self.mlp, "uses_token_modalities", False):
-            y = self.mlp(x, training=training)
+            y = self.mlp(x, training=training, token_mask=segment_ids > 0, **modalities)
         else:
-            y = self.mlp(x, training=training, token_modalities=token_modalities)
+            y = self.mlp(x, training=training, **modalities)
         # An MLP restored with a policy of its own returns its compute dtype.
         y = ops.cast(y, residual.dtype)
         if self.layer_scale_init is not None:

@@ -9,8 +9,9 @@ fixed length (the input format of `keras_vmoe.layers.packing`).
         tokens and at most N images -> {"patches", "positions",
         "segment_ids"} (S, L, ...) and each image's (sequence, slot)
 
-Nothing is cropped: an image is resized whole. Run it on NumPy arrays, or
-inside `tf.data` through `packed_dataset`.
+Nothing is cropped: an image is resized whole. It runs on NumPy arrays;
+`NativeResolutionImageClassifierPreprocessor.packed_dataset` runs it on a
+`tf.data` stream (`SequencePacker.stream`: batches of a fixed shape).
 """
 
 import math
@@ -184,10 +185,12 @@ class SequencePacker:
         num_prefix_tokens: 0 or 1: a class-token slot reserved at the start
             of each image (position (-1, -1)).
 
-    `pack(images)` takes a list of (patches, positions) and returns
-    (batch, image_index): batch {"patches" (S, L, F) float32, "positions"
-    (S, L, 2) int32, "segment_ids" (S, L) int32 (0: padding)} and
-    image_index (num_images, 2), each image's (sequence, slot), in order.
+    `pack(images, num_sequences=None)` takes a list of (patches, positions)
+    and returns (batch, image_index): batch {"patches" (S, L, F) float32,
+    "positions" (S, L, 2) int32, "segment_ids" (S, L) int32 (0: padding)}
+    (S = `num_sequences` if given, else as many as needed) and image_index
+    (num_images, 2), each image's (sequence, slot), in order. `stream`
+    packs an endless stream into batches of a fixed S (for `tf.data`).
 
     Example:
     >>> packer = SequencePacker(sequence_length=8, max_images=2)
@@ -211,22 +214,30 @@ class SequencePacker:
                 f"({self.num_prefix_tokens + 1} tokens with {self.num_prefix_tokens} class token)."
             )
 
+    def check_length(self, index, length):
+        if length > self.sequence_length:
+            raise ValueError(
+                f"SequencePacker: image {index} has {length} tokens, more than a sequence of "
+                f"sequence_length={self.sequence_length}; lower the patch budget or raise "
+                "sequence_length (nothing is cropped)."
+            )
+
+    def first_fit(self, length, used, counts):
+        """The first sequence with room for `length` tokens and an image
+        slot, or len(used) (a new one)."""
+        fits = (
+            sequence
+            for sequence, (tokens, images) in enumerate(zip(used, counts))
+            if tokens + length <= self.sequence_length and images < self.max_images
+        )
+        return next(fits, len(used))
+
     def assign(self, lengths):
         """Greedy first-fit: each image's (sequence, slot, offset)."""
         used, counts, places = [], [], []
         for index, length in enumerate(lengths):
-            if length > self.sequence_length:
-                raise ValueError(
-                    f"SequencePacker: image {index} has {length} tokens, more than a sequence of "
-                    f"sequence_length={self.sequence_length}; lower the patch budget or raise "
-                    "sequence_length (nothing is cropped)."
-                )
-            fits = (
-                sequence
-                for sequence, (tokens, images) in enumerate(zip(used, counts))
-                if tokens + length <= self.sequence_length and images < self.max_images
-            )
-            sequence = next(fits, len(used))
+            self.check_length(index, length)
+            sequence = self.first_fit(length, used, counts)
             if sequence == len(used):
                 used.append(0)
                 counts.append(0)
@@ -235,7 +246,37 @@ class SequencePacker:
             counts[sequence] += 1
         return places, len(used)
 
-    def pack(self, images):
+    def stream(self, images, num_sequences):
+        """Packs a stream of images into batches of exactly `num_sequences`
+        sequences (fixed shapes, one compiled step): greedy first-fit within
+        the open batch; an image that fits none of its sequences closes it
+        and opens the next. Yields (batch, image_index, stream_index): `pack`'s
+        two results and each of the batch's images' index in the stream. The
+        last batch is padded with empty sequences."""
+        num_sequences = check_int("num_sequences", num_sequences, minimum=1, owner="SequencePacker")
+        pending, used, counts = [], [], []
+        for index, image in enumerate(images):
+            length = len(image[0]) + self.num_prefix_tokens
+            self.check_length(index, length)
+            sequence = self.first_fit(length, used, counts)
+            if sequence == num_sequences:
+                yield self.batch_of(pending, num_sequences)
+                pending, used, counts, sequence = [], [], [], 0
+            if sequence == len(used):
+                used.append(0)
+                counts.append(0)
+            pending.append((index, image))
+            used[sequence] += length
+            counts[sequence] += 1
+        if pending:
+            yield self.batch_of(pending, num_sequences)
+
+    def batch_of(self, pending, num_sequences):
+        """`pack` of (stream index, image) pairs, padded to `num_sequences`."""
+        batch, index = self.pack([image for _, image in pending], num_sequences)
+        return batch, index, np.array([position for position, _ in pending], "int64")
+
+    def pack(self, images, num_sequences=None):
         images = list(images)
         if not images:
             raise ValueError("SequencePacker: no images to pack.")
@@ -247,8 +288,13 @@ class SequencePacker:
             )
         (width,) = widths
         prefix = self.num_prefix_tokens
-        places, num_sequences = self.assign([len(patches) + prefix for patches, _ in images])
-        shape = (num_sequences, self.sequence_length)
+        places, needed = self.assign([len(patches) + prefix for patches, _ in images])
+        if num_sequences is not None and needed > num_sequences:
+            raise ValueError(
+                f"SequencePacker: the images need {needed} sequences, more than "
+                f"num_sequences={num_sequences}."
+            )
+        shape = (needed if num_sequences is None else num_sequences, self.sequence_length)
         batch = {
             "patches": np.zeros(shape + (width,), "float32"),
             "positions": np.zeros(shape + (2,), "int32"),

@@ -82,15 +82,26 @@ def packed_embedding(
     """(tokens (B, L, D), layout): the embedded packed sequence, named as the
     square-image layers (`patch_embedding`, `class_token`,
     `position_embedding`), and the `PackedLayout` the blocks and pooling use."""
-    layout = PackedLayout(max_images, max_image_tokens, dtype=dtype, name="packed_layout")(
-        inputs["positions"], inputs["segment_ids"]
+    return embed_packed(
+        inputs,
+        PackedLayout(max_images, max_image_tokens, dtype=dtype, name="packed_layout"),
+        PatchEmbedding(hidden_dim, patch_size, dtype=dtype, name="patch_embedding"),
+        FactorizedPositionEmbedding(
+            position_embedding, grid_size, max_images, dtype=dtype, name="position_embedding"
+        ),
+        ClassToken(dtype=dtype, name="class_token") if use_class_token else None,
     )
-    x = PatchEmbedding(hidden_dim, patch_size, dtype=dtype, name="patch_embedding")(inputs["patches"])
-    if use_class_token:
-        x = ClassToken(dtype=dtype, name="class_token")(x, prefix_mask=layout["prefix_mask"])
-    x = FactorizedPositionEmbedding(
-        position_embedding, grid_size, max_images, dtype=dtype, name="position_embedding"
-    )(x, inputs["positions"], inputs["segment_ids"])
+
+
+def embed_packed(inputs, layout_layer, patch_embedding, position_embedding, class_token=None):
+    """Runs the packed embedding layers on `inputs` (`packed_inputs`):
+    (tokens (B, L, D), layout), the class token (if any) in each image's
+    reserved slot."""
+    layout = layout_layer(inputs["positions"], inputs["segment_ids"])
+    x = patch_embedding(inputs["patches"])
+    if class_token is not None:
+        x = class_token(x, prefix_mask=layout["prefix_mask"])
+    x = position_embedding(x, inputs["positions"], inputs["segment_ids"])
     return x, layout
 
 

@@ -3,6 +3,7 @@ images of any sizes -> packed sequences, and labels laid out to match."""
 
 import keras
 import numpy as np
+import tensorflow as tf
 from keras_hub.models import Preprocessor
 
 from keras_vmoe.layers.image_packing import ImagePatcher
@@ -28,22 +29,29 @@ def image_list(images, channels=None):
             f"Native-resolution preprocessing takes a non-empty list of (height, width, channels) "
             f"images (or an (N, H, W, C) array); got {type(images).__name__}."
         )
-    images = [np.asarray(image) for image in images]
-    images = [image[:, :, None] if image.ndim == 2 else image for image in images]
-    for index, image in enumerate(images):
-        if image.ndim != 3:
-            raise ValueError(f"Image {index} must be (height, width, channels), got shape {image.shape}.")
-        if min(image.shape[:2]) < 1:
-            raise ValueError(f"Image {index} has a zero side: shape {image.shape}.")
+    images = [check_image(index, image) for index, image in enumerate(images)]
     expected = channels if channels is not None else images[0].shape[-1]
     for index, image in enumerate(images):
-        if image.shape[-1] != expected:
-            source = "the model's" if channels is not None else "image 0's"
-            raise ValueError(
-                f"Image {index} has {image.shape[-1]} channels, but {source} count is {expected}: "
-                "every image needs the same channels."
-            )
+        check_image(index, image, expected, "the model's" if channels is not None else "image 0's")
     return images
+
+
+def check_image(index, image, channels=None, source="the model's"):
+    """An (H, W, C) NumPy image (H, W) gets a channel axis); raises on
+    shapes that are not images and on a channel count other than
+    `channels`."""
+    image = np.asarray(image)
+    image = image[:, :, None] if image.ndim == 2 else image
+    if image.ndim != 3:
+        raise ValueError(f"Image {index} must be (height, width, channels), got shape {image.shape}.")
+    if min(image.shape[:2]) < 1:
+        raise ValueError(f"Image {index} has a zero side: shape {image.shape}.")
+    if channels is not None and image.shape[-1] != channels:
+        raise ValueError(
+            f"Image {index} has {image.shape[-1]} channels, but {source} count is {channels}: "
+            "every image needs the same channels."
+        )
+    return image
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
@@ -71,7 +79,8 @@ class NativeResolutionImageClassifierPreprocessor(Preprocessor):
         seed: int or None.
 
     `pack(images, y, sample_weight, training)` returns (x, y, sample_weight,
-    image_index): `y` laid out as (sequences, N, ...) and `sample_weight`
+    image_index): `y` (an array, or a structure of arrays, one row per
+    image) laid out as (sequences, N, ...) and `sample_weight`
     (sequences, N), 0 on empty image slots. `for_backbone(backbone,
     max_patches, sequence_length)` reads the backbone's options.
 
@@ -135,7 +144,7 @@ class NativeResolutionImageClassifierPreprocessor(Preprocessor):
             max_patches=max_patches,
             sequence_length=sequence_length,
             max_images_per_sequence=backbone.max_images_per_sequence,
-            num_prefix_tokens=int(backbone.use_class_token),
+            num_prefix_tokens=int(getattr(backbone, "use_class_token", False)),
             max_grid=grid,
             channels=backbone.image_shape[-1],
             **kwargs,
@@ -144,20 +153,112 @@ class NativeResolutionImageClassifierPreprocessor(Preprocessor):
     def pack(self, images, y=None, sample_weight=None, training=False):
         images = image_list(images, self.channels)
         x, index = self.packer.pack([self.patcher(image, training=training) for image in images])
-        shape = x["segment_ids"].shape[:1] + (self.max_images_per_sequence,)
-        weights = np.zeros(shape, "float32")
-        given = np.ones(len(images), "float32") if sample_weight is None else np.asarray(sample_weight)
-        weights[index[:, 0], index[:, 1]] = given
+        return (x, *self.lay_out(index, len(x["segment_ids"]), y, sample_weight), index)
+
+    def lay_out(self, index, num_sequences, y=None, sample_weight=None):
+        """Per-image labels and weights -> (y, sample_weight) in the image
+        slots `index` gives, (num_sequences, N, ...); weight 0 on empty
+        slots."""
+        shape = (num_sequences, self.max_images_per_sequence)
+        given = np.ones(len(index), "float32") if sample_weight is None else sample_weight
+        weights = self.slot_layout(np.asarray(given, "float32"), index, shape)
         if y is not None:
-            y = np.asarray(y)
-            if len(y) != len(images):
-                raise ValueError(f"Got {len(images)} images but {len(y)} labels.")
-            labels = np.zeros(shape + y.shape[1:], y.dtype)
-            labels[index[:, 0], index[:, 1]] = y
-            y = labels
-        return x, y, weights, index
+            y = keras.tree.map_structure(lambda labels: self.slot_layout(labels, index, shape), y)
+        return y, weights
+
+    @staticmethod
+    def slot_layout(values, index, shape):
+        """(num_images, ...) per-image values -> (sequences, N, ...), in the
+        slots `index` gives, zeros in empty slots."""
+        values = np.asarray(values)
+        if len(values) != len(index):
+            raise ValueError(f"Got {len(index)} images but {len(values)} labels or sample weights.")
+        laid_out = np.zeros(shape + values.shape[1:], values.dtype)
+        laid_out[index[:, 0], index[:, 1]] = values
+        return laid_out
+
+    def packed_dataset(self, dataset, num_sequences, training=False):
+        """A `tf.data.Dataset` of packed batches of one fixed shape, from a
+        dataset of single images of any sizes with their labels: elements
+        `(image, y)` or `(image, y, sample_weight)`, each image (H, W, C).
+
+        Patching and first-fit packing run in a generator (packing spans
+        images, so it is not a per-element `map`); each pass over the
+        dataset (each epoch) patches anew, redrawing the patch budgets and
+        the token dropping when `training`. Batches are `(x, y,
+        sample_weight)`: x {"patches" (S, L, ph * pw * C), "positions",
+        "segment_ids"}, y (S, N, ...) and sample_weight (S, N), 0 on empty
+        image slots, with S = `num_sequences`, for `fit` and `evaluate` on
+        every backend.
+
+        Example:
+        >>> import tensorflow as tf
+        >>> preprocessor = NativeResolutionImageClassifierPreprocessor(
+        ...     patch_size=8, max_patches=16, sequence_length=32, max_images_per_sequence=4,
+        ...     channels=3)
+        >>> images = [np.zeros((8 * h, 16, 3), "uint8") for h in (1, 2, 3, 4)]
+        >>> source = tf.data.Dataset.from_generator(
+        ...     lambda: ((image, len(image) // 8) for image in images),
+        ...     output_signature=(tf.TensorSpec((None, None, 3), tf.uint8), tf.TensorSpec((), tf.int32)))
+        >>> x, y, weights = next(iter(preprocessor.packed_dataset(source, num_sequences=1)))
+        >>> x["patches"].shape.as_list(), y.numpy().tolist(), weights.numpy().tolist()
+        ([1, 32, 192], [[1, 2, 3, 4]], [[1.0, 1.0, 1.0, 1.0]])
+        """
+        owner = f"{type(self).__name__}.packed_dataset"
+        num_sequences = check_int("num_sequences", num_sequences, minimum=1, owner=owner)
+        spec = dataset.element_spec
+        if not isinstance(spec, tuple) or len(spec) not in (2, 3):
+            raise ValueError(
+                f"{owner} takes a dataset of (image, y) or (image, y, sample_weight) elements, one "
+                f"image each; got elements {spec}. For predictions, pass a list of images to `predict`."
+            )
+        image_spec, y_spec = spec[0], spec[1]
+        rank, channels = image_spec.shape.rank, self.channels
+        if rank not in (None, 2, 3):
+            raise ValueError(
+                f"{owner}: an element's image must be (height, width, channels), got {image_spec}."
+            )
+        if channels is None:
+            channels = 1 if rank == 2 else image_spec.shape[-1] if rank == 3 else None
+        if channels is None:
+            raise ValueError(
+                f"{owner}: the images' channel count is not static; give the preprocessor `channels`."
+            )
+        shape = (num_sequences, self.max_images_per_sequence)
+        tokens = (num_sequences, self.sequence_length)
+        signature = (
+            {
+                "patches": tf.TensorSpec(tokens + (self.patch_size[0] * self.patch_size[1] * channels,)),
+                "positions": tf.TensorSpec(tokens + (2,), tf.int32),
+                "segment_ids": tf.TensorSpec(tokens, tf.int32),
+            },
+            tf.nest.map_structure(lambda y: tf.TensorSpec(shape + tuple(y.shape), y.dtype), y_spec),
+            tf.TensorSpec(shape, tf.float32),
+        )
+
+        def batches():
+            labels = {}
+
+            def patched():
+                for index, element in enumerate(dataset.as_numpy_iterator()):
+                    labels[index] = element[1:]
+                    yield self.patcher(check_image(index, element[0], channels), training=training)
+
+            for x, image_index, stream_index in self.packer.stream(patched(), num_sequences):
+                given = [labels.pop(index) for index in stream_index]
+                y = keras.tree.map_structure(lambda *values: np.stack(values), *[g[0] for g in given])
+                weights = [g[1] for g in given] if len(given[0]) > 1 else None
+                yield (x, *self.lay_out(image_index, num_sequences, y, weights))
+
+        return tf.data.Dataset.from_generator(batches, output_signature=signature)
 
     def call(self, x, y=None, sample_weight=None):
+        if not is_packed(x) and not isinstance(x, (list, tuple, np.ndarray)):
+            raise ValueError(
+                f"{type(self).__name__} packs a list of NumPy images, or passes packed batches "
+                f"through; got {type(x).__name__}. For a tf.data.Dataset of single images, use "
+                "`packed_dataset(dataset, num_sequences)` and pass its result to `fit`."
+            )
         if not is_packed(x):
             x, y, sample_weight, _ = self.pack(x, y, sample_weight)
         return keras.utils.pack_x_y_sample_weight(x, y, sample_weight)

@@ -128,6 +128,28 @@ def test_packing_against_brute_force(prefix):
         assert np.all(segments[offset:] == 0) and np.all(batch["patches"][sequence, offset:] == 0)
 
 
+def test_stream_packs_fixed_size_batches_first_fit_and_in_order():
+    rng = np.random.default_rng(2)
+    images = [
+        (rng.normal(size=(n, 6)).astype("float32"), rng.integers(0, 9, (n, 2)).astype("int32"))
+        for n in rng.integers(1, 15, 60)
+    ]
+    packer = SequencePacker(sequence_length=24, max_images=3)
+    batches = list(packer.stream(iter(images), num_sequences=2))
+    seen = np.concatenate([stream_index for _, _, stream_index in batches])
+    np.testing.assert_array_equal(seen, np.arange(len(images)))  # Every image once, in order.
+    for number, (batch, index, stream_index) in enumerate(batches):
+        assert batch["segment_ids"].shape == (2, 24)
+        members = [images[i] for i in stream_index]
+        expected, expected_index = packer.pack(members, num_sequences=2)
+        np.testing.assert_array_equal(index, expected_index)
+        for key in expected:
+            np.testing.assert_array_equal(batch[key], expected[key])
+        if number + 1 < len(batches):  # The next image fitted none of this batch's sequences.
+            bins = first_fit_reference([len(p) for p, _ in members + [images[stream_index[-1] + 1]]], 24, 3)
+            assert len(bins) == 3
+
+
 def test_highest_token_drop_rate_keeps_a_token_per_image():
     patcher = ImagePatcher(8, 64, token_drop_rate=0.999, seed=0)
     for image in mixed_images():
@@ -293,6 +315,54 @@ def test_fit_on_mixed_sizes_lowers_the_loss_and_predicts_in_order(classifier):
     )
 
 
+def single_image_dataset(images, labels):
+    import tensorflow as tf
+
+    return tf.data.Dataset.from_generator(
+        lambda: zip(images, labels),
+        output_signature=(tf.TensorSpec((None, None, 3), tf.uint8), tf.TensorSpec((), tf.int64)),
+    )
+
+
+def test_packed_dataset_lays_out_labels_and_repacks_each_epoch(classifier):
+    rng = np.random.default_rng(3)
+    images = mixed_images([tuple(s) for s in rng.integers(8, 64, (12, 2))], seed=3)
+    labels = rng.integers(0, 4, 12)
+    dataset = classifier.preprocessor.packed_dataset(single_image_dataset(images, labels), 2, training=True)
+    epochs = [[tuple(to_numpy(t) for t in (x["segment_ids"], y, w)) for x, y, w in dataset] for _ in range(2)]
+    for batches in epochs:
+        assert all(segments.shape == (2, 32) and y.shape == (2, MAX_IMAGES) for segments, y, _ in batches)
+        # Images in order: slot by slot, the real slots hold the labels in the stream's order.
+        laid_out = np.concatenate([y[w > 0] for _, y, w in batches])
+        np.testing.assert_array_equal(laid_out, labels)
+        assert sum(int((w > 0).sum()) for _, _, w in batches) == 12
+        for segments, _, w in batches:  # A slot has weight 1 exactly when it holds an image.
+            present = np.stack([(segments == slot + 1).any(-1) for slot in range(MAX_IMAGES)], -1)
+            np.testing.assert_array_equal(w, present.astype("float32"))
+    tokens = [sum(int((segments > 0).sum()) for segments, _, _ in batches) for batches in epochs]
+    assert tokens[0] != tokens[1]  # Budgets and token dropping are redrawn each pass.
+
+
+def test_fit_on_a_packed_dataset_lowers_the_loss(classifier):
+    rng = np.random.default_rng(4)
+    images = mixed_images([tuple(s) for s in rng.integers(8, 64, (16, 2))], seed=4)
+    labels = rng.integers(0, 4, 16)
+    dataset = classifier.preprocessor.packed_dataset(single_image_dataset(images, labels), 2, training=True)
+    history = classifier.fit(dataset, epochs=4, verbose=0).history
+    assert history["loss"][-1] < history["loss"][0]
+    evaluation_data = classifier.preprocessor.packed_dataset(single_image_dataset(images, labels), 2)
+    evaluation = classifier.evaluate(evaluation_data, verbose=0, return_dict=True)
+    predictions = classifier.predict(images, verbose=0)
+    losses = to_numpy(keras.losses.sparse_categorical_crossentropy(labels, predictions, from_logits=True))
+    # Keras averages the batches' losses (each the mean over its images), batches weighted alike.
+    counts = [int((to_numpy(w) > 0).sum()) for _, _, w in evaluation_data]
+    batch_means = [chunk.mean() for chunk in np.split(losses, np.cumsum(counts)[:-1])]
+    np.testing.assert_allclose(evaluation["loss"], np.mean(batch_means), rtol=1e-4)
+    np.testing.assert_allclose(
+        evaluation["accuracy"], np.mean(np.argmax(predictions, -1) == labels), rtol=1e-6
+    )
+
+
 def test_save_and_load_keep_the_options(classifier, tmp_path):
     images = mixed_images()
     expected = classifier.predict(images, verbose=0)
@@ -409,6 +479,12 @@ def test_bad_input_gets_clear_errors():
         preprocessor.pack([np.zeros((8, 8, 3)), np.zeros((8, 8, 1))])
     with pytest.raises(ValueError, match="Image 0 has a zero side"):
         preprocessor.pack([np.zeros((8, 0, 3))])
+    with pytest.raises(ValueError, match="need 2 sequences, more than num_sequences=1"):
+        SequencePacker(8, 2).pack([(np.zeros((5, 4)), np.zeros((5, 2)))] * 2, num_sequences=1)
+    with pytest.raises(ValueError, match="takes a dataset of \\(image, y\\)"):
+        preprocessor.packed_dataset(single_image_dataset([], []).map(lambda x, y: x), 2)
+    with pytest.raises(ValueError, match="For a tf.data.Dataset of single images, use `packed_dataset"):
+        preprocessor(single_image_dataset([], []))
     with pytest.raises(ValueError, match="different sizes"):
         SequencePacker(32, 2).pack(
             [(np.zeros((2, 4)), np.zeros((2, 2))), (np.zeros((2, 6)), np.zeros((2, 2)))]

@@ -6,39 +6,30 @@ from keras_hub.layers import PositionEmbedding as SequencePositionEmbedding
 from keras_hub.models import Backbone
 
 from keras_vmoe.export import ExportMixin
+from keras_vmoe.layers.embedding import FactorizedPositionEmbedding
 from keras_vmoe.layers.embedding import PatchEmbedding
 from keras_vmoe.layers.embedding import PositionEmbedding
 from keras_vmoe.layers.encoder import MultiHeadAttentionPooling
 from keras_vmoe.layers.encoder import SequencePooling
 from keras_vmoe.layers.moe import SparseMoE
 from keras_vmoe.layers.multimodal_routing import MultimodalTokenChoiceRouter
-from keras_vmoe.layers.normalization import l2_normalize
+from keras_vmoe.layers.packing import PackedLayout
 from keras_vmoe.models.encoder_stack import check_image_and_patch_size
 from keras_vmoe.models.encoder_stack import check_moe_layers
 from keras_vmoe.models.encoder_stack import encoder_blocks
+from keras_vmoe.models.limoe.sequence_ops import masked_mean
+from keras_vmoe.models.limoe.sequence_ops import normalized_embedding
+from keras_vmoe.models.limoe.sequence_ops import pad_to_length
+from keras_vmoe.models.native_resolution import build_packed_moe
+from keras_vmoe.models.native_resolution import check_native_resolution
+from keras_vmoe.models.native_resolution import embed_packed
+from keras_vmoe.models.native_resolution import packed_inputs
 from keras_vmoe.models.preset_mixin import BuiltinPresetMixin
 from keras_vmoe.validation import check_choice
 from keras_vmoe.validation import check_int
 
 IMAGE, TEXT, PADDING = 0, 1, -1
 IMAGE_POOLINGS = ("gap", "map")
-
-
-def masked_mean(tokens, mask):
-    """(B, T, D) tokens, (B, T) bool mask -> (B, D) mean of the masked-in tokens."""
-    weights = ops.cast(mask, tokens.dtype)[..., None]
-    return ops.sum(tokens * weights, axis=1) / ops.maximum(ops.sum(weights, axis=1), 1.0)
-
-
-def normalized_embedding(x):
-    """The towers' unit-norm embeddings, in float32 (big_vision's epsilon rule)."""
-    return l2_normalize(ops.cast(x, "float32"), epsilon=1e-12, epsilon_rule="max")
-
-
-def pad_to_length(x, length):
-    """(B, L) with L <= `length` unknown until run time -> (B, length), zero-padded."""
-    padded = ops.concatenate([x, ops.repeat(ops.zeros_like(x[:, :1]), length, axis=1)], axis=1)
-    return ops.reshape(padded[:, :length], (-1, length))
 
 
 @keras.saving.register_keras_serializable(package="keras_vmoe")
@@ -93,6 +84,19 @@ class LIMoEBackbone(ExportMixin, BuiltinPresetMixin, Backbone):
             `VisionTransformerBackbone`.
         route_pairs_together: bool. Route an image and its caption in one
             group (see above); default False.
+        parallel_block, use_bias: ViT-22B's block options, as
+            `VisionTransformerBackbone`.
+        native_resolution: bool. NaViT on the image side: images come as
+            packed sequences `{"patches", "positions", "segment_ids"}` (see
+            `keras_vmoe.layers.SequencePacker`) and each image slot's caption
+            as `token_ids` and `padding_mask` of shape (batch,
+            max_images_per_sequence, length) (all-False masks on empty
+            slots); both embeddings come out (batch, max_images_per_sequence,
+            embedding_dim), zeros on empty slots. Attention, pooling and
+            routing stay within each image, as the native-resolution
+            `VisionTransformerBackbone`; `position_embedding` (default
+            `"factorized"`), `max_images_per_sequence`, `max_image_tokens`
+            and `packed_routing` are its options.
         modality_expert_pools: bool. Split the experts of every MoE layer
             into an image pool (the first E / 2) and a text pool (the last
             E / 2): image tokens route only to image experts and text tokens
@@ -137,6 +141,13 @@ class LIMoEBackbone(ExportMixin, BuiltinPresetMixin, Backbone):
         layer_norm_epsilon=1e-6,
         route_pairs_together=False,
         modality_expert_pools=False,
+        parallel_block=False,
+        use_bias=True,
+        native_resolution=False,
+        position_embedding=None,
+        max_images_per_sequence=None,
+        max_image_tokens=None,
+        packed_routing="image",
         dtype=None,
         **kwargs,
     ):
@@ -156,12 +167,33 @@ class LIMoEBackbone(ExportMixin, BuiltinPresetMixin, Backbone):
                 f"so num_experts must be even, got {num_experts}."
             )
         grid_size = (image_shape[0] // patch_size[0], image_shape[1] // patch_size[1])
+        native_resolution = bool(native_resolution)
+        if native_resolution:
+            if route_pairs_together:
+                raise ValueError(
+                    f"{owner}: native_resolution=True embeds images and captions apart; "
+                    "route_pairs_together must be False."
+                )
+            position_embedding = "factorized" if position_embedding is None else position_embedding
+            max_images_per_sequence, max_image_tokens = check_native_resolution(
+                owner, position_embedding, max_images_per_sequence, max_image_tokens, packed_routing,
+                grid_size, 0, 0, None, 1,
+            )  # fmt: skip
 
         # === Layers ===
         self.patch_embedding = PatchEmbedding(hidden_dim, patch_size, dtype=dtype, name="patch_embedding")
-        self.image_position_embedding = PositionEmbedding(
-            "learned", grid_size, dtype=dtype, name="image_position_embedding"
-        )
+        if native_resolution:
+            self.packed_layout = PackedLayout(
+                max_images_per_sequence, max_image_tokens, dtype=dtype, name="packed_layout"
+            )
+            self.image_position_embedding = FactorizedPositionEmbedding(
+                position_embedding, grid_size, max_images_per_sequence, dtype=dtype,
+                name="image_position_embedding",
+            )  # fmt: skip
+        else:
+            self.image_position_embedding = PositionEmbedding(
+                position_embedding or "learned", grid_size, dtype=dtype, name="image_position_embedding"
+            )
         self.token_embedding = keras.layers.Embedding(
             vocabulary_size,
             hidden_dim,
@@ -206,8 +238,10 @@ class LIMoEBackbone(ExportMixin, BuiltinPresetMixin, Backbone):
             make_moe,
             approximate_gelu,
             dropout_rate,
+            use_bias=use_bias,
             dtype=dtype,
             layer_norm_epsilon=layer_norm_epsilon,
+            parallel_block=bool(parallel_block),
         )
         self.encoder_norm = keras.layers.LayerNormalization(
             epsilon=layer_norm_epsilon, dtype=dtype, name="encoder_norm"
@@ -219,6 +253,7 @@ class LIMoEBackbone(ExportMixin, BuiltinPresetMixin, Backbone):
                 False,
                 approximate_gelu,
                 layer_norm_epsilon,
+                use_bias=bool(use_bias),
                 dtype=dtype,
                 name="image_pooling",
             )
@@ -235,14 +270,27 @@ class LIMoEBackbone(ExportMixin, BuiltinPresetMixin, Backbone):
         self.max_text_length = max_text_length
         self.route_pairs_together = bool(route_pairs_together)
         self.modality_expert_pools = modality_expert_pools
+        self.native_resolution = native_resolution
+        self.max_images_per_sequence = max_images_per_sequence
+        self.packed_routing = packed_routing
+        if native_resolution:
+            for index in moe_layers:
+                build_packed_moe(
+                    self.blocks[index], index, packed_routing, max_image_tokens, hidden_dim, owner
+                )
 
         # === Functional model ===
-        images = keras.Input(shape=image_shape, name="images")
-        token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
-        padding_mask = keras.Input(shape=(None,), dtype="bool", name="padding_mask")
+        if native_resolution:
+            images = packed_inputs(patch_size, image_shape[-1])
+            text_shape = (max_images_per_sequence, None)
+        else:
+            images, text_shape = keras.Input(shape=image_shape, name="images"), (None,)
+        token_ids = keras.Input(shape=text_shape, dtype="int32", name="token_ids")
+        padding_mask = keras.Input(shape=text_shape, dtype="bool", name="padding_mask")
         image_embeddings, text_embeddings = self.encode(images, token_ids, padding_mask)
+        image_inputs = images if native_resolution else {"images": images}
         super().__init__(
-            inputs={"images": images, "token_ids": token_ids, "padding_mask": padding_mask},
+            inputs={**image_inputs, "token_ids": token_ids, "padding_mask": padding_mask},
             outputs={"image_embeddings": image_embeddings, "text_embeddings": text_embeddings},
             dtype=dtype,
             **kwargs,
@@ -267,25 +315,33 @@ class LIMoEBackbone(ExportMixin, BuiltinPresetMixin, Backbone):
         self.dropout_rate = dropout_rate
         self.approximate_gelu = approximate_gelu
         self.layer_norm_epsilon = layer_norm_epsilon
+        self.parallel_block = bool(parallel_block)
+        self.use_bias = bool(use_bias)
+        self.position_embedding = position_embedding
+        self.max_image_tokens = max_image_tokens
 
     def encode(self, images=None, token_ids=None, padding_mask=None, training=None):
         """Embeds images, texts, or image-text pairs (one sequence per pair).
 
         Returns (image_embeddings, text_embeddings), each (batch,
         embedding_dim) and L2-normalised, or None for a missing modality.
+        With `native_resolution=True`, `images` is a packed batch and both
+        are (batch, max_images_per_sequence, embedding_dim), one per slot.
         """
         if images is None and token_ids is None:
             raise ValueError("LIMoEBackbone.encode: give images, token_ids, or both.")
+        if self.native_resolution:
+            return (
+                None if images is None else self.encode_packed_images(images, training),
+                None if token_ids is None else self.encode_slot_text(token_ids, padding_mask, training),
+            )
         if images is not None and token_ids is not None and not self.route_pairs_together:
             return (
                 self.encode(images=images, training=training)[0],
                 self.encode(token_ids=token_ids, padding_mask=padding_mask, training=training)[1],
             )
         x, token_modalities, attention_mask = self.input_tokens(images, token_ids, padding_mask)
-        x = self.embedding_dropout(x, training=training)
-        for block in self.blocks:
-            x = block(x, training=training, attention_mask=attention_mask, token_modalities=token_modalities)
-        x = self.encoder_norm(x)
+        x = self.run_blocks(x, training, attention_mask=attention_mask, token_modalities=token_modalities)
         image_embeddings = text_embeddings = None
         num_image_tokens = 0
         if images is not None:
@@ -298,6 +354,48 @@ class LIMoEBackbone(ExportMixin, BuiltinPresetMixin, Backbone):
             )
             text_embeddings = normalized_embedding(self.text_projection(pooled))
         return image_embeddings, text_embeddings
+
+    def run_blocks(self, x, training=None, **block_inputs):
+        """The shared stack: embedding dropout, the blocks (with
+        `block_inputs`), the final LayerNorm."""
+        x = self.embedding_dropout(x, training=training)
+        for block in self.blocks:
+            x = block(x, training=training, **block_inputs)
+        return self.encoder_norm(x)
+
+    def encode_packed_images(self, images, training=None):
+        """A packed batch (`native_resolution=True`) -> (batch, N,
+        embedding_dim), one unit vector per image slot (zeros if empty)."""
+        x, layout = embed_packed(
+            images, self.packed_layout, self.patch_embedding, self.image_position_embedding
+        )
+        segment_ids = images["segment_ids"]
+        groups = {"image_groups": layout} if self.packed_routing == "image" else {}
+        modalities = ops.where(segment_ids > 0, IMAGE, PADDING)
+        x = self.run_blocks(x, training, token_modalities=modalities, segment_ids=segment_ids, **groups)
+        pooled = self.image_pooling_layer(x, segment_ids=segment_ids, max_images=self.max_images_per_sequence)
+        return normalized_embedding(self.image_projection(pooled))
+
+    def encode_slot_text(self, token_ids, padding_mask=None, training=None):
+        """(batch, N, length) captions, one per image slot -> (batch, N,
+        embedding_dim); an all-padding caption gives zeros."""
+        if padding_mask is None:
+            padding_mask = ops.ones_like(token_ids, dtype="bool")
+        self.check_text_length(token_ids.shape[-1])
+        flat_ids, flat_mask = (pad_to_length(x, self.max_text_length) for x in (token_ids, padding_mask))
+        x, token_modalities, attention_mask = self.input_tokens(None, flat_ids, flat_mask)
+        x = self.run_blocks(x, training, attention_mask=attention_mask, token_modalities=token_modalities)
+        pooled = masked_mean(x, ops.equal(token_modalities, TEXT))
+        embeddings = normalized_embedding(self.text_projection(pooled))
+        return ops.reshape(embeddings, (-1, self.max_images_per_sequence, embeddings.shape[-1]))
+
+    def check_text_length(self, length):
+        if length is not None and length > self.max_text_length:
+            raise ValueError(
+                f"LIMoEBackbone: token_ids have {length} positions but the model has "
+                f"max_text_length={self.max_text_length}; truncate the text (the "
+                "LIMoEPreprocessor does) or build a model with longer positions."
+            )
 
     def input_tokens(self, images=None, token_ids=None, padding_mask=None):
         """What enters the first block, for images, texts or pairs (one sequence each).
@@ -312,12 +410,7 @@ class LIMoEBackbone(ExportMixin, BuiltinPresetMixin, Backbone):
             modalities.append(ops.full_like(image_tokens[..., 0], IMAGE, dtype="int32"))
         if token_ids is not None:
             length = token_ids.shape[1]
-            if length is not None and length > self.max_text_length:
-                raise ValueError(
-                    f"LIMoEBackbone: token_ids have {length} positions but the model has "
-                    f"max_text_length={self.max_text_length}; truncate the text (the "
-                    "LIMoEPreprocessor does) or build a model with longer positions."
-                )
+            self.check_text_length(length)
             if padding_mask is None:
                 padding_mask = ops.ones_like(token_ids, dtype="bool")
             if length is None:
@@ -389,4 +482,16 @@ class LIMoEBackbone(ExportMixin, BuiltinPresetMixin, Backbone):
         )
         if self.modality_expert_pools:  # Configs of shared-expert models stay as before.
             config["modality_expert_pools"] = True
+        # Configs without these options load as before.
+        config.update({"parallel_block": True} if self.parallel_block else {})
+        config.update({} if self.use_bias else {"use_bias": False})
+        if self.position_embedding is not None:
+            config["position_embedding"] = self.position_embedding
+        if self.native_resolution:
+            config.update(
+                native_resolution=True,
+                max_images_per_sequence=self.max_images_per_sequence,
+                max_image_tokens=self.max_image_tokens,
+                packed_routing=self.packed_routing,
+            )
         return config

@@ -7,6 +7,7 @@ from keras import ops
 from keras_hub.models import Task
 
 from keras_vmoe.export import ExportMixin
+from keras_vmoe.layers.packing import segment_one_hot
 from keras_vmoe.models.limoe.contrastive_loss import CONTRASTIVE_LOSSES
 from keras_vmoe.models.limoe.contrastive_loss import contrastive_loss
 from keras_vmoe.models.limoe.limoe_backbone import LIMoEBackbone
@@ -74,6 +75,13 @@ class LIMoEContrastiveModel(ExportMixin, BuiltinPresetMixin, RouterMetricsMixin,
     and load, LIMoE's entropy losses). The logs show `moe_auxiliary_loss` and
     `moe_dropped_tokens`.
 
+    With a `native_resolution` backbone (NaViT) the pairs are the filled
+    image slots of packed sequences: `fit` takes `{"images": [images of any
+    sizes], "text": captions}` and packs them with the preprocessor's
+    `image_packer`, or a packed batch (the backbone's inputs). The logits
+    are over the (batch x max_images_per_sequence) slots, and empty slots
+    take no part in the loss.
+
     Args:
         backbone: a `LIMoEBackbone`.
         preprocessor: None or a `LIMoEPreprocessor`.
@@ -99,7 +107,12 @@ class LIMoEContrastiveModel(ExportMixin, BuiltinPresetMixin, RouterMetricsMixin,
         # === Functional model ===
         inputs = backbone.input
         embeddings = backbone(inputs)
-        logits = self.logits_layer(embeddings["image_embeddings"], embeddings["text_embeddings"])
+        image_embeddings, text_embeddings = embeddings["image_embeddings"], embeddings["text_embeddings"]
+        if backbone.native_resolution:  # (B, N, P) -> (B * N, P): one pair per image slot.
+            image_embeddings, text_embeddings = (
+                ops.reshape(e, (-1, e.shape[-1])) for e in (image_embeddings, text_embeddings)
+            )
+        logits = self.logits_layer(image_embeddings, text_embeddings)
         super().__init__(inputs=inputs, outputs=logits, **kwargs)
         # === Config ===
         self.contrastive_loss = loss
@@ -124,9 +137,27 @@ class LIMoEContrastiveModel(ExportMixin, BuiltinPresetMixin, RouterMetricsMixin,
             kwargs.pop("metrics")
         super().compile(optimizer=optimizer, **kwargs)
 
+    def fit(self, x=None, y=None, **kwargs):
+        """keras-hub's `fit`; a native-resolution model also takes
+        `{"images": [images of any sizes], "text": captions}`, packed once
+        with the preprocessor (`batch_size` counts packed sequences)."""
+        if self.backbone.native_resolution and isinstance(x, dict) and "images" in x:
+            if self.preprocessor is None:
+                raise ValueError(
+                    "LIMoEContrastiveModel: packing images of any sizes needs a LIMoEPreprocessor "
+                    "with an image_packer; set `preprocessor=` or pass packed batches."
+                )
+            x = self.preprocessor.pack(x, training=True)
+        return super().fit(x, y, **kwargs)
+
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         # Keras' loss would need labels; the pairs are their own labels.
-        loss = contrastive_loss(y_pred, self.contrastive_loss)
+        mask = None
+        if self.backbone.native_resolution:  # The slots that hold an image and its caption.
+            filled = ops.any(segment_one_hot(x["segment_ids"], self.backbone.max_images_per_sequence) > 0, 1)
+            captioned = ops.any(ops.cast(x["padding_mask"], "bool"), axis=-1)
+            mask = ops.reshape(ops.logical_and(filled, captioned), (-1,))
+        loss = contrastive_loss(y_pred, self.contrastive_loss, mask)
         for term in self.losses:
             loss = loss + ops.cast(self._aggregate_additional_loss(term), "float32")
         self.record_router_metrics()

@@ -1,6 +1,7 @@
 """Turns raw images and captions into LIMoE inputs."""
 
 import keras
+import numpy as np
 import tensorflow as tf
 from keras_hub.layers import StartEndPacker
 from keras_hub.models import Preprocessor
@@ -38,6 +39,14 @@ class LIMoEPreprocessor(BuiltinPresetMixin, Preprocessor):
     given a bare image batch (not a dict) it returns the converted images,
     which is what `LIMoEZeroShotClassifier.predict` passes.
 
+    For a `native_resolution` backbone (NaViT) give an `image_packer` (a
+    `NativeResolutionImageClassifierPreprocessor`, e.g. from its
+    `for_backbone`): `pack({"images": [images of any sizes], "text":
+    captions})` then returns the packed batch, each caption laid out in its
+    image's slot, (sequences, max_images_per_sequence, sequence_length);
+    `LIMoEContrastiveModel.fit` calls it. A packed batch passes through
+    `call` unchanged.
+
     Errors: images and captions in different numbers, and an empty caption
     (nothing to embed), raise a ValueError naming the problem (inside a
     `tf.data` pipeline, an assertion with the same message).
@@ -59,10 +68,11 @@ class LIMoEPreprocessor(BuiltinPresetMixin, Preprocessor):
     tokenizer_cls = LIMoETokenizer
     image_converter_cls = LIMoEImageConverter
 
-    def __init__(self, tokenizer, image_converter=None, sequence_length=16, **kwargs):
+    def __init__(self, tokenizer, image_converter=None, sequence_length=16, image_packer=None, **kwargs):
         super().__init__(**kwargs)
         self.tokenizer = tokenizer
         self.image_converter = image_converter
+        self.image_packer = image_packer
         if int(sequence_length) < 3:
             raise ValueError(
                 f"LIMoEPreprocessor: sequence_length must be at least 3 (<s>, one token, "
@@ -101,9 +111,34 @@ class LIMoEPreprocessor(BuiltinPresetMixin, Preprocessor):
                 raise ValueError(message)
         return self.packer(pieces)
 
+    def pack(self, x, training=False):
+        """`{"images": [images of any sizes], "text": captions}` -> the packed
+        batch of a native-resolution backbone (NumPy)."""
+        if self.image_packer is None:
+            raise ValueError(
+                "LIMoEPreprocessor.pack needs an image_packer (a "
+                "NativeResolutionImageClassifierPreprocessor.for_backbone(...))."
+            )
+        if not isinstance(x, dict) or set(x) != {"images", "text"}:
+            raise ValueError(
+                "LIMoEPreprocessor.pack takes {'images': [...], 'text': [...]}, got "
+                f"{sorted(x) if isinstance(x, dict) else type(x).__name__}."
+            )
+        text = self({"text": np.asarray(x["text"])})
+        captions = {key: np.asarray(keras.ops.convert_to_numpy(text[key])) for key in text}
+        if len(captions["token_ids"]) != len(x["images"]):
+            raise ValueError(
+                f"LIMoEPreprocessor: got {len(x['images'])} images but {len(captions['token_ids'])} "
+                "captions; give one caption per image."
+            )
+        packed, captions, _, _ = self.image_packer.pack(x["images"], captions, training=training)
+        return {**packed, **captions}
+
     @preprocessing_function
     def call(self, x, y=None, sample_weight=None):
 
+        if isinstance(x, dict) and "segment_ids" in x:  # Already packed (native resolution).
+            return keras.utils.pack_x_y_sample_weight(x, y, sample_weight)
         if not isinstance(x, dict):
             return keras.utils.pack_x_y_sample_weight(self.convert_images(x), y, sample_weight)
         unknown = set(x) - {"images", "text"}
@@ -135,4 +170,12 @@ class LIMoEPreprocessor(BuiltinPresetMixin, Preprocessor):
     def get_config(self):
         config = super().get_config()
         config.update(sequence_length=self.sequence_length)
+        if self.image_packer is not None:
+            config["image_packer"] = keras.layers.serialize(self.image_packer)
         return config
+
+    @classmethod
+    def from_config(cls, config):
+        if isinstance(config.get("image_packer"), dict):
+            config["image_packer"] = keras.layers.deserialize(config["image_packer"])
+        return super().from_config(config)

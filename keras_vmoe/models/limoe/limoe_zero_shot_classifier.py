@@ -7,8 +7,8 @@ from keras_hub.models import Task
 
 from keras_vmoe.export import ExportMixin
 from keras_vmoe.models.limoe.limoe_backbone import LIMoEBackbone
-from keras_vmoe.models.limoe.limoe_backbone import normalized_embedding
 from keras_vmoe.models.limoe.limoe_preprocessor import LIMoEPreprocessor
+from keras_vmoe.models.limoe.sequence_ops import normalized_embedding
 from keras_vmoe.models.preset_mixin import BuiltinPresetMixin
 
 # Templates in the style of CLIP's ImageNet prompts.
