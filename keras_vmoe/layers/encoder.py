@@ -19,6 +19,7 @@ from keras_vmoe.layers.mlp import Mlp
 from keras_vmoe.layers.packing import from_image_groups
 from keras_vmoe.layers.packing import probe_attention_mask
 from keras_vmoe.layers.packing import segment_attention_mask
+from keras_vmoe.layers.packing import segment_one_hot
 from keras_vmoe.layers.packing import segment_pool
 from keras_vmoe.layers.packing import to_image_groups
 from keras_vmoe.validation import check_choice
@@ -430,7 +431,10 @@ class MultiHeadAttentionPooling(keras.layers.Layer):
         probe = ops.tile(ops.cast(self.probe, tokens.dtype), (ops.shape(tokens)[0], probes, 1))
         x = self.attention(probe, tokens, attention_mask=mask)
         x = x + self.mlp(self.norm(x))
-        return x if segment_ids is not None else x[:, 0]
+        if segment_ids is None:
+            return x[:, 0]
+        filled = ops.any(segment_one_hot(segment_ids, max_images, "int32") > 0, axis=1)  # (B, N)
+        return x * ops.cast(filled, x.dtype)[:, :, None]  # An empty slot's probe saw every token: zero it.
 
     def compute_output_spec(self, tokens, segment_ids=None, max_images=None):
         return pooled_spec(tokens, segment_ids, max_images)

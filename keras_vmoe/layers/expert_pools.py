@@ -13,6 +13,8 @@ its tokens and experts: (G, P). Capacity and dispatch are those of the whole
 
 from keras import ops
 
+from keras_vmoe import ops as moe_ops
+
 
 def pool_size(num_experts, num_pools):
     return num_experts // num_pools
@@ -67,7 +69,7 @@ def mean_over_used_pools(metrics, pools, token_weights, num_pools):
     """(G, P) per-pool losses -> (G,), the mean over the pools that hold
     tokens of the group (an image-only group leaves the text pool empty)."""
     used = ops.stack(
-        [ops.max(pool_weights(pools, p, token_weights), axis=1) for p in range(num_pools)], axis=-1
+        [moe_ops.amax(pool_weights(pools, p, token_weights), axis=1) for p in range(num_pools)], axis=-1
     )  # (G, P)
     count = ops.maximum(ops.sum(used, axis=-1), 1.0)
     return {name: ops.sum(value * used, axis=-1) / count for name, value in metrics.items()}

@@ -96,7 +96,10 @@ class ImagePatcher:
             image is scaled to fill the budget.
         token_drop_rate: NaViT's continuous token dropping, in training: a
             float in [0, 1), or a (low, high) range from which each image draws
-            its own rate. At least one patch of an image is always kept.
+            its own rate. The image's last (bottom-right) patch is always
+            kept, so an image keeps at least one patch and its grid extent
+            (the denominator of fractional positions); the rest are dropped
+            uniformly at random.
         seed: int or None, for the budgets and the dropping.
 
     Example:
@@ -168,7 +171,11 @@ class ImagePatcher:
         if training and high > 0:
             rate = self.rng.uniform(low, high) if low < high else high
             keep = max(1, int(round(len(patches) * (1.0 - rate))))
-            kept = np.sort(self.rng.choice(len(patches), keep, replace=False))
+            # The last (bottom-right) patch always stays, so that the kept
+            # positions still span the image's grid: fractional position
+            # embeddings divide by it. The others are drawn uniformly.
+            others = self.rng.choice(len(patches) - 1, keep - 1, replace=False)
+            kept = np.append(np.sort(others), len(patches) - 1)
             patches, positions = patches[kept], positions[kept]
         return patches, positions
 

@@ -14,9 +14,9 @@ from keras import ops
 
 from keras_vmoe import ops as moe_ops
 from keras_vmoe.distribution.expert_exchange import ExpertExchange
-from keras_vmoe.distribution.layout_map import check_expert_layouts
 from keras_vmoe.layers.ensemble import check_ensemble_arguments
 from keras_vmoe.layers.ensemble import check_ensemble_router
+from keras_vmoe.layers.expert_bank import ExpertBank
 from keras_vmoe.layers.routing import Router
 from keras_vmoe.layers.routing import SoftRouter
 from keras_vmoe.layers.routing import make_router
@@ -24,15 +24,12 @@ from keras_vmoe.layers.routing import router_names
 from keras_vmoe.layers.routing_plans import SoftRoutingPlan
 from keras_vmoe.layers.routing_plans import compute_capacity
 from keras_vmoe.layers.routing_plans import group_mean
+from keras_vmoe.validation import check_choice
 from keras_vmoe.validation import check_float
 from keras_vmoe.validation import check_int
 
 
-def _dense(x, kernel, bias):
-    return ops.matmul(x, kernel) if bias is None else ops.matmul(x, kernel) + bias
-
-
-class MoELayer(keras.layers.Layer):
+class MoELayer(ExpertBank, keras.layers.Layer):
     """Expert weight banks, grouping and metric bookkeeping shared by MoE layers.
 
     Expert banks follow vmoe's layout: `kernel_0` (E, D, H), `bias_0` (E, H),
@@ -69,12 +66,9 @@ class MoELayer(keras.layers.Layer):
         super().__init__(**kwargs)
         owner = type(self).__name__
         self.use_bias = bool(use_bias)
-        if dispatch_dtype not in (None, "bfloat16", "float16", "float32"):
-            raise ValueError(
-                f"{owner}: dispatch_dtype must be None, 'bfloat16', 'float16' or "
-                f"'float32', got {dispatch_dtype!r}."
-            )
-        self.dispatch_dtype = dispatch_dtype
+        self.dispatch_dtype = check_choice(
+            "dispatch_dtype", dispatch_dtype, (None, "bfloat16", "float16", "float32"), owner=owner
+        )
         self.num_experts = check_int("num_experts", num_experts, minimum=1, owner=owner)
         self.mlp_dim = check_int("mlp_dim", mlp_dim, minimum=1, owner=owner)
         if group_size is not None:
@@ -84,26 +78,6 @@ class MoELayer(keras.layers.Layer):
         self.dropout_rate = check_float("dropout_rate", dropout_rate, 0.0, 1.0, owner=owner)
         self.dropout = keras.layers.Dropout(self.dropout_rate, dtype=self.dtype_policy)
         self.router_metrics = {}
-
-    def build_experts(self, dim):
-        num_experts, hidden = self.num_experts, self.mlp_dim
-        check_expert_layouts(self, dim, hidden)  # Under a distribution: E splits evenly.
-        # Glorot-uniform per expert: VarianceScaling sees fans E times larger
-        # on a (E, fan_in, fan_out) bank, so scale by E.
-        initializer = keras.initializers.VarianceScaling(
-            scale=float(num_experts), mode="fan_avg", distribution="uniform"
-        )
-        self.kernel_0 = self.add_weight(
-            shape=(num_experts, dim, hidden), initializer=initializer, name="kernel_0"
-        )
-        self.bias_0 = self.bias_1 = None
-        if self.use_bias:
-            self.bias_0 = self.add_weight(shape=(num_experts, hidden), initializer="zeros", name="bias_0")
-        self.kernel_1 = self.add_weight(
-            shape=(num_experts, hidden, dim), initializer=initializer, name="kernel_1"
-        )
-        if self.use_bias:
-            self.bias_1 = self.add_weight(shape=(num_experts, dim), initializer="zeros", name="bias_1")
 
     ensemble_size = 1  # SparseMoE's E^3 option; see `to_groups`.
 
@@ -123,51 +97,6 @@ class MoELayer(keras.layers.Layer):
                 f"of {group_size}, or group_size=None to route each image on its own."
             )
         return group_size
-
-    def round_to_dispatch_dtype(self, x):
-        """Rounds x through `dispatch_dtype` (vmoe's bfloat16 dispatcher casts
-        tokens before the dispatch and expert outputs before the combine)."""
-        if self.dispatch_dtype is None:
-            return x
-        return ops.cast(ops.cast(x, self.dispatch_dtype), x.dtype)
-
-    def run_experts(self, expert_inputs, training=None):
-        """(E, N, D) -> (E, N, D): each expert's MLP on its own slots.
-
-        Also takes a list of E (N_e, D) inputs, one per expert (backends that
-        skip empty slots pass that), and returns the list of their outputs.
-        """
-        is_list = isinstance(expert_inputs, (list, tuple))
-        dtype = (expert_inputs[0] if is_list else expert_inputs).dtype
-        weights = [
-            None if w is None else ops.cast(w, dtype)
-            for w in (self.kernel_0, self.bias_0, self.kernel_1, self.bias_1)
-        ]
-        if not is_list:
-            return self._expert_mlp(expert_inputs, moe_ops.expert_dense, *weights, training)
-        # Unstacked once: the gradient of E slices would be E full-size kernels.
-        per_expert = zip(*(ops.unstack(w) if w is not None else [None] * self.num_experts for w in weights))
-        return [
-            self._expert_mlp(x, _dense, *expert_weights, training)
-            for x, expert_weights in zip(expert_inputs, per_expert)
-        ]
-
-    def rounded_experts(self, training):
-        """`run_experts` with its outputs rounded through `dispatch_dtype`, as
-        the ops' `experts` argument."""
-
-        def experts(inputs):
-            outputs = self.run_experts(inputs, training=training)
-            if isinstance(outputs, list):
-                return [self.round_to_dispatch_dtype(y) for y in outputs]
-            return self.round_to_dispatch_dtype(outputs)
-
-        return experts
-
-    def _expert_mlp(self, x, dense, kernel_0, bias_0, kernel_1, bias_1, training):
-        h = ops.gelu(dense(x, kernel_0, bias_0), approximate=self.approximate_gelu)
-        h = self.dropout(h, training=training)
-        return self.dropout(dense(h, kernel_1, bias_1), training=training)
 
     def group_tokens(self, inputs):
         """(batch, tokens, D) -> (G, group_size, D): the routing groups."""

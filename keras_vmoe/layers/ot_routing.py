@@ -32,6 +32,7 @@ vmoe's oddities kept, on purpose:
 import keras
 from keras import ops
 
+from keras_vmoe import ops as moe_ops
 from keras_vmoe.layers.optimal_transport import semi_dual_plan
 from keras_vmoe.layers.optimal_transport import sinkhorn_plan
 from keras_vmoe.layers.routing import ExpertChoiceRouter
@@ -64,13 +65,13 @@ def _nonzero_statistics(plan, axis, name, token_mask=None):
     if axis == 2 and token_mask is not None:  # Per token: real tokens only.
         weights = ops.cast(token_mask, "float32")
         return {
-            f"{name}_min": ops.min(ops.where(weights > 0, counts, float("inf")), axis=1),
-            f"{name}_max": ops.max(counts * weights, axis=1),
+            f"{name}_min": moe_ops.amin(ops.where(weights > 0, counts, float("inf")), axis=1),
+            f"{name}_max": moe_ops.amax(counts * weights, axis=1),
             f"{name}_avg": ops.sum(counts * weights, axis=1) / ops.maximum(ops.sum(weights, axis=1), 1.0),
         }
     return {
-        f"{name}_min": ops.min(counts, axis=1),
-        f"{name}_max": ops.max(counts, axis=1),
+        f"{name}_min": moe_ops.amin(counts, axis=1),
+        f"{name}_max": moe_ops.amax(counts, axis=1),
         f"{name}_avg": ops.mean(counts, axis=1),
     }
 

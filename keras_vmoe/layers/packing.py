@@ -21,6 +21,7 @@ image's outputs do not depend on the images that share its sequence.
 import keras
 from keras import ops
 
+from keras_vmoe import ops as moe_ops
 from keras_vmoe.validation import check_int
 
 
@@ -43,9 +44,11 @@ def image_groups(segment_ids, max_images, max_image_tokens):
 
     Returns `gather` (B, N, P) int32, the token of image n's p-th slot (-1:
     an empty slot), and `scatter` (B, L) int32, each token's slot n * P + p
-    in the (N * P) groups of its sequence (padding: 0, its output is masked).
-    Tokens keep their order within an image; segments need not be contiguous.
-    Tokens beyond P of an image are left out (the packer never makes them).
+    in the (N * P) groups of its sequence (padding: 0, its output is masked),
+    and `grouped` (B, L) bool, whether a token has a slot. Tokens keep their
+    order within an image; segments need not be contiguous. Tokens beyond P
+    of an image get no slot and a zero MoE output, like dropped tokens (the
+    native-resolution preprocessors refuse images that would have them).
     """
     segment_ids = ops.cast(segment_ids, "int32")
     length = ops.shape(segment_ids)[1]
@@ -68,7 +71,7 @@ def image_groups(segment_ids, max_images, max_image_tokens):
     rank = place - start
     real = ops.logical_and(segment_ids > 0, rank < max_image_tokens)
     scatter = ops.where(real, image * max_image_tokens + rank, 0)
-    return {"gather": ops.cast(gather, "int32"), "scatter": ops.cast(scatter, "int32")}
+    return {"gather": ops.cast(gather, "int32"), "scatter": ops.cast(scatter, "int32"), "grouped": real}
 
 
 def to_image_groups(tokens, groups):
@@ -87,12 +90,12 @@ def to_image_groups(tokens, groups):
 
 def from_image_groups(values, groups, segment_ids):
     """The inverse of `to_image_groups`: (B * N, P, ...) -> (B, L, ...),
-    zeros on padding."""
+    zeros on padding and on tokens without a group slot."""
     batch = ops.shape(segment_ids)[0]
     trailing = tuple(ops.shape(values)[2:])
     values = ops.reshape(values, (batch, -1) + trailing)
     tokens = _take_tokens(values, groups["scatter"])
-    real = ops.reshape(segment_ids > 0, tuple(ops.shape(segment_ids)) + (1,) * len(trailing))
+    real = ops.reshape(groups["grouped"], tuple(ops.shape(segment_ids)) + (1,) * len(trailing))
     return tokens * ops.cast(real, tokens.dtype)
 
 
@@ -130,10 +133,11 @@ def probe_attention_mask(segment_ids, max_images):
 
 def image_extents(positions, segment_ids, max_images):
     """(B, L, 2) positions -> (B, L, 2) float: each token's image grid size
-    (rows, columns), the largest position of its image plus one."""
+    (rows, columns), the largest position of its image plus one (token
+    dropping keeps an image's last patch, so this is its whole grid)."""
     one_hot = segment_one_hot(segment_ids, max_images, "float32")  # (B, L, N)
     positions = ops.cast(positions, "float32")
-    extents = ops.max(one_hot[:, :, :, None] * (positions[:, :, None, :] + 1.0), axis=1)  # (B, N, 2)
+    extents = moe_ops.amax(one_hot[:, :, :, None] * (positions[:, :, None, :] + 1.0), axis=1)  # (B, N, 2)
     return ops.einsum("bln,bnc->blc", one_hot, extents)
 
 

@@ -25,6 +25,7 @@ import math
 import keras
 from keras import ops
 
+from keras_vmoe import ops as moe_ops
 from keras_vmoe.layers.expert_pools import pooled_gates_and_losses
 from keras_vmoe.layers.normalization import l2_normalize
 from keras_vmoe.layers.routing_losses import _weighted_sum
@@ -90,7 +91,7 @@ class Router(keras.layers.Layer):
         if not training or self.noise_std == 0.0:
             return logits, None
         std = self.noise_std / (scale or self.num_experts)
-        noise = keras.random.normal(ops.shape(logits), seed=self.seed_generator)
+        noise = moe_ops.normal(ops.shape(logits), seed=self.seed_generator)
         return logits + std * noise, std
 
     def capacity(self, group_size):
@@ -414,8 +415,7 @@ class SoftRouter(Router):
         logits = ops.matmul(x, ops.reshape(mu, (dim, -1)))
         logits = ops.reshape(logits, (num_groups, group_size, self.num_experts, self.slots_per_expert))
         if training and self.noise_std > 0:
-            noise = keras.random.normal(ops.shape(logits), seed=self.seed_generator)
-            logits = logits + self.noise_std * noise
+            logits = logits + self.noise_std * moe_ops.normal(ops.shape(logits), seed=self.seed_generator)
         self.check_gates(logits, "slot logits", training)
         real = None if token_mask is None else ops.cast(token_mask, "bool")[:, :, None, None]
         # Padding: a logit far below any real one (not -inf: a group of
@@ -430,10 +430,10 @@ class SoftRouter(Router):
         dispatch_for_min = dispatch_weights if real is None else ops.where(real, dispatch_weights, math.inf)
         metrics = {
             "auxiliary_loss": ops.zeros((num_groups,), "float32"),
-            "combine_weights_min_mean": token_mean(ops.min(combine_weights, axis=(2, 3)), weights),
-            "combine_weights_max_mean": token_mean(ops.max(combine_weights, axis=(2, 3)), weights),
-            "dispatch_weights_min_mean": ops.mean(ops.min(dispatch_for_min, axis=1), axis=(1, 2)),
-            "dispatch_weights_max_mean": ops.mean(ops.max(dispatch_weights, axis=1), axis=(1, 2)),
+            "combine_weights_min_mean": token_mean(moe_ops.amin(combine_weights, axis=(2, 3)), weights),
+            "combine_weights_max_mean": token_mean(moe_ops.amax(combine_weights, axis=(2, 3)), weights),
+            "dispatch_weights_min_mean": ops.mean(moe_ops.amin(dispatch_for_min, axis=1), axis=(1, 2)),
+            "dispatch_weights_max_mean": ops.mean(moe_ops.amax(dispatch_weights, axis=1), axis=(1, 2)),
         }
         return SoftRoutingPlan(dispatch_weights, combine_weights), metrics
 

@@ -242,7 +242,7 @@ def token_choice_metrics(kept, token_weights=None):
     kept = ops.cast(kept, "float32")
     return {
         "dropped_choices": 1.0 - ops.mean(token_mean(kept, token_weights), axis=-1),
-        "dropped_tokens": token_mean(ops.cast(ops.max(kept, axis=-1) == 0, "float32"), token_weights),
+        "dropped_tokens": token_mean(ops.cast(moe_ops.amax(kept, axis=-1) == 0, "float32"), token_weights),
     }
 
 
@@ -263,10 +263,10 @@ def expert_choice_metrics(taken, top_scores, token_mask=None):
     finite = top_scores > 0.5 * PADDING_SCORE  # Not slots a padding token would have had.
     metrics = {
         "dropped_tokens": token_mean(ops.cast(experts_per_token == 0, "float32"), weights),
-        "experts_per_token_min": ops.min(real, axis=1),
-        "experts_per_token_max": ops.max(largest, axis=1),
-        "min_selected_gate": ops.min(ops.where(finite, top_scores, math.inf), axis=(1, 2)),
-        "max_selected_gate": ops.max(ops.where(finite, top_scores, -math.inf), axis=(1, 2)),
+        "experts_per_token_min": moe_ops.amin(real, axis=1),
+        "experts_per_token_max": moe_ops.amax(largest, axis=1),
+        "min_selected_gate": moe_ops.amin(ops.where(finite, top_scores, math.inf), axis=(1, 2)),
+        "max_selected_gate": moe_ops.amax(ops.where(finite, top_scores, -math.inf), axis=(1, 2)),
     }
     thresholds = sorted({2**i for i in range(int(math.log2(num_experts)) + 1)} | {num_experts})
     for t in thresholds:

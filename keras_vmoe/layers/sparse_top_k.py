@@ -40,6 +40,7 @@ choice, as is the default l = 0.1.
 import keras
 from keras import ops
 
+from keras_vmoe import ops as moe_ops
 from keras_vmoe.layers.routing import TokenChoiceRouter
 from keras_vmoe.layers.routing import register_router
 from keras_vmoe.layers.routing_losses import _weights
@@ -61,8 +62,8 @@ def _threshold(x, k, regularization, exponent, num_bisections):
         return ops.sum(_mask(x, tau, regularization, exponent), axis=-1, keepdims=True)
 
     def bisect(strict):
-        low = ops.min(x, axis=-1, keepdims=True) - regularization  # Every entry 1: mass n >= k.
-        high = ops.max(x, axis=-1, keepdims=True)  # Every entry 0: mass 0 <= k.
+        low = moe_ops.amin(x, axis=-1, keepdims=True) - regularization  # Every entry 1: mass n >= k.
+        high = moe_ops.amax(x, axis=-1, keepdims=True)  # Every entry 0: mass 0 <= k.
         for _ in range(num_bisections):
             middle = 0.5 * (low + high)
             value = mass(middle)

@@ -78,6 +78,13 @@ class VisionTransformerImageClassifier(ExportMixin, BuiltinPresetMixin, RouterMe
                 f"{type(self).__name__} needs a backbone that pools its tokens "
                 "(pooling='token', 'gap' or 'map'); this one has pooling=None."
             )
+        if isinstance(preprocessor, NativeResolutionImageClassifierPreprocessor):
+            if not getattr(backbone, "native_resolution", False):
+                raise ValueError(
+                    f"{type(self).__name__}: a NativeResolutionImageClassifierPreprocessor needs a "
+                    "backbone with native_resolution=True."
+                )
+            preprocessor.check_backbone(backbone, type(self).__name__)
         head_dtype = head_dtype or backbone.dtype_policy
         # === Layers ===
         self.backbone = backbone
@@ -200,7 +207,7 @@ class VisionTransformerImageClassifier(ExportMixin, BuiltinPresetMixin, RouterMe
         packed = self._pack(x, y, sample_weight, training=True)
         if packed is not None:
             x, y, sample_weight, _ = packed
-            if validation_data is not None and self._pack(validation_data[0]) is not None:
+            if isinstance(validation_data, (list, tuple)) and self._pack(validation_data[0]) is not None:
                 validation_data = self._pack(*validation_data)[:3]
         return super().fit(x, y, sample_weight=sample_weight, validation_data=validation_data, **kwargs)
 

@@ -1,6 +1,8 @@
 """The preprocessor of native-resolution (NaViT) classifiers: a list of
 images of any sizes -> packed sequences, and labels laid out to match."""
 
+import numbers
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -112,7 +114,9 @@ class NativeResolutionImageClassifierPreprocessor(Preprocessor):
         super().__init__(**kwargs)
         owner = type(self).__name__
         self.patch_size = as_pair("patch_size", patch_size, owner=owner)
-        self.max_patches = max_patches if isinstance(max_patches, int) else tuple(max_patches)
+        self.max_patches = (
+            int(max_patches) if isinstance(max_patches, numbers.Integral) else tuple(max_patches)
+        )
         self.sequence_length = sequence_length
         self.max_images_per_sequence = max_images_per_sequence
         self.num_prefix_tokens = num_prefix_tokens
@@ -149,6 +153,39 @@ class NativeResolutionImageClassifierPreprocessor(Preprocessor):
             channels=backbone.image_shape[-1],
             **kwargs,
         )
+
+    def check_backbone(self, backbone, owner):
+        """Raises unless this preprocessor's batches are what `backbone`
+        reads: a mismatch would pool images nowhere, clamp positions off
+        the grid, or cut an image's routing group short, silently."""
+        grid = tuple(s // p for s, p in zip(backbone.image_shape[:2], backbone.patch_size))
+        prefix = int(getattr(backbone, "use_class_token", False))
+        largest = self.patcher.max_patches[1]
+        if self.max_grid is not None:
+            largest = min(largest, self.max_grid[0] * self.max_grid[1])
+        mismatches = {
+            "patch_size": (self.patch_size, tuple(backbone.patch_size)),
+            "max_images_per_sequence": (self.max_images_per_sequence, backbone.max_images_per_sequence),
+            "num_prefix_tokens": (self.num_prefix_tokens, prefix),
+        }
+        problems = [
+            f"{name}={ours} (the backbone's: {theirs})" for name, (ours, theirs) in mismatches.items()
+        ]
+        problems = [p for p, (ours, theirs) in zip(problems, mismatches.values()) if ours != theirs]
+        if self.max_grid is None or any(m > g for m, g in zip(self.max_grid, grid)):
+            problems.append(f"max_grid={self.max_grid} (must be within the backbone's grid {grid})")
+        if largest + prefix > backbone.max_image_tokens:
+            problems.append(
+                f"images of up to {largest + prefix} tokens (the backbone's max_image_tokens is "
+                f"{backbone.max_image_tokens})"
+            )
+        if self.channels not in (None, backbone.image_shape[-1]):
+            problems.append(f"channels={self.channels} (the backbone's: {backbone.image_shape[-1]})")
+        if problems:
+            raise ValueError(
+                f"{owner}: the {type(self).__name__} does not match the backbone: "
+                f"{'; '.join(problems)}. Build it with {type(self).__name__}.for_backbone(backbone, ...)."
+            )
 
     def pack(self, images, y=None, sample_weight=None, training=False):
         images = image_list(images, self.channels)
@@ -240,9 +277,17 @@ class NativeResolutionImageClassifierPreprocessor(Preprocessor):
             labels = {}
 
             def patched():
+                index = -1
                 for index, element in enumerate(dataset.as_numpy_iterator()):
+                    if len(element) == 3 and np.shape(element[2]) != ():
+                        raise ValueError(
+                            f"{owner}: element {index}'s sample weight must be a scalar (one per "
+                            f"image), got shape {np.shape(element[2])}."
+                        )
                     labels[index] = element[1:]
                     yield self.patcher(check_image(index, element[0], channels), training=training)
+                if index < 0:
+                    raise ValueError(f"{owner}: the dataset has no elements.")
 
             for x, image_index, stream_index in self.packer.stream(patched(), num_sequences):
                 given = [labels.pop(index) for index in stream_index]

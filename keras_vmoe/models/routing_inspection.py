@@ -35,6 +35,11 @@ def router_inputs(backbone, images):
     pass up to the last MoE block; each block's attention is rerun on its
     input to get the normalised tokens its MLP receives.
     """
+    if getattr(backbone, "native_resolution", False):
+        raise ValueError(
+            "Routing inspection reads square-image backbones; this one has native_resolution=True "
+            "(packed sequences), which it does not support yet."
+        )
     blocks = [backbone.get_layer(f"encoder_block_{index}") for index in backbone.moe_layers]
     if not blocks:
         return {}

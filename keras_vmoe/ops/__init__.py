@@ -9,6 +9,13 @@ others, so a backend can also replace the whole dispatch -> experts ->
 combine (PyTorch and TensorFlow graphs skip the empty capacity slots).
 JAX keeps the reference: under `jit` shapes are static, and on CPU
 `jax.lax.ragged_dot` costs about E times a dense matmul.
+
+On accelerators the sparse layer runs its experts as grouped matmuls
+(`generic.grouped_sparse_moe`: `jax.lax.ragged_dot` on GPU and TPU,
+`torch.nn.functional.grouped_mm` on CUDA in bfloat16), chosen at run time
+from the tokens' device (each backend's `prefers_grouped_gemm`); on this
+CPU the paths above measure faster. `KERAS_VMOE_GROUPED_GEMM=1` (or
+`grouped_gemm(True)`) forces it anywhere, `=0` turns it off.
 """
 
 import contextlib
@@ -22,6 +29,11 @@ from keras_vmoe.ops import generic
 from keras_vmoe.ops import group_local
 
 OP_NAMES = (
+    "amax",
+    "amin",
+    "normal",
+    "grouped_dense",
+    "prefers_grouped_gemm",
     "dispatch",
     "combine",
     "sparse_moe",
@@ -53,6 +65,15 @@ _fast_sparse_moe = OVERRIDES.get(
     "sparse_moe", functools.partial(generic.sparse_moe, dispatch=dispatch, combine=combine)
 )
 expert_dense = OVERRIDES.get("expert_dense", generic.expert_dense)
+grouped_dense = OVERRIDES.get("grouped_dense", generic.grouped_dense)
+# `keras.ops.max` / `min` and `keras.random.normal`, as the layers' routing
+# uses them; PyTorch's versions do not break a `torch.compile` graph.
+amax = OVERRIDES.get("amax", keras.ops.max)
+amin = OVERRIDES.get("amin", keras.ops.min)
+normal = OVERRIDES.get("normal", keras.random.normal)
+GroupedRows = generic.GroupedRows
+_prefers_grouped_gemm = OVERRIDES.get("prefers_grouped_gemm", lambda tokens: False)
+_grouped_gemm = {"0": False, "1": True}.get(os.environ.get("KERAS_VMOE_GROUPED_GEMM", ""), None)
 soft_dispatch = OVERRIDES.get("soft_dispatch", generic.soft_dispatch)
 soft_combine = OVERRIDES.get("soft_combine", generic.soft_combine)
 _fast_soft_moe = OVERRIDES.get(
@@ -62,10 +83,32 @@ _fast_soft_moe = OVERRIDES.get(
 
 def sparse_moe(tokens, plan, experts):
     """`generic.sparse_moe` with the active backend's ops (the reference ones
-    in a `portable()` context, where shapes must not depend on the routing)."""
+    in a `portable()` context, where shapes must not depend on the routing),
+    or `generic.grouped_sparse_moe` where grouped matmuls are chosen."""
     if _portable_depth:
         return generic.sparse_moe(tokens, plan, experts)
+    if uses_grouped_gemm(tokens, plan):
+        return generic.grouped_sparse_moe(tokens, plan, experts)
     return _fast_sparse_moe(tokens, plan, experts)
+
+
+def uses_grouped_gemm(tokens, plan):
+    """Whether `sparse_moe` runs `plan` through grouped matmuls: forced
+    (`grouped_gemm`, `KERAS_VMOE_GROUPED_GEMM`) or, by default, on an
+    accelerator that has them."""
+    return _prefers_grouped_gemm(tokens) if _grouped_gemm is None else _grouped_gemm
+
+
+@contextlib.contextmanager
+def grouped_gemm(enabled):
+    """Within this context `sparse_moe` uses grouped matmuls (True), never
+    (False), or where the device has them (None, the default)."""
+    global _grouped_gemm
+    previous, _grouped_gemm = _grouped_gemm, enabled
+    try:
+        yield
+    finally:
+        _grouped_gemm = previous
 
 
 def soft_moe(tokens, dispatch_weights, combine_weights, experts):

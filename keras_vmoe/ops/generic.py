@@ -8,7 +8,14 @@ experts, C capacity (slots per expert and group), K selected experts per token
 (for expert-choice plans K = E), H expert hidden size.
 """
 
+import collections
+
 from keras import ops
+
+# The rows of a grouped (ragged) matmul: (M, D) rows sorted by expert and
+# (E,) rows per expert. `experts` callables take this as their third input
+# form (besides (E, N, D) and a list of E (N_e, D)).
+GroupedRows = collections.namedtuple("GroupedRows", ["rows", "group_sizes"])
 
 
 def dispatch_rows(dispatch_index, group_size):
@@ -194,3 +201,95 @@ def soft_moe(
         (G, S, D).
     """
     return combine(experts(dispatch(tokens, dispatch_weights)), combine_weights)
+
+
+def row_experts(group_sizes, num_rows):
+    """(E,) rows per expert -> (num_rows,) int32 expert of each row (rows
+    past the last group: E - 1)."""
+    ends = ops.cumsum(ops.cast(group_sizes, "int32"))
+    rows = ops.arange(0, num_rows, dtype="int32")
+    experts = ops.sum(ops.cast(rows[:, None] >= ends[None, :], "int32"), axis=1)
+    return ops.minimum(experts, ops.shape(group_sizes)[0] - 1)
+
+
+def grouped_dense(rows, kernel, group_sizes, bias=None):
+    """Each row through its expert's dense layer: the rows of expert e are
+    the e-th run of `group_sizes[e]` rows (a grouped, or ragged, matmul).
+
+    The reference runs every expert on every row and keeps its own rows (E
+    times the FLOPs); `jax.lax.ragged_dot` and `torch.nn.functional.
+    grouped_mm` do it in one kernel on accelerators.
+
+    Args:
+        rows: (M, D_in), sorted by expert.
+        kernel: (E, D_in, D_out).
+        group_sizes: (E,) int, summing to M.
+        bias: optional (E, D_out).
+
+    Returns:
+        (M, D_out).
+    """
+    rows = ops.convert_to_tensor(rows)
+    kernel = ops.cast(kernel, rows.dtype)
+    num_experts = ops.shape(kernel)[0]
+    experts = row_experts(group_sizes, ops.shape(rows)[0])
+    outputs = 0.0
+    for expert in range(num_experts):
+        mine = ops.cast(ops.equal(experts, expert), rows.dtype)[:, None]
+        outputs = outputs + mine * ops.matmul(rows, kernel[expert])
+    if bias is not None:
+        outputs = outputs + ops.take(ops.cast(bias, rows.dtype), experts, axis=0)
+    return outputs
+
+
+def grouped_plan(plan):
+    """A plan's kept choices as the rows of a grouped matmul, static shapes.
+
+    The choices are sorted by expert, kept ones first; the first R = min(G *
+    S * K, E * G * C) rows are taken (every kept choice is among them: each
+    holds a slot), so a grouped matmul computes at most as many rows as the
+    capacity-padded dispatch and no empty slot. Rows past the kept choices
+    (dropped choices) join the last expert's group, so that no row is left
+    undefined; their outputs are discarded.
+
+    Returns:
+        token_rows: (R,) int32, the row in the flat (G * S, D) tokens of each
+            sorted row.
+        group_sizes: (E,) int32, rows per expert, summing to R.
+        choice_rows: (G * S * K,) int32, the sorted row of each choice, in
+            (g, s, k) order (R - 1 for a dropped choice).
+        kept: (G * S * K,) bool, whether a choice holds a slot.
+    """
+    combine_index = ops.convert_to_tensor(plan.combine_index, "int32")
+    num_groups, num_experts, capacity = ops.shape(plan.dispatch_index)
+    k = ops.shape(combine_index)[-1]
+    choices = ops.reshape(combine_index, (-1,))
+    num_choices = ops.shape(choices)[0]
+    num_rows = min(num_choices, num_experts * num_groups * capacity)
+    kept = choices < num_experts * capacity
+    experts = ops.where(kept, choices // capacity, num_experts)  # Dropped: after every expert.
+    # Unique keys: any sort is then stable (choices keep their order within an expert).
+    order = ops.argsort(experts * num_choices + ops.arange(0, num_choices, dtype="int32"))
+    order = ops.cast(order, "int32")
+    group_sizes = ops.sum(ops.cast(experts[:, None] == ops.arange(0, num_experts, dtype="int32"), "int32"), 0)
+    leftover = num_rows - ops.sum(group_sizes)
+    group_sizes = group_sizes + leftover * ops.cast(ops.arange(0, num_experts) == num_experts - 1, "int32")
+    choice_rows = ops.minimum(ops.cast(ops.argsort(order), "int32"), num_rows - 1)
+    return order[:num_rows] // k, group_sizes, choice_rows, kept
+
+
+def grouped_sparse_moe(tokens, plan, experts):
+    """`sparse_moe` through grouped matmuls: the kept choices only, sorted by
+    expert, no capacity padding (`grouped_plan`). Same values as
+    `sparse_moe` up to the order of float sums.
+
+    Args and returns as `sparse_moe`; `experts` receives `GroupedRows`.
+    """
+    num_groups, group_size, dim = ops.shape(tokens)
+    k = ops.shape(plan.combine_weights)[-1]
+    token_rows, group_sizes, choice_rows, kept = grouped_plan(plan)
+    rows = ops.take(ops.reshape(tokens, (-1, dim)), token_rows, axis=0)  # (R, D), by expert
+    outputs = ops.take(experts(GroupedRows(rows, group_sizes)), choice_rows, axis=0)  # (G*S*K, D)
+    outputs = ops.where(kept[:, None], outputs, 0.0)  # A dropped choice adds nothing (nor a gradient).
+    outputs = ops.reshape(outputs, (num_groups, group_size, k, -1))
+    return ops.einsum("gskd,gsk->gsd", outputs, ops.cast(plan.combine_weights, outputs.dtype))

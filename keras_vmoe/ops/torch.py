@@ -3,14 +3,20 @@
 PyTorch runs eagerly under Keras, so shapes may depend on the routing:
 `sparse_moe` runs each expert on its occupied slots only (a per-expert
 matmul loop; on this CPU faster than `bmm` and than `F.grouped_mm`, which
-pays off on GPUs), so empty capacity costs nothing. The rest saves passes
+pays off on GPUs), so empty capacity costs nothing. Under `torch.compile`
+(Keras' `jit_compile=True`) it keeps static shapes instead: the per-expert
+counts would be a device-to-host copy and a graph break. On CUDA in
+bfloat16 the experts run as one `F.grouped_mm` (`grouped_dense`). The rest saves passes
 over memory: `index_select` instead of Keras' embedding-based `take`, the
 expert bias fused into `baddbmm`, and the K-way combine as one batched
 (1 x K) @ (K x D) product.
 """
 
+import keras
 import torch
+import torch.nn.functional as F
 from keras import ops
+from keras.src.backend.torch.core import get_device
 
 from keras_vmoe.ops import generic
 
@@ -46,6 +52,8 @@ def combine(expert_outputs, combine_index, combine_weights):
 
 
 def sparse_moe(tokens, plan, experts):
+    if torch.compiler.is_compiling():  # Static shapes: no counts on the host.
+        return generic.sparse_moe(tokens, plan, experts, dispatch=dispatch, combine=combine)
     tokens = ops.convert_to_tensor(tokens)
     token_rows, choice_rows, counts = generic.compact_plan(plan, tokens.shape[1])
     expert_inputs = tokens.reshape(-1, tokens.shape[-1]).index_select(0, token_rows.long())
@@ -61,3 +69,45 @@ def expert_dense(inputs, kernel, bias=None):
     if bias is None:
         return torch.bmm(inputs, kernel)
     return torch.baddbmm(ops.convert_to_tensor(bias).unsqueeze(1), inputs, kernel)
+
+
+def amax(x, axis=None, keepdims=False):
+    """`keras.ops.max`; Keras' own checks the result's type, a graph break."""
+    x = ops.convert_to_tensor(x)
+    return torch.amax(x, dim=() if axis is None else axis, keepdim=keepdims)
+
+
+def amin(x, axis=None, keepdims=False):
+    x = ops.convert_to_tensor(x)
+    return torch.amin(x, dim=() if axis is None else axis, keepdim=keepdims)
+
+
+def normal(shape, mean=0.0, stddev=1.0, dtype=None, seed=None):
+    """`keras.random.normal`; under `torch.compile` drawn from torch's global
+    generator (Keras draws a seed on the host, a graph break), which
+    `keras.utils.set_random_seed` seeds: the same distribution, another
+    stream than the layer's `SeedGenerator`."""
+    if not torch.compiler.is_compiling():
+        return keras.random.normal(shape, mean, stddev, dtype, seed)
+    dtype = keras.backend.standardize_dtype(dtype or keras.config.floatx())
+    return torch.randn(tuple(shape), dtype=getattr(torch, dtype), device=get_device()) * stddev + mean
+
+
+def prefers_grouped_gemm(tokens):
+    """`F.grouped_mm` on CUDA, in bfloat16 (its fast kernels' dtype)."""
+    tokens = ops.convert_to_tensor(tokens)
+    return tokens.is_cuda and tokens.dtype == torch.bfloat16
+
+
+def grouped_dense(rows, kernel, group_sizes, bias=None):
+    rows = ops.convert_to_tensor(rows)
+    kernel, group_sizes = ops.convert_to_tensor(kernel).to(rows.dtype), ops.convert_to_tensor(group_sizes)
+    if rows.dtype != torch.bfloat16 and (rows.is_cuda or torch.compiler.is_compiling()):
+        # `grouped_mm` traces, and runs on CUDA, in bfloat16 only (eager CPU: any float).
+        return generic.grouped_dense(rows, kernel, group_sizes, bias)
+    offsets = torch.cumsum(group_sizes, 0).to(torch.int32)
+    outputs = F.grouped_mm(rows, kernel, offs=offsets)
+    if bias is not None:
+        experts = generic.row_experts(group_sizes, rows.shape[0])
+        outputs = outputs + ops.convert_to_tensor(bias).to(outputs.dtype).index_select(0, experts.long())
+    return outputs

@@ -13,6 +13,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from keras import ops
 
+import keras_vmoe.ops as moe_ops
 from keras_vmoe.layers import ExpertChoiceRouter
 from keras_vmoe.layers import SoftMoE
 from keras_vmoe.layers import SoftRouter
@@ -170,13 +171,15 @@ def test_sparse_top_all_experts_matches_brute_force(batch_priority):
     assert float(to_numpy(layer.router_metrics["dropped_tokens"])) == 0.0
 
 
-def test_sparse_top2_matches_brute_force():
+@pytest.mark.parametrize("grouped", [None, True])  # The device's choice; grouped matmuls forced.
+def test_sparse_top2_matches_brute_force(grouped):
     # K = 2 with room for everyone: the two largest gates, unnormalised.
     layer = SparseMoE(E, H, num_selected_experts=2, capacity_factor=2.0, batch_priority=True)
     x = inputs(3)
     layer(x)
     randomize(layer, 3)
-    out = to_numpy(layer(x))
+    with moe_ops.grouped_gemm(grouped):
+        out = to_numpy(layer(x))
     gates = router_gates(layer, x)
     weights = expert_weights(layer)
     expected = np.zeros_like(out, dtype=np.float64)
@@ -186,14 +189,16 @@ def test_sparse_top2_matches_brute_force():
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_sparse_expert_choice_matches_brute_force():
+@pytest.mark.parametrize("grouped", [None, True])
+def test_sparse_expert_choice_matches_brute_force(grouped):
     # C = ceil(8 * 1.0 / 4) = 2 -> 4: each expert takes its 4 best tokens.
     layer = SparseMoE(E, H, router="expert_choice", capacity_factor=1.0)
     assert isinstance(layer.router, ExpertChoiceRouter)
     x = inputs(4)
     layer(x)
     randomize(layer, 4)
-    out = to_numpy(layer(x))
+    with moe_ops.grouped_gemm(grouped):
+        out = to_numpy(layer(x))
     gates = router_gates(layer, x)
     weights = expert_weights(layer)
     expected = np.zeros_like(out, dtype=np.float64)
@@ -641,3 +646,21 @@ def test_sparse_moe_equals_its_plan_on_random_shapes(
     np.testing.assert_allclose(out, np_sparse_from_plan(layer, x, plan), rtol=1e-4, atol=1e-5)
     dropped = np.all(to_numpy(plan.combine_weights) == 0, axis=-1)
     np.testing.assert_array_equal(out[dropped], 0.0)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="torch.compile")
+@pytest.mark.parametrize("grouped", [None, True])
+@pytest.mark.parametrize("make", [lambda: SparseMoE(E, H, num_selected_experts=2), lambda: SoftMoE(E, H)])
+def test_moe_layers_compile_with_no_graph_break(make, grouped):
+    # Keras' `jit_compile=True` on PyTorch is torch.compile: no host copy of the
+    # routing (a graph break) in training, routing noise included.
+    import torch
+
+    layer = make()
+    x = torch.tensor(inputs(5))
+    layer(x)
+    with moe_ops.grouped_gemm(grouped):
+        explained = torch._dynamo.explain(lambda x: layer(x, training=True))(x)
+        assert explained.graph_break_count == 0, explained.break_reasons
+        compiled = torch.compile(lambda x: layer(x, training=False))
+        np.testing.assert_allclose(to_numpy(compiled(x)), to_numpy(layer(x)), rtol=1e-5, atol=1e-6)

@@ -229,6 +229,22 @@ def test_factorized_positions_against_numpy(kind):
         np.testing.assert_allclose(got[0, t], rows_table[r] + cols_table[c], rtol=1e-6)
 
 
+def test_fractional_positions_survive_token_dropping():
+    layer = FactorizedPositionEmbedding("factorized_fractional", grid_size=(8, 8), max_images=1)
+    patcher = ImagePatcher(8, 64, max_grid=(8, 8), token_drop_rate=0.8, seed=0)
+    image = np.zeros((40, 24, 3), "uint8")  # A 5 x 3 grid.
+    full, _ = SequencePacker(64, 1).pack([patcher(image)])
+    table = to_numpy(layer(np.zeros((1, 64, 4), "float32"), full["positions"], full["segment_ids"]))[0]
+    by_position = {tuple(p): row for p, row in zip(full["positions"][0][:15].tolist(), table)}
+    for _ in range(10):  # Each draw keeps 3 of 15 patches, the last among them.
+        dropped, _ = SequencePacker(64, 1).pack([patcher(image, training=True)])
+        got = to_numpy(layer(np.zeros((1, 64, 4), "float32"), dropped["positions"], dropped["segment_ids"]))
+        kept = dropped["positions"][0][: int((dropped["segment_ids"] > 0).sum())].tolist()
+        assert len(kept) == 3 and kept[-1] == [4, 2]
+        for t, position in enumerate(kept):
+            np.testing.assert_array_equal(got[0, t], by_position[tuple(position)])
+
+
 # === Packed encoders ===
 
 
@@ -247,9 +263,72 @@ def test_an_image_packed_with_others_gets_its_own_outputs(family, pooling):
     assert len(batch["segment_ids"]) < len(patched)  # Some images share a sequence.
     packed = to_numpy(backbone(batch))
     assert packed.shape == (len(batch["segment_ids"]), MAX_IMAGES, 16)
+    empty = np.ones(packed.shape[:2], bool)
+    empty[index[:, 0], index[:, 1]] = False
+    assert empty.any() and np.all(packed[empty] == 0)  # Empty image slots pool to zeros.
     for image, (sequence, slot) in zip(patched, index):
         alone = to_numpy(backbone(packer.pack([image])[0]))[0, 0]
         np.testing.assert_allclose(packed[sequence, slot], alone, atol=1e-5)
+
+
+def test_one_token_images_have_well_defined_outputs(family):
+    backbone = native_backbone(family, "map")
+    patcher = ImagePatcher(8, 64, max_grid=(8, 8), token_drop_rate=0.999, seed=0)
+    packer = SequencePacker(16, MAX_IMAGES)
+    patched = [patcher(image, training=True) for image in mixed_images()]
+    assert all(len(patches) == 1 for patches, _ in patched)
+    batch, index = packer.pack(patched)
+    packed = to_numpy(backbone(batch))
+    assert np.all(np.isfinite(packed)) and np.all(np.abs(packed[index[:, 0], index[:, 1]]).sum(-1) > 0)
+    for image, (sequence, slot) in zip(patched, index):
+        alone = to_numpy(backbone(packer.pack([image])[0]))[0, 0]
+        np.testing.assert_allclose(packed[sequence, slot], alone, atol=1e-5)
+
+
+def test_tokens_beyond_max_image_tokens_never_reach_another_image():
+    backbone = native_backbone("vmoe", "gap", max_image_tokens=4)
+    rng = np.random.default_rng(5)
+    images = [
+        (rng.normal(size=(n, 192)).astype("float32"), np.stack([np.zeros(n), np.arange(n)], -1))
+        for n in (4, 6)
+    ]
+    batch, _ = SequencePacker(16, MAX_IMAGES).pack(images)
+    changed = {key: value.copy() for key, value in batch.items()}
+    changed["patches"][batch["segment_ids"] == 1] += 3.0  # Only image 1 changes.
+    before, after = to_numpy(backbone(batch)), to_numpy(backbone(changed))
+    np.testing.assert_allclose(after[0, 1], before[0, 1], atol=1e-5)
+    with pytest.raises(
+        ValueError, match="images of up to 16 tokens \\(the backbone's max_image_tokens is 4\\)"
+    ):
+        VMoEImageClassifier(
+            backbone,
+            4,
+            preprocessor=NativeResolutionImageClassifierPreprocessor.for_backbone(backbone, 16, 32),
+        )
+
+
+def test_a_preprocessor_that_does_not_match_the_backbone_is_refused():
+    backbone = native_backbone("dense", "token")
+    for options, message in [
+        (dict(max_images_per_sequence=2), "max_images_per_sequence=2 \\(the backbone's: 3\\)"),
+        (dict(num_prefix_tokens=0), "num_prefix_tokens=0 \\(the backbone's: 1\\)"),
+        (dict(max_grid=None), "max_grid=None \\(must be within the backbone's grid \\(8, 8\\)\\)"),
+        (dict(patch_size=4, max_grid=(16, 16)), "patch_size=\\(4, 4\\)"),
+    ]:
+        arguments = dict(patch_size=8, max_patches=16, sequence_length=40, max_images_per_sequence=3)
+        arguments.update(num_prefix_tokens=1, max_grid=(8, 8))
+        arguments.update(options)
+        with pytest.raises(ValueError, match=f"does not match the backbone: .*{message}.*for_backbone"):
+            VisionTransformerImageClassifier(
+                backbone, 3, preprocessor=NativeResolutionImageClassifierPreprocessor(**arguments)
+            )
+    square = VisionTransformerBackbone(
+        image_shape=(32, 32, 3), patch_size=8, num_layers=1, hidden_dim=16, mlp_dim=32, num_heads=2
+    )
+    with pytest.raises(ValueError, match="needs a backbone with native_resolution=True"):
+        VisionTransformerImageClassifier(
+            square, 3, preprocessor=NativeResolutionImageClassifierPreprocessor(8, 16, 40, 3)
+        )
 
 
 def test_other_images_do_not_change_an_images_outputs(family):
@@ -351,6 +430,8 @@ def test_fit_on_a_packed_dataset_lowers_the_loss(classifier):
     history = classifier.fit(dataset, epochs=4, verbose=0).history
     assert history["loss"][-1] < history["loss"][0]
     evaluation_data = classifier.preprocessor.packed_dataset(single_image_dataset(images, labels), 2)
+    validated = classifier.fit(images[:4], labels[:4], validation_data=evaluation_data, epochs=1, verbose=0)
+    assert "val_loss" in validated.history
     evaluation = classifier.evaluate(evaluation_data, verbose=0, return_dict=True)
     predictions = classifier.predict(images, verbose=0)
     losses = to_numpy(keras.losses.sparse_categorical_crossentropy(labels, predictions, from_logits=True))
@@ -483,6 +564,8 @@ def test_bad_input_gets_clear_errors():
         SequencePacker(8, 2).pack([(np.zeros((5, 4)), np.zeros((5, 2)))] * 2, num_sequences=1)
     with pytest.raises(ValueError, match="takes a dataset of \\(image, y\\)"):
         preprocessor.packed_dataset(single_image_dataset([], []).map(lambda x, y: x), 2)
+    with pytest.raises(Exception, match="the dataset has no elements"):
+        list(preprocessor.packed_dataset(single_image_dataset([], []), 2))
     with pytest.raises(ValueError, match="For a tf.data.Dataset of single images, use `packed_dataset"):
         preprocessor(single_image_dataset([], []))
     with pytest.raises(ValueError, match="different sizes"):

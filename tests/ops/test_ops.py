@@ -172,6 +172,8 @@ def expert_mlp(kernel):
     """experts(inputs) as `sparse_moe` takes it: tanh(x W_e) per expert."""
 
     def experts(inputs):
+        if isinstance(inputs, moe_ops.GroupedRows):
+            return keras.ops.tanh(moe_ops.grouped_dense(inputs.rows, kernel, inputs.group_sizes))
         if isinstance(inputs, list):
             kernels = keras.ops.unstack(keras.ops.convert_to_tensor(kernel))
             return [keras.ops.tanh(keras.ops.matmul(x, k)) for x, k in zip(inputs, kernels)]
@@ -226,3 +228,87 @@ def test_soft_moe_override_equals_the_reference_with_gradients():
 
         compiled = tf.function(lambda *a: run(moe_ops, *a), jit_compile=True)
         assert_close(compiled(*args), run(generic, *args))
+
+
+def test_grouped_dense_matches_numpy_with_gradients():
+    rng = np.random.RandomState(9)
+    group_sizes = np.array([3, 0, 5, 2], "int32")  # An expert with no rows too.
+    rows = rng.randn(int(group_sizes.sum()), D).astype("float32")
+    kernel = rng.randn(E, D, H).astype("float32")
+    bias = rng.randn(E, H).astype("float32")
+    experts = np.repeat(np.arange(E), group_sizes)
+    expected = np.einsum("md,mdh->mh", rows, kernel[experts]) + bias[experts]
+    for module in (moe_ops, generic):
+        assert_close(module.grouped_dense(rows, kernel, group_sizes, bias), expected)
+    args = (rows, kernel, bias)
+    want = gradients(lambda *a: generic.grouped_dense(a[0], a[1], group_sizes, a[2]), args)
+    got = gradients(lambda *a: moe_ops.grouped_dense(a[0], a[1], group_sizes, a[2]), args)
+    for g, w in zip(got, want):
+        assert_close(g, w)
+
+
+@pytest.mark.parametrize("capacity_factor", [0.5, 2.0])
+def test_grouped_sparse_moe_equals_the_padded_reference_with_gradients(capacity_factor):
+    from keras_vmoe.layers.routing import RoutingPlan
+
+    dispatch_index, combine_index, combine_weights = routing_plan(capacity_factor, seed=11)
+    rng = np.random.RandomState(12)
+    tokens = rng.randn(G, S, D).astype("float32")
+    kernel = rng.randn(E, D, D).astype("float32") / np.sqrt(D)
+
+    def run(grouped, tokens, weights, kernel):
+        plan = RoutingPlan(dispatch_index, combine_index, weights)
+        if not grouped:
+            return generic.sparse_moe(tokens, plan, expert_mlp(kernel))
+        with moe_ops.grouped_gemm(True):
+            assert moe_ops.uses_grouped_gemm(tokens, plan)
+            return moe_ops.sparse_moe(tokens, plan, expert_mlp(kernel))
+
+    args = (tokens, combine_weights, kernel)
+    assert_close(run(True, *args), run(False, *args))
+    expected = gradients(lambda *a: run(False, *a), args)
+    for got, want in zip(gradients(lambda *a: run(True, *a), args), expected):
+        assert_close(got, want)
+    if backend() == "jax":  # Static shapes: it compiles.
+        import jax
+
+        assert_close(jax.jit(lambda *a: run(True, *a))(*args), run(False, *args))
+    if backend() == "tensorflow":
+        import tensorflow as tf
+
+        compiled = tf.function(lambda *a: run(True, *a), jit_compile=True)
+        assert_close(compiled(*args), run(False, *args))
+
+
+def test_grouped_plan_sorts_the_kept_choices_by_expert():
+    from keras_vmoe.layers.routing import RoutingPlan
+
+    for capacity_factor in (0.5, 2.0):
+        dispatch_index, combine_index, weights = routing_plan(capacity_factor, seed=13)
+        plan = RoutingPlan(dispatch_index, combine_index, weights)
+        token_rows, group_sizes, choice_rows, kept = (to_numpy(x) for x in generic.grouped_plan(plan))
+        capacity = dispatch_index.shape[-1]
+        choices = combine_index.reshape(-1)
+        np.testing.assert_array_equal(kept, choices < E * capacity)
+        num_rows = min(G * S * K, E * G * capacity)  # Never more rows than the padded slots.
+        assert len(token_rows) == num_rows and group_sizes.sum() == num_rows
+        experts = choices[kept] // capacity
+        counts = np.bincount(experts, minlength=E)
+        counts[-1] += num_rows - kept.sum()  # The rest (dropped choices) join the last expert.
+        np.testing.assert_array_equal(group_sizes, counts)
+        sorted_kept = np.flatnonzero(kept)[np.argsort(experts, kind="stable")]
+        np.testing.assert_array_equal(token_rows[: kept.sum()], sorted_kept // K)
+        np.testing.assert_array_equal(token_rows[choice_rows[kept]], np.flatnonzero(kept) // K)
+
+
+def test_grouped_gemm_is_chosen_by_the_device_or_forced():
+    from keras_vmoe.layers.routing import RoutingPlan
+
+    plan = RoutingPlan(*routing_plan(2.0))
+    tokens = keras.ops.ones((G, S, D))
+    assert not moe_ops.uses_grouped_gemm(tokens, plan)  # This CPU: the measured-faster paths.
+    with moe_ops.grouped_gemm(True):
+        assert moe_ops.uses_grouped_gemm(tokens, plan)
+        with moe_ops.grouped_gemm(False):
+            assert not moe_ops.uses_grouped_gemm(tokens, plan)
+    assert not moe_ops.uses_grouped_gemm(tokens, plan)

@@ -111,6 +111,11 @@ class RoutingProbe(keras.Model):
 
     def __init__(self, backbone, **kwargs):
         super().__init__(**kwargs)
+        if getattr(backbone, "native_resolution", False):
+            raise ValueError(
+                "Expert-modality statistics read square-image LIMoE backbones; this one has "
+                "native_resolution=True (packed sequences), which they do not support yet."
+            )
         self.backbone = backbone
 
     def call(self, inputs):

@@ -101,6 +101,9 @@ class LIMoEContrastiveModel(ExportMixin, BuiltinPresetMixin, RouterMetricsMixin,
     def __init__(self, backbone, preprocessor=None, loss="softmax", **kwargs):
         check_choice("loss", loss, CONTRASTIVE_LOSSES, owner="LIMoEContrastiveModel")
         # === Layers ===
+        packer = getattr(preprocessor, "image_packer", None)
+        if packer is not None and backbone.native_resolution:
+            packer.check_backbone(backbone, "LIMoEContrastiveModel")
         self.backbone = backbone
         self.preprocessor = preprocessor
         self.logits_layer = ContrastiveLogits(use_bias=loss == "sigmoid", name="contrastive_logits")
