@@ -15,6 +15,7 @@ import math
 import keras
 from keras import ops
 
+from keras_vmoe import ops as moe_ops
 from keras_vmoe.layers.mlp import Mlp
 from keras_vmoe.layers.packing import from_image_groups
 from keras_vmoe.layers.packing import probe_attention_mask
@@ -125,7 +126,7 @@ class MultiHeadDotProductAttention(keras.layers.Layer):
             weights = self.dropout(ops.cast(weights, v.dtype), training=training)
             x = ops.einsum("bhqs,bshk->bqhk", weights, v)
         else:
-            x = ops.dot_product_attention(q, k, v, mask=mask)
+            x = moe_ops.dot_product_attention(q, k, v, mask=mask)
         return self.out(x)
 
     def compute_output_shape(self, query_shape, value_shape=None):

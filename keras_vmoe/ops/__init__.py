@@ -29,6 +29,7 @@ from keras_vmoe.ops import generic
 from keras_vmoe.ops import group_local
 
 OP_NAMES = (
+    "dot_product_attention",
     "amax",
     "amin",
     "normal",
@@ -66,11 +67,13 @@ _fast_sparse_moe = OVERRIDES.get(
 )
 expert_dense = OVERRIDES.get("expert_dense", generic.expert_dense)
 grouped_dense = OVERRIDES.get("grouped_dense", generic.grouped_dense)
-# `keras.ops.max` / `min` and `keras.random.normal`, as the layers' routing
-# uses them; PyTorch's versions do not break a `torch.compile` graph.
+# `keras.ops.max` / `min`, `keras.random.normal` and `dot_product_attention`,
+# as the layers use them; PyTorch's versions do not break a `torch.compile`
+# graph.
 amax = OVERRIDES.get("amax", keras.ops.max)
 amin = OVERRIDES.get("amin", keras.ops.min)
 normal = OVERRIDES.get("normal", keras.random.normal)
+dot_product_attention = OVERRIDES.get("dot_product_attention", keras.ops.dot_product_attention)
 GroupedRows = generic.GroupedRows
 _prefers_grouped_gemm = OVERRIDES.get("prefers_grouped_gemm", lambda tokens: False)
 _grouped_gemm = {"0": False, "1": True}.get(os.environ.get("KERAS_VMOE_GROUPED_GEMM", ""), None)

@@ -93,6 +93,13 @@ def normal(shape, mean=0.0, stddev=1.0, dtype=None, seed=None):
     return torch.randn(tuple(shape), dtype=getattr(torch, dtype), device=get_device()) * stddev + mean
 
 
+def dot_product_attention(query, key, value, mask=None):
+    """`keras.ops.dot_product_attention` without Keras' flash-attention probe
+    (an object dynamo cannot build: a graph break); PyTorch's
+    `scaled_dot_product_attention` still picks its fastest kernel itself."""
+    return keras.ops.dot_product_attention(query, key, value, mask=mask, flash_attention=False)
+
+
 def prefers_grouped_gemm(tokens):
     """`F.grouped_mm` on CUDA, in bfloat16 (its fast kernels' dtype)."""
     tokens = ops.convert_to_tensor(tokens)
