@@ -4,7 +4,7 @@ Run from the repository root:
 
     python benchmarks/navit.py throughput                  # all three backends
     python benchmarks/navit.py throughput --quick          # a smoke test, seconds
-    python benchmarks/navit.py resolution                  # trains two models (JAX), about an hour here
+    python benchmarks/navit.py resolution                  # trains two models (JAX), 1.5 hours here
     python benchmarks/navit.py resolution --epochs 30      # longer, on an accelerator
 
 `throughput`
@@ -28,10 +28,13 @@ Run from the repository root:
     The paper's "one model, many resolutions" claim, in miniature. Two
     native-resolution V-MoEs of the same size (patch 4, up to 12 x 12
     patches, 4 blocks of width 96, MoE in blocks 1 and 3, E = 4, K = 1) train
-    from scratch on the 50,000 CIFAR-10 training images for the same number
-    of steps of the same packed sequences (256 tokens), so at the same cost:
-    `mixed`, each image resized to a random size with sides between 16 and
-    48 pixels every epoch; `fixed`, every image at 32 x 32. Both are then
+    from scratch on the 50,000 CIFAR-10 training images, every image once
+    an epoch, in batches of the same packed sequences (8 x 256 tokens), so at
+    the same cost per step: `mixed`, each image resized to a random size with
+    sides between 16 and 48 pixels every epoch; `fixed`, every image at
+    32 x 32 (64 tokens; the mixed images average slightly fewer, as sides
+    round down to whole patches, so the fixed arm takes about 7% more
+    steps). Both are then
     evaluated on the 10,000 test images resized to 16, 24, 32, 40 and 48
     pixels square; `benchmarks/results/navit-<machine>.png` plots top-1
     against resolution.
@@ -253,8 +256,8 @@ def train_arm(arm, config, train_images, train_labels, epochs, log_every):
     classifier = resolution_classifier(config)
     rng = np.random.default_rng(1)
     batch = config["sequences_per_batch"]
-    # The same number of steps of the same sequences for both arms: the
-    # fixed arm's sequences hold as many tokens, so the same cost.
+    # Both arms see every image once an epoch in batches of the same packed
+    # sequences, so each step costs the same; the step counts differ a little.
     steps_per_epoch = None
     schedule = None
     started = time.perf_counter()

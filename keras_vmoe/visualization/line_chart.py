@@ -25,7 +25,8 @@ def _ticks(low, high, count=5):
 def draw_line_chart(series, x_label, y_label, title, x_log=False, size=(640, 420), y_format="{:.3f}"):
     """A chart of `series`: {name: [(x, y), ...]}, one colour per name.
 
-    `x_log` puts x on a log2 scale (positive x only). Returns a PIL image.
+    `x_log` puts x on a log2 scale (positive x only). The right margin (and the
+    canvas, if needed) widens to the longest legend name, so none is clipped. Returns a PIL image.
     """
     points = [(x, y) for line in series.values() for x, y in line if y is not None and math.isfinite(y)]
     if not points:
@@ -33,9 +34,11 @@ def draw_line_chart(series, x_label, y_label, title, x_log=False, size=(640, 420
     if x_log and min(x for x, _ in points) <= 0:
         raise ValueError("draw_line_chart: x_log needs x > 0.")
     scale = math.log2 if x_log else float
-    width, height = size
-    left, bottom, top, right = 70, 50, 50, 150
-    canvas = Image.new("RGB", size, "white")
+    font = load_font(13)
+    legend = max(font.getlength(str(name)) for name in series)
+    left, bottom, top, right = 70, 50, 50, max(150, math.ceil(legend) + 20)
+    width, height = max(size[0], left + right + 320), size[1]  # Widened for long names.
+    canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
     xs, ys = [scale(x) for x, _ in points], [y for _, y in points]
     x_min, x_max = min(xs), max(xs)
@@ -49,7 +52,6 @@ def draw_line_chart(series, x_label, y_label, title, x_log=False, size=(640, 420
             height - bottom - (height - top - bottom) * (y - y_min) / (y_max - y_min),
         )
 
-    font = load_font(13)
     draw.line((left, height - bottom, width - right, height - bottom), fill="black")
     draw.line((left, top, left, height - bottom), fill="black")
     for y in _ticks(y_min, y_max):
