@@ -4,6 +4,7 @@ Run from the repository root (one process per backend, one after the other):
 
     python benchmarks/moe_layer.py                       # everything, all three backends
     python benchmarks/moe_layer.py --parts headline      # the acceptance configuration only
+    python benchmarks/moe_layer.py --parts small_groups  # one 64-token image, with the expert floor
     python benchmarks/moe_layer.py --quick               # tiny shapes: a smoke test, < 2 minutes
     python benchmarks/moe_layer.py --parts routers --rounds 7 3   # the routers, fewer rounds
     python benchmarks/moe_layer.py --backends torch --out benchmarks/results/torch.json
@@ -22,6 +23,13 @@ What it measures
       (`moe_references.OneHotEinsumMoE`), same groups and capacities.
     - `dense_masked`: keras-hub's Mixtral block, every expert on every token
       (`moe_references.DenseMaskedMoE`); it costs about E / K x dense.
+    - `experts_only`: no router, no dispatch: `SparseMoE`'s own expert bank
+      on the tokens repeated K times as E x (K x tokens / E) slots
+      (`moe_references.ExpertsOnly`), the floor under any dispatch of the
+      same expert FLOPs; time above it is routing, dispatch and combine.
+    - `--parts small_groups`: one image of 64 tokens (16 per expert at E=8,
+      K=2: serving one image at a time) with `dense`, `experts_only`,
+      `sparse_moe`, `soft_moe` and `vmoe_einsum`, 4 x the rounds.
     - `--parts routers`: `SparseMoE` with each router of the router study
       (token choice, Sinkhorn token / expert choice, sparsity-constrained
       token / expert choice, sparse top-k, expert choice) at groups of one
@@ -83,7 +91,7 @@ MODES = {"jax": ("jax-jit",), "tensorflow": ("tf-graph", "tf-xla"), "torch": ("t
 # tf-graph is also what Keras runs on a CPU-only machine).
 MEMORY_MODES = {"jax": "jax-jit", "tensorflow": "tf-graph", "torch": "torch-eager"}
 MEMORY_CANDIDATES = ("dense", "sparse_moe", "vmoe_einsum")
-PARTS = ("headline", "sweeps", "memory", "routers")
+PARTS = ("headline", "small_groups", "sweeps", "memory", "routers")
 # The router study's routers, timed against token choice at the headline workload.
 STUDY_ROUTERS = (
     "token_choice",
@@ -267,6 +275,25 @@ def headline_benchmark(scale):
         Case("dense_masked"),
     ]
     return make_benchmark(scale, "headline", 8, 2, cases)
+
+
+def small_groups_benchmark(scale):
+    """One image of a quarter of the headline's tokens (64 at full scale):
+    16 tokens per expert at E=8, K=2, serving one image at a time. With
+    `experts_only`, the expert matmuls alone, the floor under any dispatch.
+    Small steps, so many rounds."""
+    image = scale.tokens_per_image // 4
+    cases = [
+        Case("dense"),
+        Case("experts_only"),
+        Case("sparse_moe", image, 1.0),
+        Case("soft_moe"),
+        Case("vmoe_einsum", image, 1.0),
+    ]
+    benchmark = make_benchmark(scale, "small groups", 8, 2, cases, 1, image)
+    return dataclasses.replace(
+        benchmark, forward_rounds=4 * scale.forward_rounds, train_rounds=4 * scale.train_rounds
+    )
 
 
 def routers_benchmark(scale):
@@ -633,6 +660,8 @@ def main(argv=None):
     benchmarks = []
     if "headline" in args.parts:
         benchmarks.append(headline_benchmark(scale))
+    if "small_groups" in args.parts:
+        benchmarks.append(small_groups_benchmark(scale))
     if "sweeps" in args.parts:
         benchmarks += sweep_benchmarks(scale)
     if "routers" in args.parts:

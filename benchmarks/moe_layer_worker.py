@@ -38,6 +38,7 @@ elif BACKEND == "jax":
     import jax
 
 from moe_references import DenseMaskedMoE  # noqa: E402
+from moe_references import ExpertsOnly  # noqa: E402
 from moe_references import OneHotEinsumMoE  # noqa: E402
 
 from keras_vmoe import ops as moe_ops  # noqa: E402
@@ -79,6 +80,8 @@ def build_layer(benchmark, case):
         layer = OneHotEinsumMoE(num_experts, mlp_dim, k, case.capacity_factor, case.group_size)
     elif case.candidate == "dense_masked":
         layer = DenseMaskedMoE(num_experts, mlp_dim, k)
+    elif case.candidate == "experts_only":
+        layer = ExpertsOnly(num_experts, mlp_dim, k)
     else:
         raise ValueError(f"unknown candidate {case.candidate!r}")
     layer.build(benchmark.input_shape)

@@ -11,6 +11,11 @@
   every token and the outputs are weighted by the top-K masked, renormalised
   router weights, so it costs E / K times the active FLOPs.
 
+- `ExpertsOnly`: no router and no dispatch: the tokens, repeated K times,
+  go straight through `keras_vmoe`'s own expert bank as E x (K S / E)
+  capacity slots. The floor under any dispatch of the same expert FLOPs:
+  time above it is routing, dispatch and combine.
+
 Both keep the expert MLP of `keras_vmoe.layers.SparseMoE` (Dense -> tanh GELU
 -> Dense, weight banks (E, D, H) and (E, H, D)) rather than Mixtral's SwiGLU,
 so that only the way tokens reach the experts differs from the layer under
@@ -20,6 +25,7 @@ test.
 import keras
 from keras import ops
 
+from keras_vmoe.layers.expert_bank import ExpertBank
 from keras_vmoe.layers.routing import compute_capacity
 from keras_vmoe.layers.routing_losses import importance_loss
 from keras_vmoe.layers.routing_losses import load_loss
@@ -142,3 +148,29 @@ class DenseMaskedMoE(ExpertBankMoE):
         outputs = self.expert_outputs(hidden)  # (E, N, D)
         outputs = ops.sum(outputs * ops.transpose(routing)[:, :, None], axis=0)
         return ops.reshape(outputs, shape)
+
+
+class ExpertsOnly(ExpertBank, keras.layers.Layer):
+    """The expert MLPs of `SparseMoE` (its `ExpertBank`, overrides included)
+    on E x C slots, C = K x tokens / E, filled with the tokens repeated K
+    times; the K outputs of a token are summed. Same expert FLOPs as a
+    top-K `SparseMoE` at capacity factor 1, and nothing else."""
+
+    def __init__(self, num_experts, mlp_dim, num_selected_experts, **kwargs):
+        super().__init__(**kwargs)
+        self.num_experts, self.mlp_dim, self.num_selected_experts = num_experts, mlp_dim, num_selected_experts
+        self.use_bias, self.approximate_gelu, self.dispatch_dtype = True, True, None
+        self.dropout = keras.layers.Dropout(0.0)
+
+    def build(self, input_shape):
+        self.build_experts(input_shape[-1])
+
+    def call(self, inputs, training=None):
+        shape, k = ops.shape(inputs), self.num_selected_experts
+        tokens = ops.reshape(inputs, (-1, shape[-1]))  # (N, D)
+        slots = ops.reshape(ops.tile(tokens, (k, 1)), (self.num_experts, -1, shape[-1]))  # (E, K*N/E, D)
+        outputs = ops.reshape(self.run_experts(slots, training=training), (k, -1, shape[-1]))
+        return ops.reshape(ops.sum(outputs, axis=0), shape)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape

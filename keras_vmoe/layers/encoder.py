@@ -16,6 +16,7 @@ import keras
 from keras import ops
 
 from keras_vmoe import ops as moe_ops
+from keras_vmoe.layers.mlp import Dropout
 from keras_vmoe.layers.mlp import Mlp
 from keras_vmoe.layers.packing import from_image_groups
 from keras_vmoe.layers.packing import probe_attention_mask
@@ -108,7 +109,7 @@ class MultiHeadDotProductAttention(keras.layers.Layer):
                 name="key_norm",
             )
             self.key_norm.build((None, None, self.num_heads, head_dim))
-        self.dropout = keras.layers.Dropout(self.dropout_rate, dtype=self.dtype_policy)
+        self.dropout = Dropout(self.dropout_rate, dtype=self.dtype_policy)
 
     def call(self, query, value=None, training=None, attention_mask=None):
         value = query if value is None else value
@@ -221,7 +222,7 @@ class EncoderBlock(keras.layers.Layer):
             dtype=self.dtype_policy,
             name="attention",
         )
-        self.dropout = keras.layers.Dropout(self.dropout_rate, dtype=self.dtype_policy)
+        self.dropout = Dropout(self.dropout_rate, dtype=self.dtype_policy)
         self.mlp_norm = None
         if not self.parallel_block:
             self.mlp_norm = keras.layers.LayerNormalization(

@@ -17,6 +17,7 @@ from keras_vmoe.distribution.expert_exchange import ExpertExchange
 from keras_vmoe.layers.ensemble import check_ensemble_arguments
 from keras_vmoe.layers.ensemble import check_ensemble_router
 from keras_vmoe.layers.expert_bank import ExpertBank
+from keras_vmoe.layers.mlp import Dropout
 from keras_vmoe.layers.routing import Router
 from keras_vmoe.layers.routing import SoftRouter
 from keras_vmoe.layers.routing import make_router
@@ -76,7 +77,7 @@ class MoELayer(ExpertBank, keras.layers.Layer):
         self.group_size = group_size
         self.approximate_gelu = bool(approximate_gelu)
         self.dropout_rate = check_float("dropout_rate", dropout_rate, 0.0, 1.0, owner=owner)
-        self.dropout = keras.layers.Dropout(self.dropout_rate, dtype=self.dtype_policy)
+        self.dropout = Dropout(self.dropout_rate, dtype=self.dtype_policy)
         self.router_metrics = {}
 
     ensemble_size = 1  # SparseMoE's E^3 option; see `to_groups`.

@@ -9,6 +9,7 @@ experts, C capacity (slots per expert and group), K selected experts per token
 """
 
 import collections
+import math
 
 from keras import ops
 
@@ -103,6 +104,13 @@ def sparse_moe(tokens, plan, experts, dispatch=dispatch, combine=combine):
     """
     expert_inputs = dispatch(tokens, plan.dispatch_index)  # (E, G*C, D)
     return combine(experts(expert_inputs), plan.combine_index, plan.combine_weights)
+
+
+def static_num_slots(plan):
+    """G x E x C capacity slots of `plan`, or None where a dimension is only
+    known at run time (a graph traced for any batch size)."""
+    shape = tuple(plan.dispatch_index.shape)
+    return None if None in shape else math.prod(shape)
 
 
 def compact_plan(plan, group_size):

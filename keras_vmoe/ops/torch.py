@@ -3,7 +3,8 @@
 PyTorch runs eagerly under Keras, so shapes may depend on the routing:
 `sparse_moe` runs each expert on its occupied slots only (a per-expert
 matmul loop; on this CPU faster than `bmm` and than `F.grouped_mm`, which
-pays off on GPUs), so empty capacity costs nothing. Under `torch.compile`
+pays off on GPUs), so empty capacity costs nothing; below `PADDED_SLOTS`
+capacity slots (one small image) the padded `bmm` path costs less. Under `torch.compile`
 (Keras' `jit_compile=True`) it keeps static shapes instead: the per-expert
 counts would be a device-to-host copy and a graph break. On CUDA in
 bfloat16 the experts run as one `F.grouped_mm` (`grouped_dense`). The rest saves passes
@@ -51,8 +52,18 @@ def combine(expert_outputs, combine_index, combine_weights):
     return _weighted_choices(_with_zero_row(expert_outputs), rows, ops.convert_to_tensor(combine_weights))
 
 
+# At or below this many capacity slots (G x E x C) the padded path (two
+# `baddbmm`) beats the per-expert loop, whose fixed cost (2 E matmuls through
+# Keras, then stacking E weight gradients) outweighs the empty slots it skips.
+# Measured with SparseMoE, E = 8, K = 2, capacity factor 1, one thread: padded
+# 4% / 13% faster (forward / training step) at 128 slots, even at 2,048, the
+# loop 16% faster at 8,192.
+PADDED_SLOTS = 2048
+
+
 def sparse_moe(tokens, plan, experts):
-    if torch.compiler.is_compiling():  # Static shapes: no counts on the host.
+    if torch.compiler.is_compiling() or generic.static_num_slots(plan) <= PADDED_SLOTS:
+        # Static shapes (under compile: no counts on the host).
         return generic.sparse_moe(tokens, plan, experts, dispatch=dispatch, combine=combine)
     tokens = ops.convert_to_tensor(tokens)
     token_rows, choice_rows, counts = generic.compact_plan(plan, tokens.shape[1])

@@ -24,6 +24,7 @@ def test_quick_benchmark_times_every_candidate(tmp_path):
             backend,
             "--parts",
             "headline",
+            "small_groups",
             "--out",
             str(out),
         ],
@@ -36,10 +37,12 @@ def test_quick_benchmark_times_every_candidate(tmp_path):
     assert process.returncode == 0, process.stdout[-3000:]
     report = json.loads(out.read_text())
     assert report["errors"] == []
-    (headline,) = report["benchmarks"]
-    for mode, phases in headline["results"].items():
-        for phase in ("forward", "train"):
-            timings = phases[phase]
-            assert set(timings) == set(headline["labels"]), (mode, phase)
-            for label, timing in timings.items():
-                assert 0 < timing["min_ms"] <= timing["median_ms"], (mode, phase, label)
+    assert [b["benchmark"]["name"] for b in report["benchmarks"]] == ["headline", "small groups"]
+    for benchmark in report["benchmarks"]:
+        for mode, phases in benchmark["results"].items():
+            for phase in ("forward", "train"):
+                timings = phases[phase]
+                assert set(timings) == set(benchmark["labels"]), (mode, phase)
+                for label, timing in timings.items():
+                    assert 0 < timing["min_ms"] <= timing["median_ms"], (mode, phase, label)
+    assert "experts_only" in report["benchmarks"][1]["labels"]

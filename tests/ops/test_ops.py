@@ -183,8 +183,22 @@ def expert_mlp(kernel):
 
 
 @pytest.mark.parametrize("capacity_factor", [0.5, 2.0])
-def test_sparse_moe_override_equals_the_padded_reference_with_gradients(capacity_factor):
+@pytest.mark.parametrize("padded_slots", [None, 0])
+def test_sparse_moe_override_equals_the_padded_reference_with_gradients(
+    capacity_factor, padded_slots, monkeypatch
+):
+    """`padded_slots=0`: the per-expert path, which the PyTorch and
+    TensorFlow-graph overrides take above `PADDED_SLOTS` capacity slots
+    (these plans have fewer)."""
+    import importlib
+
     from keras_vmoe.layers.routing import RoutingPlan
+
+    if padded_slots is not None:
+        if backend() == "jax":
+            pytest.skip("JAX has no sparse_moe override")
+        module = importlib.import_module(f"keras_vmoe.ops.{backend()}")
+        monkeypatch.setattr(module, "PADDED_SLOTS", padded_slots)
 
     dispatch_index, combine_index, combine_weights = routing_plan(capacity_factor, seed=5)
     rng = np.random.RandomState(6)
