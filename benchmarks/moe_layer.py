@@ -5,6 +5,7 @@ Run from the repository root (one process per backend, one after the other):
     python benchmarks/moe_layer.py                       # everything, all three backends
     python benchmarks/moe_layer.py --parts headline      # the acceptance configuration only
     python benchmarks/moe_layer.py --parts small_groups  # one 64-token image, with the expert floor
+    python benchmarks/moe_layer.py --parts accelerator --backends jax torch   # on a GPU / TPU only
     python benchmarks/moe_layer.py --quick               # tiny shapes: a smoke test, < 2 minutes
     python benchmarks/moe_layer.py --parts routers --rounds 7 3   # the routers, fewer rounds
     python benchmarks/moe_layer.py --backends torch --out benchmarks/results/torch.json
@@ -30,6 +31,12 @@ What it measures
     - `--parts small_groups`: one image of 64 tokens (16 per expert at E=8,
       K=2: serving one image at a time) with `dense`, `experts_only`,
       `sparse_moe`, `soft_moe` and `vmoe_einsum`, 4 x the rounds.
+    - `--parts accelerator` (not in the default parts; for a GPU or TPU):
+      bfloat16, 32 x 1,024 tokens, hidden 1024, MLP 4096, E = 8 and 64,
+      K = 2: `sparse_moe` with padded experts (`padded`) against grouped
+      matmuls (`grouped`: `jax.lax.ragged_dot`, `torch.nn.functional.
+      grouped_mm`), `soft_moe` and the dense MLP; the throughput fraction of
+      the dense MLP is 1 / the ratio.
     - `--parts routers`: `SparseMoE` with each router of the router study
       (token choice, Sinkhorn token / expert choice, sparsity-constrained
       token / expert choice, sparse top-k, expert choice) at groups of one
@@ -56,6 +63,9 @@ How it measures
     function compiled ahead of time (jax-jit) or traced (tf-graph), it resets
     the peak RSS and reports how much one forward call raises it (ru_maxrss),
     next to the analytic size of the routing tables and expert inputs.
+    `--parts memory_scale` does the same for one routing group of 16,384
+    tokens with E = 64, K = 2 (the dense MLP and `sparse_moe`), over one
+    forward and backward call.
     `--quick` shrinks every shape (hidden 64, 4 x 64 tokens) and the rounds,
     and by default runs the headline and the memory probe only.
 
@@ -91,7 +101,7 @@ MODES = {"jax": ("jax-jit",), "tensorflow": ("tf-graph", "tf-xla"), "torch": ("t
 # tf-graph is also what Keras runs on a CPU-only machine).
 MEMORY_MODES = {"jax": "jax-jit", "tensorflow": "tf-graph", "torch": "torch-eager"}
 MEMORY_CANDIDATES = ("dense", "sparse_moe", "vmoe_einsum")
-PARTS = ("headline", "small_groups", "sweeps", "memory", "routers")
+PARTS = ("headline", "small_groups", "sweeps", "memory", "memory_scale", "routers", "accelerator")
 # The router study's routers, timed against token choice at the headline workload.
 STUDY_ROUTERS = (
     "token_choice",
@@ -127,6 +137,9 @@ class Case:
     group_size: int | None = None
     capacity_factor: float | None = None
     router: str = "token_choice"
+    # `sparse_moe` only: grouped matmuls forced on (True) or off (False);
+    # None: the device's choice (`keras_vmoe.ops.uses_grouped_gemm`).
+    grouped_gemm: bool | None = None
 
     def tiny(self):
         """The same candidate for `Benchmark.tiny` inputs."""
@@ -147,6 +160,7 @@ class Benchmark:
     cases: tuple[Case, ...]
     forward_rounds: int
     train_rounds: int
+    dtype: str = "float32"
 
     @classmethod
     def from_dict(cls, spec):
@@ -188,14 +202,18 @@ class Benchmark:
         if case.router != "token_choice":
             return f"{case.router} g={case.group_size} cf={case.capacity_factor}"
         if case.group_size is not None:
-            return f"{case.candidate} g={case.group_size} cf={case.capacity_factor}"
+            label = f"{case.candidate} g={case.group_size} cf={case.capacity_factor}"
+            if case.grouped_gemm is not None:
+                label += " grouped" if case.grouped_gemm else " padded"
+            return label
         return case.candidate
 
     def title(self):
+        dtype = "" if self.dtype == "float32" else f", {self.dtype}"
         return (
             f"{self.name}: {self.num_images} x {self.tokens_per_image} tokens, "
             f"hidden {self.hidden_dim}, mlp {self.mlp_dim}, E={self.num_experts}, "
-            f"K={self.num_selected_experts}"
+            f"K={self.num_selected_experts}{dtype}"
         )
 
     def tiny(self):
@@ -296,6 +314,30 @@ def small_groups_benchmark(scale):
     )
 
 
+def accelerator_benchmarks(scale, quick):
+    """For a GPU or TPU: bfloat16, 32 x 1,024 tokens (quick: the quick
+    scale), hidden 1024, MLP 4096, E = 8 and 64, K = 2, groups of one
+    1,024-token image: the sparse layer's padded experts against its
+    grouped matmuls (`ragged_dot` / `grouped_mm`), Soft MoE, the dense MLP.
+    Not part of the default parts: on a CPU it takes hours."""
+    shape = (scale.num_images, scale.tokens_per_image) if quick else (32, 1024)
+    width = (scale.hidden_dim, scale.mlp_dim) if quick else (1024, 4096)
+    accelerator = dataclasses.replace(scale, hidden_dim=width[0], mlp_dim=width[1])
+    benchmarks = []
+    for num_experts in (8, 64):
+        group = shape[1]
+        cases = [
+            Case("dense"),
+            Case("sparse_moe", group, 1.0, grouped_gemm=False),
+            Case("sparse_moe", group, 1.0, grouped_gemm=True),
+            Case("soft_moe"),
+        ]
+        name = f"accelerator E={num_experts}"
+        benchmark = make_benchmark(accelerator, name, num_experts, 2, cases, *shape, sweep=True)
+        benchmarks.append(dataclasses.replace(benchmark, dtype="bfloat16"))
+    return benchmarks
+
+
 def routers_benchmark(scale):
     """Every router of the router study in a `SparseMoE` at the headline
     workload (groups of one image), at equal per-token compute: capacity
@@ -353,6 +395,16 @@ def memory_probes(scale, quick):
     cases = [] if quick else [Case("dense")]
     for group_size in (batch,) if quick else (image, batch):
         cases += [Case("sparse_moe", group_size, 1.0), Case("vmoe_einsum", group_size, 1.0)]
+    return [(benchmark, case) for case in cases]
+
+
+def memory_scale_probes(scale, quick):
+    """One routing group of 16,384 tokens (quick: 1,024) with E = 64, K = 2:
+    the dense MLP and `sparse_moe`, forward and backward. (The one-hot
+    einsum dispatch would hold two (S, E, C) tables: 4.3 GB here.)"""
+    tokens = 1024 if quick else 16384
+    cases = [Case("dense"), Case("sparse_moe", tokens, 1.0)]
+    benchmark = make_benchmark(scale, "memory at scale", 64, 2, cases, 1, tokens)
     return [(benchmark, case) for case in cases]
 
 
@@ -453,8 +505,9 @@ def run_timings(backends, benchmarks):
     return {backend: run_worker(backend, task) for backend in backends}
 
 
-def run_memory(backends, probes):
-    """One record per (backend, probe), each measured in its own process."""
+def run_memory(backends, probes, training=False):
+    """One record per (backend, probe), each measured in its own process;
+    `training`: a forward and backward call instead of a forward one."""
     records = []
     for backend in backends:
         for benchmark, case in probes:
@@ -463,11 +516,13 @@ def run_memory(backends, probes):
                 "benchmark": dataclasses.asdict(benchmark),
                 "case": dataclasses.asdict(case),
                 "mode": MEMORY_MODES[backend],
+                "training": training,
             }
             records.append(
                 {
                     "backend": backend,
                     "mode": MEMORY_MODES[backend],
+                    "training": training,
                     "label": benchmark.label(case),
                     **dataclasses.asdict(case),
                     **run_worker(backend, task),
@@ -630,7 +685,7 @@ def parse_args(argv):
     )
     args = parser.parse_args(argv)
     if args.parts is None:
-        args.parts = ["headline", "memory"] if args.quick else list(PARTS)
+        args.parts = ["headline", "memory"] if args.quick else [p for p in PARTS if p != "accelerator"]
     if args.out is None and not args.quick:
         stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
         args.out = BENCHMARK_DIR / "results" / f"moe_layer-{stamp}.json"
@@ -666,6 +721,8 @@ def main(argv=None):
         benchmarks += sweep_benchmarks(scale)
     if "routers" in args.parts:
         benchmarks.append(routers_benchmark(scale))
+    if "accelerator" in args.parts:
+        benchmarks += accelerator_benchmarks(scale, args.quick)
     if benchmarks:
         answers = run_timings(args.backends, benchmarks)
         report["benchmarks"] = collect(benchmarks, answers)
@@ -677,6 +734,9 @@ def main(argv=None):
     if "memory" in args.parts:
         report["memory"] = run_memory(args.backends, memory_probes(scale, args.quick))
         report["errors"] += [r["error"] for r in report["memory"] if "error" in r]
+    if "memory_scale" in args.parts:
+        report["memory_scale"] = run_memory(args.backends, memory_scale_probes(scale, args.quick), True)
+        report["errors"] += [r["error"] for r in report["memory_scale"] if "error" in r]
 
     modes = [mode for backend in args.backends for mode in MODES[backend]]
     for backend, overrides in report["ops_overrides"].items():
@@ -687,6 +747,10 @@ def main(argv=None):
     if "memory" in report:
         print(f"\n== dispatch memory, one forward call: {headline_benchmark(scale).title()}")
         print(memory_table(report["memory"]))
+    if "memory_scale" in report:
+        title = memory_scale_probes(scale, args.quick)[0][0].title()
+        print(f"\n== {title}; one forward and backward call")
+        print(memory_table(report["memory_scale"]))
     write_report(report, args.out)
     return report
 

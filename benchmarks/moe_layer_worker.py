@@ -63,8 +63,9 @@ def ops_overrides():
 def build_layer(benchmark, case):
     """The built layer that `case` names, for `benchmark`'s inputs."""
     num_experts, k, mlp_dim = benchmark.num_experts, benchmark.num_selected_experts, benchmark.mlp_dim
+    dtype = benchmark.dtype
     if case.candidate == "dense":
-        layer = Mlp(mlp_dim=benchmark.dense_mlp_dim)
+        layer = Mlp(mlp_dim=benchmark.dense_mlp_dim, dtype=dtype)
     elif case.candidate == "sparse_moe":
         layer = SparseMoE(
             num_experts=num_experts,
@@ -73,9 +74,11 @@ def build_layer(benchmark, case):
             num_selected_experts=k,
             capacity_factor=case.capacity_factor,
             group_size=case.group_size,
+            dtype=dtype,
         )
     elif case.candidate == "soft_moe":
-        layer = SoftMoE(num_experts=num_experts, mlp_dim=mlp_dim, slots_per_expert=benchmark.slots_per_expert)
+        slots = benchmark.slots_per_expert
+        layer = SoftMoE(num_experts=num_experts, mlp_dim=mlp_dim, slots_per_expert=slots, dtype=dtype)
     elif case.candidate == "vmoe_einsum":
         layer = OneHotEinsumMoE(num_experts, mlp_dim, k, case.capacity_factor, case.group_size)
     elif case.candidate == "dense_masked":
@@ -152,12 +155,16 @@ def tensorflow_step(layer, tokens, cotangent, training, jit_compile, prepare=Fal
 
 
 def torch_step(layer, tokens, cotangent, training, prepare=False):
-    tokens, cotangent = torch.from_numpy(tokens), torch.from_numpy(cotangent)
+    # On Keras' device (a GPU if there is one), once, not at every call.
+    tokens, cotangent = ops.convert_to_tensor(tokens), ops.convert_to_tensor(cotangent)
     differentiated = [v.value for v in layer.trainable_variables] + [tokens]
+    # CUDA runs asynchronously: a step returns once its kernels are done.
+    synchronize = torch.cuda.synchronize if tokens.is_cuda else lambda: None
 
     def forward():
         with torch.no_grad():  # As Keras' predict_step on torch.
             layer(tokens, training=False)
+        synchronize()
 
     def train():
         for tensor in differentiated:
@@ -165,6 +172,7 @@ def torch_step(layer, tokens, cotangent, training, prepare=False):
         tokens.requires_grad_(True)
         loss = scalar_loss(layer(tokens, training=True), cotangent, layer.losses)
         loss.backward()
+        synchronize()
 
     return train if training else forward
 
@@ -175,6 +183,19 @@ STEP_BUILDERS = {
     "tf-graph": functools.partial(tensorflow_step, jit_compile=False),
     "torch-eager": torch_step,
 }
+
+
+def with_grouped_gemm(enabled, step):
+    """`step` run with grouped matmuls forced on or off (None: as it is);
+    the choice is made when a layer is called (traced, under jit)."""
+    if enabled is None:
+        return step
+
+    def run():
+        with moe_ops.grouped_gemm(enabled):
+            return step()
+
+    return run
 
 
 # Timing -------------------------------------------------------------------
@@ -227,7 +248,7 @@ def run_timing(task):
         benchmark = Benchmark.from_dict(spec)
         keras.utils.set_random_seed(0)
         tokens, cotangent = make_inputs(benchmark)
-        layers = {}
+        layers, cases = {}, {benchmark.label(case): case for case in benchmark.cases}
         for case in benchmark.cases:
             try:
                 layers[benchmark.label(case)] = build_layer(benchmark, case)
@@ -237,7 +258,9 @@ def run_timing(task):
         for phase, rounds in (("forward", benchmark.forward_rounds), ("train", benchmark.train_rounds)):
             training = phase == "train"
             steps = {
-                (mode, label): STEP_BUILDERS[mode](layer, tokens, cotangent, training)
+                (mode, label): with_grouped_gemm(
+                    cases[label].grouped_gemm, STEP_BUILDERS[mode](layer, tokens, cotangent, training)
+                )
                 for mode in modes
                 for label, layer in layers.items()
             }
@@ -279,7 +302,8 @@ def analytic_dispatch_mb(benchmark, case, capacity):
 
 
 def run_memory(task):
-    """Peak RSS increase over one forward call of one candidate in one mode."""
+    """Peak RSS increase over one forward call (or, with `training`, one
+    forward and backward call) of one candidate in one mode."""
     benchmark, case, mode = Benchmark.from_dict(task["benchmark"]), Case(**task["case"]), task["mode"]
     if case.candidate not in MEMORY_CANDIDATES:
         raise ValueError(f"no memory probe for {case.candidate!r}")
@@ -287,11 +311,12 @@ def run_memory(task):
     tiny_benchmark, tiny_case = benchmark.tiny(), case.tiny()
     tiny_tokens, tiny_cotangent = make_inputs(tiny_benchmark)
     tiny_layer = build_layer(tiny_benchmark, tiny_case)
-    STEP_BUILDERS[mode](tiny_layer, tiny_tokens, tiny_cotangent, training=False)()
+    training = task.get("training", False)  # Forward and backward.
+    STEP_BUILDERS[mode](tiny_layer, tiny_tokens, tiny_cotangent, training=training)()
 
     layer = build_layer(benchmark, case)
     tokens, cotangent = make_inputs(benchmark)
-    step = STEP_BUILDERS[mode](layer, tokens, cotangent, training=False, prepare=True)
+    step = STEP_BUILDERS[mode](layer, tokens, cotangent, training=training, prepare=True)
     gc.collect()
     reset_peak_rss()
     before = peak_rss_mb()
@@ -303,7 +328,8 @@ def run_memory(task):
         else:
             capacity = layer.router.capacity(case.group_size)
         result.update(capacity=capacity, **analytic_dispatch_mb(benchmark, case, capacity))
-    log(f"memory {mode} {benchmark.label(case)}: +{result['peak_rss_increase_mb']:.1f} MB")
+    phase = "forward and backward" if training else "forward"
+    log(f"memory {mode} {phase} {benchmark.label(case)}: +{result['peak_rss_increase_mb']:.1f} MB")
     return result
 
 

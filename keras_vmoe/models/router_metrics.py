@@ -7,11 +7,16 @@ then shows beside the loss: `moe_auxiliary_loss` (the summed auxiliary losses
 of all MoE layers, the term added to the training loss) and
 `moe_dropped_tokens` (the mean fraction of tokens no expert processed; only
 when a layer can drop tokens, i.e. not for Soft MoE).
+
+It also keeps a training step's state the same at the start of every step
+(`zero_grad`, the layers' losses), so that on PyTorch Keras'
+`jit_compile=True` step compiles once rather than at every step.
 """
 
 import keras
 from keras import ops
 
+from keras_vmoe import ops as moe_ops
 from keras_vmoe.models.vision_transformer import collect_moe_layers
 
 
@@ -31,9 +36,16 @@ class RouterMetricsMixin:
         self.record_router_metrics()
         return loss
 
+    def zero_grad(self, set_to_none=True):
+        """What Keras' PyTorch train step calls to drop the last step's
+        gradients: sets them to None (`keras_vmoe.ops.zero_grad`)."""
+        moe_ops.zero_grad(self)
+
     def record_router_metrics(self):
-        """Updates the trackers from the MoE layers' latest call (a task
-        with its own `compute_loss` calls this there)."""
+        """Updates the trackers from the MoE layers' latest call and, the
+        loss being computed, clears the layers' losses (a task with its own
+        `compute_loss` calls this at its end)."""
+        moe_ops.clear_losses(self)
         recorded = [layer.router_metrics for layer in getattr(self, "_moe_layers", ())]
         recorded = [metrics for metrics in recorded if metrics]
         if recorded:

@@ -29,6 +29,8 @@ from keras_vmoe.ops import generic
 from keras_vmoe.ops import group_local
 
 OP_NAMES = (
+    "zero_grad",
+    "clear_losses",
     "dot_product_attention",
     "amax",
     "amin",
@@ -74,6 +76,10 @@ amax = OVERRIDES.get("amax", keras.ops.max)
 amin = OVERRIDES.get("amin", keras.ops.min)
 normal = OVERRIDES.get("normal", keras.random.normal)
 dot_product_attention = OVERRIDES.get("dot_product_attention", keras.ops.dot_product_attention)
+# A training step's bookkeeping (PyTorch: `zero_grad`, which Keras' train step
+# calls, and a model's losses after `compute_loss`); nothing elsewhere.
+zero_grad = OVERRIDES.get("zero_grad", lambda model: None)
+clear_losses = OVERRIDES.get("clear_losses", lambda model: None)
 GroupedRows = generic.GroupedRows
 _prefers_grouped_gemm = OVERRIDES.get("prefers_grouped_gemm", lambda tokens: False)
 _grouped_gemm = {"0": False, "1": True}.get(os.environ.get("KERAS_VMOE_GROUPED_GEMM", ""), None)

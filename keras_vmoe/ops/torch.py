@@ -104,6 +104,21 @@ def normal(shape, mean=0.0, stddev=1.0, dtype=None, seed=None):
     return torch.randn(tuple(shape), dtype=getattr(torch, dtype), device=get_device()) * stddev + mean
 
 
+def zero_grad(model):
+    """`Module.zero_grad` without its `if p.grad is not None` test, which
+    `torch.compile` guards on: with it, Keras' compiled train step recompiles
+    at every step until dynamo's recompile limit, then runs eagerly."""
+    for variable in model.trainable_variables:
+        variable.value.grad = None
+
+
+def clear_losses(model):
+    """Empties the layers' `add_loss` lists once the loss has read them, so
+    that a compiled train step starts every step with the state it was
+    compiled for (empty lists) instead of recompiling for the last step's."""
+    model._clear_losses()
+
+
 def dot_product_attention(query, key, value, mask=None):
     """`keras.ops.dot_product_attention` without Keras' flash-attention probe
     (an object dynamo cannot build: a graph break); PyTorch's
