@@ -424,7 +424,8 @@ def limit_threads(backend):
         import torch
 
         torch.set_num_threads(1)
-        torch.set_num_interop_threads(1)
+        if torch.get_num_interop_threads() != 1:  # Settable once, before any parallel work.
+            torch.set_num_interop_threads(1)
     elif backend == "tensorflow":
         import tensorflow as tf
 

@@ -15,6 +15,9 @@
   go straight through `keras_vmoe`'s own expert bank as E x (K S / E)
   capacity slots. The floor under any dispatch of the same expert FLOPs:
   time above it is routing, dispatch and combine.
+- `ExpertsOf`: the same floor for a built `SparseMoE` or `SoftMoE` (a
+  model's own layer): its expert bank alone on the capacity slots (soft
+  slots) its router gives each routing group, filled with the group's tokens.
 
 Both keep the expert MLP of `keras_vmoe.layers.SparseMoE` (Dense -> tanh GELU
 -> Dense, weight banks (E, D, H) and (E, H, D)) rather than Mixtral's SwiGLU,
@@ -171,6 +174,37 @@ class ExpertsOnly(ExpertBank, keras.layers.Layer):
         slots = ops.reshape(ops.tile(tokens, (k, 1)), (self.num_experts, -1, shape[-1]))  # (E, K*N/E, D)
         outputs = ops.reshape(self.run_experts(slots, training=training), (k, -1, shape[-1]))
         return ops.reshape(ops.sum(outputs, axis=0), shape)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
+class ExpertsOf(keras.layers.Layer):
+    """`moe`'s expert bank alone (its weights, overrides included) on the
+    E x C slots per routing group that its router gives (C: the capacity of a
+    token-choice router, the slots per expert of a soft one), filled with the
+    group's tokens repeated; no router, no dispatch, no combine. Each token
+    gets the mean of its group's expert outputs, so that every slot's output
+    reaches the loss (the gradient of every slot is computed)."""
+
+    def __init__(self, moe, **kwargs):
+        super().__init__(**kwargs)
+        self.moe = moe
+
+    def call(self, inputs, training=None):
+        moe, shape = self.moe, ops.shape(inputs)
+        tokens = moe.group_tokens(inputs)  # (G, S, D)
+        groups, group_size, dim = tokens.shape
+        slots = moe.num_experts * moe.router.capacity(group_size)
+        repeats = -(-slots // group_size)
+        slots_in = ops.tile(tokens, (1, repeats, 1))[:, :slots]  # (G, E*C, D)
+        slots_in = ops.reshape(slots_in, (groups, moe.num_experts, -1, dim))  # (G, E, C, D)
+        expert_inputs = ops.reshape(ops.swapaxes(slots_in, 0, 1), (moe.num_experts, -1, dim))  # (E, G*C, D)
+        outputs = ops.reshape(
+            moe.run_experts(expert_inputs, training=training), (moe.num_experts, groups, -1, dim)
+        )
+        group_means = ops.mean(outputs, axis=(0, 2))[:, None, :]  # (G, 1, D)
+        return ops.reshape(tokens + group_means, shape)
 
     def compute_output_shape(self, input_shape):
         return input_shape

@@ -2,7 +2,7 @@
 
 Run from the repository root:
 
-    python benchmarks/whole_model.py                    # all three backends, about 40 minutes here
+    python benchmarks/whole_model.py                    # all three backends, about 2 hours here
     python benchmarks/whole_model.py --backends torch   # one backend
     python benchmarks/whole_model.py --quick            # tiny models, seconds: a smoke test
 
@@ -30,6 +30,18 @@ What it measures
     FLOPs over its twin's (`keras_vmoe.models.count_flops`, forward FLOPs per
     image: K experts per token, capacity-padded slots), and their quotient:
     1.0 means the experts cost exactly their FLOPs.
+    Where the time goes: one MoE layer of the model, its experts alone
+    (`moe_references.ExpertsOf`: the expert bank on the router's capacity
+    slots, no router, no dispatch, no combine) and the twin's MLP, timed as
+    layers at the model's shapes and batch in the same process (as
+    `moe_layer.py` times layers, in the mode Keras uses). The dense twin's
+    time plus, per MoE layer, the experts' time over the MLP's predicts a
+    `floor` for the ratio above (what the expert matmuls cost at these
+    shapes: few rows per expert make them bound by reading the expert
+    weights); with the whole MoE layer instead, `from_layers`; `routing_ms`
+    is the MoE layer's time above its experts'. What the measured ratio
+    has above `from_layers` is outside the MoE layers (the optimizer's
+    update of E times more MLP weights, in training).
 
 How it measures
     One process per backend, one thread (benchmarks/moe_layer.py's settings).
@@ -67,6 +79,8 @@ ROUNDS = {
     "vmoe_b16_every2": {1: (10, 5), 64: (2, 2)},
 }
 QUICK_ROUNDS = (2, 1)
+# (forward rounds, training rounds) of the layer-level decomposition, by batch size.
+LAYER_ROUNDS = {1: (40, 20), 64: (5, 3)}
 QUICK_IMAGE = 32  # --quick: 32 x 32 images and 2 blocks of width 32.
 
 
@@ -139,6 +153,56 @@ def time_pair(models, images, labels, rounds):
     return {key: statistics.median(values) for key, values in times.items()}
 
 
+def time_layers(models, batch, rounds):
+    """One MoE layer of the MoE model, the same layer's experts alone
+    (`moe_references.ExpertsOf`: its capacity slots, no routing) and the
+    twin's MLP, at the model's shapes and batch, forward and training step,
+    as `moe_layer.py` times layers in the mode Keras uses here ("auto").
+    Returns ({phase: {layer: median ms}}, number of MoE layers)."""
+    import keras
+    import numpy as np
+    from moe_layer import MEMORY_MODES
+    from moe_layer_worker import STEP_BUILDERS
+    from moe_layer_worker import time_interleaved
+    from moe_references import ExpertsOf
+
+    from keras_vmoe.layers import Mlp
+    from keras_vmoe.layers.moe import MoELayer
+
+    moe_layers = [layer for layer in models["moe"]._flatten_layers() if isinstance(layer, MoELayer)]
+    mlp = next(layer for layer in models["dense"]._flatten_layers() if isinstance(layer, Mlp))
+    moe = moe_layers[0]
+    shape = (batch,) + tuple(moe._build_shapes_dict["input_shape"][1:])
+    experts = ExpertsOf(moe)
+    experts.build(shape)
+    layers = {"mlp": mlp, "moe": moe, "experts": experts}
+    rng = np.random.default_rng(0)
+    tokens, cotangent = (rng.standard_normal(shape, dtype=np.float32) for _ in range(2))
+    step = STEP_BUILDERS[MEMORY_MODES[keras.backend.backend()]]
+    times = {}
+    for phase, count in zip(PHASES, rounds):
+        steps = {name: step(layer, tokens, cotangent, phase == "train") for name, layer in layers.items()}
+        measured, errors = time_interleaved(steps, count, f"layers, batch {batch}, {phase}")
+        if errors:
+            raise RuntimeError(f"layer timing failed: {errors}")
+        times[phase] = {name: m["median_ms"] for name, m in measured.items()}
+    return times, len(moe_layers)
+
+
+def decompose(record, layer_ms, num_moe_layers, dense_seconds, flops_ratio):
+    """Adds to a phase's `record` what the layer timings predict: the dense
+    twin plus, per MoE layer, the MoE layer's time over the MLP's
+    (`from_layers`), or the experts' alone over the MLP's (`floor`), each over
+    the FLOPs ratio like `time_over_flops`; and the ms per layer above the
+    floor (`routing_ms`: router, dispatch, combine)."""
+    dense_ms = 1e3 * dense_seconds
+    for key, name in (("from_layers", "moe"), ("floor", "experts")):
+        extra = num_moe_layers * (layer_ms[name] - layer_ms["mlp"])
+        record[key] = (dense_ms + extra) / dense_ms / flops_ratio
+    record["layers_ms"] = layer_ms
+    record["routing_ms"] = layer_ms["moe"] - layer_ms["experts"]
+
+
 def run_worker(task):
     import keras
     import numpy as np
@@ -167,6 +231,9 @@ def run_worker(task):
                 rounds = QUICK_ROUNDS if task["quick"] else ROUNDS[pair][batch]
                 seconds = time_pair(models, images, labels, rounds)
                 record = {"flops_ratio": flops["moe"] / flops["dense"], "rounds": list(rounds)}
+                if mode == "auto":  # Where the time goes, at the layers (not for the compiled models).
+                    layer_rounds = QUICK_ROUNDS if task["quick"] else LAYER_ROUNDS[batch]
+                    layer_ms, num_moe_layers = time_layers(models, batch, layer_rounds)
                 for phase in PHASES:
                     moe, dense = seconds[("moe", phase)], seconds[("dense", phase)]
                     record[phase] = {
@@ -175,6 +242,10 @@ def run_worker(task):
                         "time_ratio": moe / dense,
                         "time_over_flops": moe / dense / record["flops_ratio"],
                     }
+                    if mode == "auto":
+                        decompose(
+                            record[phase], layer_ms[phase], num_moe_layers, dense, record["flops_ratio"]
+                        )
                 results.setdefault(pair, {}).setdefault(mode, {})[str(batch)] = record
                 if task.get("progress"):  # What is measured survives a worker killed later (OOM).
                     Path(task["progress"]).write_text(json.dumps({"results": results}))
@@ -219,27 +290,42 @@ def table(report):
                             f"{r['moe_images_per_s']:.1f} / {r['dense_images_per_s']:.1f}"
                             f" = {r['time_ratio']:.2f}x -> {r['time_over_flops']:.2f}"
                         )
+                        row.append(
+                            f"{r['floor']:.2f} / {r['from_layers']:.2f} / {r['routing_ms']:.1f}"
+                            if "floor" in r
+                            else ""
+                        )
                     rows.append(row)
-    header = ["backend", "model", "batch", "FLOPs ratio", "predict: img/s MoE / dense", "train: img/s"]
+    header = ["backend", "model", "batch", "FLOPs ratio", "predict: img/s MoE / dense", "floor / layers / ms"]
+    header += ["train: img/s", "floor / layers / ms"]
     return format_table(header, rows)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    task = {"pairs": args.pairs, "quick": args.quick, "batch_sizes": [1, 2] if args.quick else [1, 64]}
+    task = {"quick": args.quick, "batch_sizes": [1, 2] if args.quick else [1, 64]}
     report = {"machine": machine_info(), "quick": args.quick, "backends": {}, "errors": []}
     for backend in args.backends:
-        with tempfile.TemporaryDirectory() as folder:
-            progress = Path(folder) / "progress.json"
-            answer = run_script_worker(__file__, backend, dict(task, progress=str(progress)))
-            if "error" in answer:
-                report["errors"].append(f"{backend}: {answer['error']}")
-                if progress.exists():  # The pairs measured before it failed.
-                    answer = json.loads(progress.read_text())
-            if "results" in answer:
-                report["backends"][backend] = answer
+        # A fresh process per pair: a process that held the other pairs' models
+        # left too little of this 24 GB machine for B/16 at batch 64.
+        for pair in args.pairs:
+            with tempfile.TemporaryDirectory() as folder:
+                progress = Path(folder) / "progress.json"
+                answer = run_script_worker(
+                    __file__, backend, dict(task, pairs=[pair], progress=str(progress))
+                )
+                if "error" in answer:
+                    report["errors"].append(f"{backend} {pair}: {answer['error']}")
+                    if progress.exists():  # The batch sizes measured before it failed.
+                        answer = json.loads(progress.read_text())
+                results = report["backends"].setdefault(backend, {"results": {}})["results"]
+                results.update(answer.get("results", {}))
     report["table"] = table(report)
-    print("\n== images per second, MoE / dense, their time ratio -> time ratio over FLOPs ratio")
+    print(
+        "\n== images per second, MoE / dense, their time ratio -> time ratio over FLOPs ratio;"
+        "\n   the same ratio predicted from the layers' times with the experts alone (floor) and with the"
+        "\n   MoE layer (layers), and the ms per MoE layer above its experts (routing, dispatch, combine)"
+    )
     print(report["table"])
     write_report(report, args.out)
     return report

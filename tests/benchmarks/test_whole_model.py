@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import keras
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -44,3 +45,42 @@ def test_quick_benchmark_compares_each_moe_model_with_its_dense_twin(tmp_path):
                 assert timing["moe_images_per_s"] > 0 and timing["dense_images_per_s"] > 0
                 ratio = timing["dense_images_per_s"] / timing["moe_images_per_s"]
                 assert timing["time_over_flops"] == pytest.approx(ratio / record["flops_ratio"])
+                # Where the time goes: the dense twin plus one MoE layer's
+                # (experts alone / whole layer) time over the twin's MLP.
+                dense_ms = 1e3 * int(batch) / timing["dense_images_per_s"]
+                layer_ms = timing["layers_ms"]
+                for key, name in (("floor", "experts"), ("from_layers", "moe")):
+                    predicted = (dense_ms + layer_ms[name] - layer_ms["mlp"]) / dense_ms
+                    assert timing[key] == pytest.approx(predicted / record["flops_ratio"])
+                assert timing["routing_ms"] == pytest.approx(layer_ms["moe"] - layer_ms["experts"])
+
+
+@pytest.mark.parametrize("layer_name", ["sparse", "soft"])
+def test_experts_of_runs_the_bank_on_the_routers_slots_only(layer_name):
+    """`ExpertsOf`: the layer's own expert weights on E x capacity slots per
+    routing group (the router's capacity), nothing else."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from moe_references import ExpertsOf
+
+    from keras_vmoe.layers import SoftMoE
+    from keras_vmoe.layers import SparseMoE
+
+    if layer_name == "sparse":  # 2 x 9 choices at capacity factor 1.05 -> ceil(4.7) = 5 -> 8 (multiple of 4)
+        moe, capacity = SparseMoE(num_experts=4, mlp_dim=6, num_selected_experts=2, capacity_factor=1.05), 8
+    else:
+        moe, capacity = SoftMoE(num_experts=4, mlp_dim=6, slots_per_expert=3), 3
+    moe.build((None, 9, 5))
+    assert moe.router.capacity(9) == capacity
+    layer = ExpertsOf(moe)
+    tokens = keras.random.normal((2, 9, 5), seed=0)
+    outputs = layer(tokens)
+    assert tuple(outputs.shape) == (2, 9, 5)
+    # By hand: each image's tokens tiled into 4 x capacity slots, each
+    # expert's MLP on its slots, the mean of all outputs added to every token.
+    x = keras.ops.convert_to_numpy(tokens)
+    expected = []
+    for image in x:
+        slots = np.tile(image, (-(-4 * capacity // 9), 1))[: 4 * capacity].reshape(4, capacity, 5)
+        expert_outputs = keras.ops.convert_to_numpy(moe.run_experts(keras.ops.convert_to_tensor(slots)))
+        expected.append(image + expert_outputs.mean(axis=(0, 1)))
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(outputs), np.stack(expected), rtol=1e-5, atol=1e-6)
