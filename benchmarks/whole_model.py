@@ -40,8 +40,9 @@ What it measures
     shapes: few rows per expert make them bound by reading the expert
     weights); with the whole MoE layer instead, `from_layers`; `routing_ms`
     is the MoE layer's time above its experts'. What the measured ratio
-    has above `from_layers` is outside the MoE layers (the optimizer's
-    update of E times more MLP weights, in training).
+    has above `from_layers` is outside the MoE layers (in training most
+    likely the gradients and update of E times more MLP weights; not
+    profiled).
 
 How it measures
     One process per backend, one thread (benchmarks/moe_layer.py's settings).
