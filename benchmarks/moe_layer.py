@@ -632,6 +632,41 @@ def memory_table(records):
     return format_table(header, rows)
 
 
+# Environment variables that change how a process gets its memory (glibc's
+# malloc, PyTorch's CPU allocator); recorded with every result.
+MEMORY_ENV = (
+    "GLIBC_TUNABLES",
+    "THP_MEM_ALLOC_ENABLE",
+    "MALLOC_ARENA_MAX",
+    "MALLOC_MMAP_THRESHOLD_",
+    "LD_PRELOAD",
+)
+HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+
+
+def memory_settings():
+    """The system's transparent-huge-page mode and the memory variables set."""
+    try:
+        modes = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().split()
+        mode = next((m.strip("[]") for m in modes if m.startswith("[")), None)
+    except OSError:
+        mode = None
+    return {
+        "transparent_hugepage": mode,
+        "memory_env": {name: os.environ[name] for name in MEMORY_ENV if name in os.environ},
+    }
+
+
+def use_huge_pages():
+    """Asks glibc's malloc, in the worker processes started from here on, to
+    back its large blocks with transparent huge pages (glibc >= 2.35, the
+    system mode `madvise` or `always`): large fresh buffers, such as a
+    training step's weight gradients, then fault in 512 times fewer pages."""
+    tunables = [t for t in os.environ.get("GLIBC_TUNABLES", "").split(":") if t]
+    if HUGE_PAGES_TUNABLE not in tunables:
+        os.environ["GLIBC_TUNABLES"] = ":".join(tunables + [HUGE_PAGES_TUNABLE])
+
+
 def machine_info():
     def cpu_model():
         with open("/proc/cpuinfo") as cpuinfo:
@@ -648,6 +683,7 @@ def machine_info():
             versions[package] = None
     return {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        **memory_settings(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "cpu_model": cpu_model(),

@@ -5,6 +5,7 @@ Run from the repository root:
     python benchmarks/whole_model.py                    # all three backends, about 2 hours here
     python benchmarks/whole_model.py --backends torch   # one backend
     python benchmarks/whole_model.py --quick            # tiny models, seconds: a smoke test
+    python benchmarks/whole_model.py --huge-pages       # large buffers in huge pages (see below)
 
 What it measures
     Three MoE classifiers (224 x 224 x 3 inputs, 1,000 classes), each with the
@@ -40,9 +41,22 @@ What it measures
     shapes: few rows per expert make them bound by reading the expert
     weights); with the whole MoE layer instead, `from_layers`; `routing_ms`
     is the MoE layer's time above its experts'. What the measured ratio
-    has above `from_layers` is outside the MoE layers (in training most
-    likely the gradients and update of E times more MLP weights; not
-    profiled).
+    has above `from_layers` is outside the MoE layers.
+
+Memory and training steps
+    A training step writes every weight's gradient into fresh memory (Keras
+    drops the last step's gradients), and the operating system hands it out
+    a 4 KiB page at a time at first touch. Soft MoE S/16 has 0.92 B
+    parameters against its twin's 22 M: 3.7 GB of fresh gradients per step.
+    Profiled on this machine (a virtual machine, where a first touch costs
+    most: 6 GB in 11 s), an expert bank's weight-gradient `bmm` (128 x
+    1536 x 384 outputs, 302 MB) takes 570 ms inside the whole model's step,
+    140-170 ms in the layer's own step and 53 ms into a buffer already
+    touched; the optimizer's update itself takes 0.15-0.26 s. `--huge-pages`
+    runs the workers with glibc's malloc backing large blocks with
+    transparent huge pages (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, glibc
+    >= 2.35, which both JAX's and PyTorch's CPU allocators go through):
+    one fault per 2 MiB. The report records the memory settings it ran with.
 
 How it measures
     One process per backend, one thread (benchmarks/moe_layer.py's settings).
@@ -67,7 +81,9 @@ from moe_layer import answer_task  # noqa: E402
 from moe_layer import format_table  # noqa: E402
 from moe_layer import limit_threads  # noqa: E402
 from moe_layer import machine_info  # noqa: E402
+from moe_layer import memory_settings  # noqa: E402
 from moe_layer import run_script_worker  # noqa: E402
+from moe_layer import use_huge_pages  # noqa: E402
 from moe_layer import write_report  # noqa: E402
 
 BACKENDS = ("jax", "tensorflow", "torch")
@@ -255,7 +271,7 @@ def run_worker(task):
                     + ", ".join(f"{p} {record[p]['time_over_flops']:.2f}" for p in PHASES)
                 )
             del models
-    return {"results": results}
+    return {"results": results, "memory": memory_settings()}  # As this worker ran.
 
 
 def parse_args(argv):
@@ -263,6 +279,11 @@ def parse_args(argv):
     parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
     parser.add_argument("--pairs", nargs="+", choices=PAIRS, default=list(PAIRS))
     parser.add_argument("--quick", action="store_true", help="tiny models, few rounds (a smoke test)")
+    parser.add_argument(
+        "--huge-pages",
+        action="store_true",
+        help="workers back large buffers with transparent huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1)",
+    )
     parser.add_argument(
         "--out",
         type=Path,
@@ -305,6 +326,8 @@ def table(report):
 def main(argv=None):
     args = parse_args(argv)
     task = {"quick": args.quick, "batch_sizes": [1, 2] if args.quick else [1, 64]}
+    if args.huge_pages:
+        use_huge_pages()
     report = {"machine": machine_info(), "quick": args.quick, "backends": {}, "errors": []}
     for backend in args.backends:
         # A fresh process per pair: a process that held the other pairs' models
@@ -319,8 +342,9 @@ def main(argv=None):
                     report["errors"].append(f"{backend} {pair}: {answer['error']}")
                     if progress.exists():  # The batch sizes measured before it failed.
                         answer = json.loads(progress.read_text())
-                results = report["backends"].setdefault(backend, {"results": {}})["results"]
-                results.update(answer.get("results", {}))
+                record = report["backends"].setdefault(backend, {"results": {}})
+                record["results"].update(answer.get("results", {}))
+                record.setdefault("memory", answer.get("memory"))
     report["table"] = table(report)
     print(
         "\n== images per second, MoE / dense, their time ratio -> time ratio over FLOPs ratio;"

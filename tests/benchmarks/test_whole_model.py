@@ -16,7 +16,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 def test_quick_benchmark_compares_each_moe_model_with_its_dense_twin(tmp_path):
     backend = keras.backend.backend()
     out = tmp_path / "quick.json"
-    command = [sys.executable, "benchmarks/whole_model.py", "--quick", "--backends", backend]
+    command = [sys.executable, "benchmarks/whole_model.py", "--quick", "--huge-pages", "--backends", backend]
     process = subprocess.run(
         command + ["--pairs", "vmoe_s32", "soft_moe_s16", "--out", str(out)],
         cwd=ROOT,
@@ -29,6 +29,9 @@ def test_quick_benchmark_compares_each_moe_model_with_its_dense_twin(tmp_path):
     report = json.loads(out.read_text())
     assert report["errors"] == [] and list(report["backends"]) == [backend]
     results = report["backends"][backend]["results"]
+    # The workers ran with glibc's huge pages, and say so.
+    worker_env = report["backends"][backend]["memory"]["memory_env"]
+    assert "glibc.malloc.hugetlb=1" in worker_env["GLIBC_TUNABLES"].split(":")
     assert set(results) == {"vmoe_s32", "soft_moe_s16"}
     # K = 2 experts in one of two blocks: more FLOPs than the twin; Soft MoE
     # with 8 one-slot experts on 16 tokens: fewer.
@@ -84,3 +87,18 @@ def test_experts_of_runs_the_bank_on_the_routers_slots_only(layer_name):
         expert_outputs = keras.ops.convert_to_numpy(moe.run_experts(keras.ops.convert_to_tensor(slots)))
         expected.append(image + expert_outputs.mean(axis=(0, 1)))
     np.testing.assert_allclose(keras.ops.convert_to_numpy(outputs), np.stack(expected), rtol=1e-5, atol=1e-6)
+
+
+def test_use_huge_pages_adds_the_tunable_once(monkeypatch):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from moe_layer import memory_settings
+    from moe_layer import use_huge_pages
+
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+    use_huge_pages()
+    use_huge_pages()
+    expected = "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    assert memory_settings()["memory_env"]["GLIBC_TUNABLES"] == expected
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    use_huge_pages()
+    assert memory_settings()["memory_env"]["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
