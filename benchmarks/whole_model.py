@@ -44,8 +44,8 @@ What it measures
     has above `from_layers` is outside the MoE layers.
 
 Memory and training steps
-    A training step writes every weight's gradient into fresh memory (Keras
-    drops the last step's gradients), and the operating system hands it out
+    A training step writes every weight's gradient into new buffers (the
+    last step's are freed), and the operating system hands them out
     a 4 KiB page at a time at first touch. Soft MoE S/16 has 0.92 B
     parameters against its twin's 22 M: 3.7 GB of fresh gradients per step.
     Profiled on this machine (a virtual machine, where a first touch costs
@@ -55,8 +55,8 @@ Memory and training steps
     touched; the optimizer's update itself takes 0.15-0.26 s. `--huge-pages`
     runs the workers with glibc's malloc backing large blocks with
     transparent huge pages (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, glibc
-    >= 2.35, which both JAX's and PyTorch's CPU allocators go through):
-    one fault per 2 MiB. The report records the memory settings it ran with.
+    >= 2.35; JAX's and PyTorch's CPU buffers come from malloc here, and
+    both stepped faster with it): one fault per 2 MiB. The report records the memory settings it ran with.
 
 How it measures
     One process per backend, one thread (benchmarks/moe_layer.py's settings).
