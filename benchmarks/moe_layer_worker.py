@@ -177,11 +177,43 @@ def torch_step(layer, tokens, cotangent, training, prepare=False):
     return train if training else forward
 
 
+def torch_compiled_step(layer, tokens, cotangent, training, prepare=False):
+    """`torch_step` under `torch.compile`, as Keras' `jit_compile=True` runs
+    on PyTorch: the forward pass, or the loss (whose backward AOTAutograd
+    compiles with it) with `backward()` outside, as Keras' train step breaks
+    its graph there. The first call compiles."""
+    tokens, cotangent = ops.convert_to_tensor(tokens), ops.convert_to_tensor(cotangent)
+    synchronize = torch.cuda.synchronize if tokens.is_cuda else lambda: None
+    forward_graph = torch.compile(lambda tokens: layer(tokens, training=False))
+    loss_graph = torch.compile(
+        lambda tokens: scalar_loss(layer(tokens, training=True), cotangent, layer.losses)
+    )
+
+    # Each call starts with no losses left on the layer (dynamo guards on
+    # them) and without gradients, as Keras' compiled train step does.
+    def forward():
+        moe_ops.clear_losses(layer)
+        with torch.no_grad():
+            forward_graph(tokens)
+        synchronize()
+
+    def train():
+        moe_ops.clear_losses(layer)
+        moe_ops.zero_grad(layer)
+        tokens.grad = None
+        tokens.requires_grad_(True)
+        loss_graph(tokens).backward()
+        synchronize()
+
+    return train if training else forward
+
+
 STEP_BUILDERS = {
     "jax-jit": jax_step,
     "tf-xla": functools.partial(tensorflow_step, jit_compile=True),
     "tf-graph": functools.partial(tensorflow_step, jit_compile=False),
     "torch-eager": torch_step,
+    "torch-compiled": torch_compiled_step,
 }
 
 

@@ -35,7 +35,8 @@ What it measures
     (`moe_references.ExpertsOf`: the expert bank on the router's capacity
     slots, no router, no dispatch, no combine) and the twin's MLP, timed as
     layers at the model's shapes and batch in the same process (as
-    `moe_layer.py` times layers, in the mode Keras uses). The dense twin's
+    `moe_layer.py` times layers, in the mode Keras uses; under
+    `torch.compile` for the compiled models). The dense twin's
     time plus, per MoE layer, the experts' time over the MLP's predicts a
     `floor` for the ratio above (what the expert matmuls cost at these
     shapes: few rows per expert make them bound by reading the expert
@@ -170,11 +171,12 @@ def time_pair(models, images, labels, rounds):
     return {key: statistics.median(values) for key, values in times.items()}
 
 
-def time_layers(models, batch, rounds):
+def time_layers(models, batch, rounds, mode):
     """One MoE layer of the MoE model, the same layer's experts alone
     (`moe_references.ExpertsOf`: its capacity slots, no routing) and the
     twin's MLP, at the model's shapes and batch, forward and training step,
-    as `moe_layer.py` times layers in the mode Keras uses here ("auto").
+    as `moe_layer.py` times layers in the mode Keras uses here ("auto"), or
+    under `torch.compile` ("compiled").
     Returns ({phase: {layer: median ms}}, number of MoE layers)."""
     import keras
     import numpy as np
@@ -195,7 +197,7 @@ def time_layers(models, batch, rounds):
     layers = {"mlp": mlp, "moe": moe, "experts": experts}
     rng = np.random.default_rng(0)
     tokens, cotangent = (rng.standard_normal(shape, dtype=np.float32) for _ in range(2))
-    step = STEP_BUILDERS[MEMORY_MODES[keras.backend.backend()]]
+    step = STEP_BUILDERS["torch-compiled" if mode == "compiled" else MEMORY_MODES[keras.backend.backend()]]
     times = {}
     for phase, count in zip(PHASES, rounds):
         steps = {name: step(layer, tokens, cotangent, phase == "train") for name, layer in layers.items()}
@@ -248,9 +250,9 @@ def run_worker(task):
                 rounds = QUICK_ROUNDS if task["quick"] else ROUNDS[pair][batch]
                 seconds = time_pair(models, images, labels, rounds)
                 record = {"flops_ratio": flops["moe"] / flops["dense"], "rounds": list(rounds)}
-                if mode == "auto":  # Where the time goes, at the layers (not for the compiled models).
-                    layer_rounds = QUICK_ROUNDS if task["quick"] else LAYER_ROUNDS[batch]
-                    layer_ms, num_moe_layers = time_layers(models, batch, layer_rounds)
+                # Where the time goes, at the layers.
+                layer_rounds = QUICK_ROUNDS if task["quick"] else LAYER_ROUNDS[batch]
+                layer_ms, num_moe_layers = time_layers(models, batch, layer_rounds, mode)
                 for phase in PHASES:
                     moe, dense = seconds[("moe", phase)], seconds[("dense", phase)]
                     record[phase] = {
@@ -259,10 +261,7 @@ def run_worker(task):
                         "time_ratio": moe / dense,
                         "time_over_flops": moe / dense / record["flops_ratio"],
                     }
-                    if mode == "auto":
-                        decompose(
-                            record[phase], layer_ms[phase], num_moe_layers, dense, record["flops_ratio"]
-                        )
+                    decompose(record[phase], layer_ms[phase], num_moe_layers, dense, record["flops_ratio"])
                 results.setdefault(pair, {}).setdefault(mode, {})[str(batch)] = record
                 if task.get("progress"):  # What is measured survives a worker killed later (OOM).
                     Path(task["progress"]).write_text(json.dumps({"results": results}))

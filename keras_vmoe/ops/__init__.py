@@ -44,6 +44,7 @@ OP_NAMES = (
     "soft_dispatch",
     "soft_combine",
     "soft_moe",
+    "top_k_experts_plan",
 )
 
 
@@ -126,6 +127,17 @@ def soft_moe(tokens, dispatch_weights, combine_weights, experts):
     if _portable_depth:
         return generic.soft_moe(tokens, dispatch_weights, combine_weights, experts)
     return _fast_soft_moe(tokens, dispatch_weights, combine_weights, experts)
+
+
+def plan_builder(name):
+    """The active backend's override of a routing-plan builder of
+    `keras_vmoe.layers.routing_plans` (`"top_k_experts_plan"`), which returns
+    the plan's tables and the builder's other outputs as one tuple; None where
+    the backend has none, and in a `portable()` context or under a
+    `keras.distribution`, where the reference's `keras.ops` build the plan."""
+    if _portable_depth or keras.distribution.distribution() is not None:
+        return None
+    return OVERRIDES.get(name)
 
 
 @contextlib.contextmanager

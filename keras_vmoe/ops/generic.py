@@ -18,6 +18,11 @@ from keras import ops
 # form (besides (E, N, D) and a list of E (N_e, D)).
 GroupedRows = collections.namedtuple("GroupedRows", ["rows", "group_sizes"])
 
+# The score a routing plan gives padding: below any real one. Finite, not
+# -inf: tf2onnx's constant folding of a sort over -inf changed the order it
+# exported.
+PADDING_SCORE = -1e30
+
 
 def dispatch_rows(dispatch_index, group_size):
     """(E * G * C,) row of each expert slot in the flat (G * S + 1, D) tokens.

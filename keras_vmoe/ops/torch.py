@@ -10,7 +10,9 @@ counts would be a device-to-host copy and a graph break. On CUDA in
 bfloat16 the experts run as one `F.grouped_mm` (`grouped_dense`). The rest saves passes
 over memory: `index_select` instead of Keras' embedding-based `take`, the
 expert bias fused into `baddbmm`, and the K-way combine as one batched
-(1 x K) @ (K x D) product.
+(1 x K) @ (K x D) product. Eagerly, each Keras op costs tens of microseconds
+of dispatch whatever its size: `top_k_experts_plan` builds a token-choice
+plan's tables in 20-odd torch calls instead of the reference's 50-odd Keras ops.
 """
 
 import keras
@@ -144,3 +146,52 @@ def grouped_dense(rows, kernel, group_sizes, bias=None):
         experts = generic.row_experts(group_sizes, rows.shape[0])
         outputs = outputs + ops.convert_to_tensor(bias).to(outputs.dtype).index_select(0, experts.long())
     return outputs
+
+
+def top_k_experts_plan(
+    scores, combine_gates, num_selected_experts, capacity, batch_priority, token_mask, renormalize
+):
+    """`routing_plans.reference_top_k_experts_plan` in torch calls:
+    (dispatch_index, combine_index, combine_weights, kept), the same values
+    and dtypes, and the same gradients through `combine_gates`."""
+    scores, combine_gates = ops.convert_to_tensor(scores), ops.convert_to_tensor(combine_gates)
+    num_groups, group_size, num_experts = scores.shape
+    k = num_selected_experts
+    top_scores, top_experts = torch.topk(scores, k)  # (G, S, K)
+    top_gates = combine_gates.gather(-1, top_experts)
+    mask = None if token_mask is None else ops.convert_to_tensor(token_mask).bool()  # (G, S)
+    order = None
+    if batch_priority:  # Tokens by decreasing top-1 score, padding last.
+        priority = (
+            top_scores[..., 0]
+            if mask is None
+            else top_scores[..., 0].masked_fill(~mask, generic.PADDING_SCORE)
+        )
+        order = torch.argsort(-priority, dim=-1, stable=True)  # (G, S)
+        top_experts_in_order = top_experts.gather(1, order[..., None].expand(-1, -1, k))
+    else:
+        top_experts_in_order = top_experts
+    # (G, K * S), rank-major: every top-1 choice before any top-2.
+    choices = top_experts_in_order.transpose(1, 2).reshape(num_groups, -1)
+    one_hot = (choices[..., None] == torch.arange(num_experts, device=choices.device)).int()
+    if mask is not None:  # Padding takes no slot.
+        routed = mask if order is None else mask.gather(1, order)
+        one_hot = one_hot * routed.repeat(1, k)[..., None]
+    position = ((one_hot.cumsum(1) * one_hot).sum(-1) - 1).view(num_groups, k, group_size).transpose(1, 2)
+    if order is not None:  # Back to token order.
+        position = position.gather(1, torch.argsort(order, dim=-1)[..., None].expand(-1, -1, k))
+    if renormalize:
+        top_gates = top_gates / top_gates.sum(-1, keepdim=True)
+    kept = position < capacity
+    if mask is not None:
+        kept = kept & mask[..., None]
+    dropped_slot = num_experts * capacity
+    combine_index = torch.where(kept, top_experts * capacity + position, dropped_slot).int()
+    combine_weights = torch.where(kept, top_gates, torch.zeros((), dtype=top_gates.dtype))
+    # The token of each slot: S (empty) unless a kept choice writes it; the
+    # dropped ones write the scratch entry E * C, cut off.
+    table = torch.full((num_groups, dropped_slot + 1), group_size, dtype=torch.int64, device=scores.device)
+    token_ids = torch.arange(group_size, device=scores.device).repeat_interleave(k).expand(num_groups, -1)
+    table.scatter_(1, combine_index.reshape(num_groups, -1).long(), token_ids)
+    dispatch_index = table[:, :dropped_slot].reshape(num_groups, num_experts, capacity).int()
+    return dispatch_index, combine_index, combine_weights, kept

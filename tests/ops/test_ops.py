@@ -326,3 +326,47 @@ def test_grouped_gemm_is_chosen_by_the_device_or_forced():
         with moe_ops.grouped_gemm(False):
             assert not moe_ops.uses_grouped_gemm(tokens, plan)
     assert not moe_ops.uses_grouped_gemm(tokens, plan)
+
+
+@pytest.mark.parametrize("batch_priority", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("capacity, renormalize", [(2, False), (4, True), (12, False)])
+def test_top_k_experts_plan_override_equals_the_reference_with_gradients(
+    batch_priority, masked, capacity, renormalize
+):
+    """The backend's plan builder (eager PyTorch's torch calls) against the
+    `keras.ops` reference: the same tables, dtypes and gradients; capacities 2
+    and 4 drop choices, 12 leaves slots empty."""
+    from keras_vmoe.layers import routing_plans
+
+    if moe_ops.plan_builder("top_k_experts_plan") is None:
+        pytest.skip(f"{backend()} builds plans with the reference")
+    rng = np.random.RandomState(8)
+    logits = rng.randn(G, S, E).astype("float32")
+    scores = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    token_mask = rng.rand(G, S) > 0.3 if masked else None
+    options = dict(batch_priority=batch_priority, token_mask=token_mask, renormalize=renormalize)
+
+    def build(function):
+        return function(scores, scores, K, capacity, **options)
+
+    (got_plan, got_kept), (want_plan, want_kept) = (
+        build(routing_plans.top_k_experts_plan),
+        build(routing_plans.reference_top_k_experts_plan),
+    )
+    for got, want in zip((*got_plan, got_kept), (*want_plan, want_kept)):
+        assert keras.backend.standardize_dtype(got.dtype) == keras.backend.standardize_dtype(want.dtype)
+        np.testing.assert_array_equal(to_numpy(got), to_numpy(want))
+    if capacity * E < S * K:  # Too few slots: some choices dropped; else some slots empty.
+        assert not to_numpy(want_kept).all()
+    else:
+        assert (to_numpy(want_plan.dispatch_index) == S).any()
+
+    def weights_of(function):
+        return lambda gates: function(scores, gates, K, capacity, **options)[0].combine_weights
+
+    got, want = (
+        gradients(weights_of(f), (scores,))[0]
+        for f in (routing_plans.top_k_experts_plan, routing_plans.reference_top_k_experts_plan)
+    )
+    assert_close(got, want)
