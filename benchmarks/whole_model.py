@@ -6,6 +6,7 @@ Run from the repository root:
     python benchmarks/whole_model.py --backends torch   # one backend
     python benchmarks/whole_model.py --quick            # tiny models, seconds: a smoke test
     python benchmarks/whole_model.py --huge-pages       # large buffers in huge pages (see below)
+    python benchmarks/whole_model.py --malloc keep-freed   # freed memory kept for reuse (see below)
 
 What it measures
     Three MoE classifiers (224 x 224 x 3 inputs, 1,000 classes), each with the
@@ -57,7 +58,11 @@ Memory and training steps
     runs the workers with glibc's malloc backing large blocks with
     transparent huge pages (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, glibc
     >= 2.35; JAX's and PyTorch's CPU buffers come from malloc here, and
-    both stepped faster with it): one fault per 2 MiB. The report records the memory settings it ran with.
+    both stepped faster with it): one fault per 2 MiB. `--malloc keep-freed`
+    instead keeps freed memory in the process (no block mmapped on its own,
+    the heap never trimmed), so that a step's gradients land in pages the
+    last step touched (`moe_layer.KEEP_FREED_ENV`). The report records the
+    memory settings it ran with.
 
 How it measures
     One process per backend, one thread (benchmarks/moe_layer.py's settings).
@@ -78,13 +83,14 @@ from pathlib import Path
 BENCHMARK_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCHMARK_DIR))
 
+from moe_layer import add_malloc_argument  # noqa: E402
 from moe_layer import answer_task  # noqa: E402
 from moe_layer import format_table  # noqa: E402
 from moe_layer import limit_threads  # noqa: E402
 from moe_layer import machine_info  # noqa: E402
 from moe_layer import memory_settings  # noqa: E402
 from moe_layer import run_script_worker  # noqa: E402
-from moe_layer import use_huge_pages  # noqa: E402
+from moe_layer import use_malloc  # noqa: E402
 from moe_layer import write_report  # noqa: E402
 
 BACKENDS = ("jax", "tensorflow", "torch")
@@ -278,10 +284,13 @@ def parse_args(argv):
     parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
     parser.add_argument("--pairs", nargs="+", choices=PAIRS, default=list(PAIRS))
     parser.add_argument("--quick", action="store_true", help="tiny models, few rounds (a smoke test)")
+    add_malloc_argument(parser)
     parser.add_argument(
         "--huge-pages",
-        action="store_true",
-        help="workers back large buffers with transparent huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1)",
+        dest="malloc",
+        action="store_const",
+        const="huge-pages",
+        help="the same as --malloc huge-pages",
     )
     parser.add_argument(
         "--out",
@@ -325,8 +334,7 @@ def table(report):
 def main(argv=None):
     args = parse_args(argv)
     task = {"quick": args.quick, "batch_sizes": [1, 2] if args.quick else [1, 64]}
-    if args.huge_pages:
-        use_huge_pages()
+    use_malloc(args.malloc)
     report = {"machine": machine_info(), "quick": args.quick, "backends": {}, "errors": []}
     for backend in args.backends:
         # A fresh process per pair: a process that held the other pairs' models

@@ -25,6 +25,8 @@ def test_quick_benchmark_times_every_candidate(tmp_path):
             "--parts",
             "headline",
             "small_groups",
+            "--malloc",
+            "keep-freed",
             "--out",
             str(out),
         ],
@@ -37,6 +39,9 @@ def test_quick_benchmark_times_every_candidate(tmp_path):
     assert process.returncode == 0, process.stdout[-3000:]
     report = json.loads(out.read_text())
     assert report["errors"] == []
+    # The workers' malloc kept freed memory (no block of its own, no trimming), and the report says so.
+    keep_freed = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
+    assert keep_freed.items() <= report["machine"]["memory_env"].items()
     assert [b["benchmark"]["name"] for b in report["benchmarks"]] == ["headline", "small groups"]
     for benchmark in report["benchmarks"]:
         for mode, phases in benchmark["results"].items():

@@ -102,3 +102,27 @@ def test_use_huge_pages_adds_the_tunable_once(monkeypatch):
     monkeypatch.delenv("GLIBC_TUNABLES")
     use_huge_pages()
     assert memory_settings()["memory_env"]["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+
+
+def test_use_malloc_sets_the_named_setting_and_refuses_others(monkeypatch):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from moe_layer import MEMORY_ENV
+    from moe_layer import memory_settings
+    from moe_layer import use_malloc
+
+    for name in MEMORY_ENV:
+        monkeypatch.delenv(name, raising=False)
+    use_malloc("default")
+    assert memory_settings()["memory_env"] == {}
+    use_malloc("keep-freed")
+    assert memory_settings()["memory_env"] == {
+        "MALLOC_MMAP_THRESHOLD_": str(4 << 30),
+        "MALLOC_TRIM_THRESHOLD_": str(4 << 30),
+        "MALLOC_TOP_PAD_": str(256 << 20),
+    }
+    use_malloc("huge-pages")
+    assert memory_settings()["memory_env"]["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+    with pytest.raises(
+        ValueError, match="unknown malloc setting 'lots'; expected one of default, huge-pages"
+    ):
+        use_malloc("lots")

@@ -221,7 +221,16 @@ def test_sparse_moe_override_equals_the_padded_reference_with_gradients(
         assert_close(compiled(*args), run(generic, *args))
 
 
-def test_soft_moe_override_equals_the_reference_with_gradients():
+@pytest.mark.parametrize("padded_slots", [None, 0])
+def test_soft_moe_override_equals_the_reference_with_gradients(padded_slots, monkeypatch):
+    """`padded_slots=0`: TensorFlow's one matmul per expert, which it takes
+    above `PADDED_SLOTS` slots (these weights have fewer)."""
+    if padded_slots is not None:
+        if backend() != "tensorflow":
+            pytest.skip("only TensorFlow's soft_moe switches paths by size")
+        from keras_vmoe.ops import tensorflow as tensorflow_ops
+
+        monkeypatch.setattr(tensorflow_ops, "PADDED_SLOTS", padded_slots)
     rng = np.random.RandomState(8)
     tokens = rng.randn(G, S, D).astype("float32")
     logits = rng.randn(G, S, E, 2).astype("float32")
