@@ -70,6 +70,12 @@ def combine(expert_outputs, combine_index, combine_weights):
 PADDED_SLOTS = 256
 
 
+def runs_padded(num_slots):
+    """Whether a graph runs the padded batched path: a slot count known when
+    tracing and at most `PADDED_SLOTS`."""
+    return num_slots is not None and num_slots <= PADDED_SLOTS
+
+
 def sparse_moe(tokens, plan, experts):
     if in_xla_context():
         # Static shapes: every slot; one matmul per expert still beats the batched one.
@@ -77,8 +83,7 @@ def sparse_moe(tokens, plan, experts):
             return tf.stack(experts(tf.unstack(inputs)))
 
         return generic.sparse_moe(tokens, plan, per_expert, combine=combine)
-    num_slots = generic.static_num_slots(plan)
-    if num_slots is not None and num_slots <= PADDED_SLOTS:
+    if runs_padded(generic.static_num_slots(plan)):
         return generic.sparse_moe(tokens, plan, experts, combine=combine)
     tokens = ops.convert_to_tensor(tokens)
     num_experts = ops.shape(plan.dispatch_index)[1]
@@ -106,8 +111,7 @@ def soft_moe(tokens, dispatch_weights, combine_weights, experts):
     slot_inputs = tf.matmul(dispatch_weights, tokens, transpose_a=True)  # (G, E*P, D)
     slot_inputs = tf.reshape(slot_inputs, (num_groups, num_experts, slots, dim))
     slot_inputs = tf.reshape(tf.transpose(slot_inputs, (1, 0, 2, 3)), (num_experts, -1, dim))  # (E, G*P, D)
-    num_slots = slot_inputs.shape[0] * slot_inputs.shape[1] if slot_inputs.shape[1] is not None else None
-    if num_slots is not None and num_slots <= PADDED_SLOTS:
+    if runs_padded(None if slot_inputs.shape[1] is None else num_experts * slot_inputs.shape[1]):
         # One small image: one batched matmul per layer costs less (as sparse_moe's padded path).
         expert_outputs = experts(slot_inputs)
     else:

@@ -1,6 +1,7 @@
 """The whole-model benchmark runs (tiny models) on the current backend, so it does not rot."""
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -110,8 +111,8 @@ def test_use_malloc_sets_the_named_setting_and_refuses_others(monkeypatch):
     from moe_layer import memory_settings
     from moe_layer import use_malloc
 
-    for name in MEMORY_ENV:
-        monkeypatch.delenv(name, raising=False)
+    # A private environment: what use_malloc sets must not reach the other tests' subprocesses.
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k not in MEMORY_ENV})
     use_malloc("default")
     assert memory_settings()["memory_env"] == {}
     use_malloc("keep-freed")
